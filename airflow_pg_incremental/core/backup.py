@@ -1,0 +1,240 @@
+"""Full base backup: pg_basebackup (tar to stdout) streamed through zstd into the repository."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import socket
+import subprocess
+import tempfile
+import time
+
+from .. import __version__
+from .binaries import find_program, major_from_version_num
+from .codec import CompressingReader, ObjectInfo
+from .errors import BackupFailed, ConfigError, PgIncrError, ServerError
+from .lsn import DEFAULT_SEGMENT_SIZE, parse_lsn, wal_file_name
+from .metadata import (INPROGRESS_NAME, backup_prefix, iso, new_backup_id, utcnow, write_meta)
+from .names import validate_cluster
+from .pgconn import ConnInfo, classify_connect_error, connect
+from .progress import Progress, human_bytes
+from .repository import Repository
+from .tarscan import TarScanner
+
+log = logging.getLogger(__name__)
+
+
+def server_facts(conn: ConnInfo) -> dict:
+    """What we need to know about the source server before a backup. Raises ServerError."""
+    with connect(conn) as c, c.cursor() as cur:
+        cur.execute("""
+            SELECT current_setting('server_version_num')::int,
+                   current_setting('data_checksums'),
+                   pg_is_in_recovery(),
+                   (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'),
+                   (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user),
+                   (SELECT rolname FROM pg_roles WHERE oid = 10),
+                   current_user,
+                   coalesce(current_setting('summarize_wal', true), 'off'),
+                   current_setting('wal_level')""")
+        (version_num, checksums, in_recovery, seg_size, can_replicate, superuser, user, summarize,
+         wal_level) = cur.fetchone()
+        cur.execute("SELECT spcname, pg_tablespace_location(oid) FROM pg_tablespace "
+                    "WHERE spcname NOT IN ('pg_default', 'pg_global') ORDER BY 1")
+        tablespaces = [{"name": n, "location": loc} for n, loc in cur.fetchall()]
+        facts = {"version_num": version_num, "major": major_from_version_num(version_num),
+                 "data_checksums": checksums == "on", "in_recovery": in_recovery,
+                 "wal_segment_size": int(seg_size or DEFAULT_SEGMENT_SIZE), "can_replicate": bool(can_replicate),
+                 "bootstrap_superuser": superuser, "user": user, "summarize_wal": summarize == "on",
+                 "wal_level": wal_level, "tablespaces": tablespaces, "system_identifier": None, "size_estimate": None}
+        for sql, key in (("SELECT system_identifier::text FROM pg_control_system()", "system_identifier"),
+                         ("SELECT sum(pg_database_size(oid))::bigint FROM pg_database WHERE datallowconn",
+                          "size_estimate")):
+            try:
+                cur.execute(sql)
+                facts[key] = cur.fetchone()[0]
+            except Exception as e:  # permission: fine, we get it elsewhere
+                log.debug("could not read %s: %s", key, e)
+                c.rollback() if not c.autocommit else None
+    return facts
+
+
+def check_source(facts: dict, conn: ConnInfo) -> None:
+    if not facts["can_replicate"]:
+        raise ServerError(f"role {facts['user']!r} on {conn.describe()} lacks the REPLICATION attribute needed by "
+                          f"pg_basebackup; run: ALTER ROLE {facts['user']} REPLICATION;")
+    if facts["wal_level"] == "minimal":
+        raise ServerError("wal_level is 'minimal': base backups need wal_level = replica (or logical); change it and "
+                          "restart the server")
+    if facts["tablespaces"]:
+        names = ", ".join(f"{t['name']} ({t['location']})" for t in facts["tablespaces"])
+        raise ConfigError(f"the cluster has tablespaces outside the data directory ({names}); this version backs up "
+                          "only clusters without extra tablespaces. Move them with ALTER TABLE/INDEX ... SET "
+                          "TABLESPACE pg_default, or back this cluster up with another tool. Nothing was written.")
+
+
+def _manifest_facts(manifest: bytes | None, label: bytes | None) -> dict:
+    out: dict = {}
+    if manifest:
+        m = json.loads(manifest)
+        ranges = m.get("WAL-Ranges") or []
+        if ranges:
+            out["timeline"] = int(ranges[-1]["Timeline"])
+            out["start_lsn"] = ranges[0]["Start-LSN"]
+            out["stop_lsn"] = ranges[-1]["End-LSN"]
+        if m.get("System-Identifier") is not None:
+            out["system_identifier"] = str(m["System-Identifier"])
+        out["manifest_files"] = len(m.get("Files", []))
+    if label:
+        for line in label.decode("utf-8", "replace").splitlines():
+            k, _, v = line.partition(": ")
+            if k == "START WAL LOCATION":
+                out.setdefault("start_lsn", v.split()[0])
+            elif k == "START TIMELINE":
+                out.setdefault("timeline", int(v))
+            elif k == "START TIME":
+                out["label_start_time"] = v
+            elif k == "CHECKPOINT LOCATION":
+                out["checkpoint_lsn"] = v
+    return out
+
+
+def take_full_backup(conn: ConnInfo, repo: Repository, cluster: str, *, compression_level: int = 3,
+                     threads: int = 0, catalog=None, airflow: dict | None = None,
+                     progress_interval: float = 10.0, fast_checkpoint: bool = True) -> dict:
+    """Take a full base backup of the server at `conn` into `repo` under `cluster`.
+
+    Returns the backup metadata (a JSON-able dict without secrets). Nothing is published unless
+    the whole backup succeeded: backup.json is written last.
+    """
+    validate_cluster(cluster)
+    if not 1 <= compression_level <= 22:
+        raise ConfigError(f"compression level {compression_level} out of range 1..22")
+    # 1. everything that can fail without side effects first
+    facts = server_facts(conn)
+    check_source(facts, conn)
+    pg_basebackup = find_program("pg_basebackup", facts["major"])
+    repo.check_writable()
+
+    started = utcnow()
+    backup_id = new_backup_id(repo, cluster, "full", started)
+    prefix = backup_prefix(cluster, backup_id)
+    log.info("full backup %s of %s (PostgreSQL %s) into %s/%s", backup_id, conn.describe(), facts["major"],
+             repo.url, prefix)
+    repo.put_bytes(f"{prefix}/{INPROGRESS_NAME}", json.dumps(
+        {"backup_id": backup_id, "kind": "full", "started_at": iso(started), "host": socket.gethostname(),
+         "pid": os.getpid()}).encode())
+    meta = {
+        "format": 1, "cluster": cluster, "backup_id": backup_id, "kind": "full", "parent_id": None,
+        "chain_root_id": backup_id, "status": "running", "started_at": iso(started),
+        "pg_version_num": facts["version_num"], "pg_major": facts["major"],
+        "system_identifier": facts["system_identifier"], "data_checksums": facts["data_checksums"],
+        "wal_segment_size": facts["wal_segment_size"], "bootstrap_superuser": facts["bootstrap_superuser"],
+        "summarize_wal": facts["summarize_wal"], "from_standby": facts["in_recovery"],
+        "source": conn.safe_dict(), "airflow": airflow or {}, "repository": repo.url,
+        "tool": {"name": "airflow-pg-incremental", "version": __version__}, "wal_included": True,
+    }
+    if catalog is not None:
+        catalog.record_backup(meta)
+
+    t0 = time.monotonic()
+    stderr_file = tempfile.TemporaryFile()
+    cmd = [pg_basebackup, "-D", "-", "-Ft", "-X", "fetch", "-w", "--manifest-checksums=CRC32C",
+           "-l", f"pgincr {cluster} {backup_id}", "-c", "fast" if fast_checkpoint else "spread"]
+    log.info("running: %s", " ".join(cmd))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr_file, env={**os.environ, **conn.env()},
+                            cwd="/")
+    scanner = TarScanner()
+    progress = Progress(f"full backup {backup_id}", facts["size_estimate"], log, progress_interval)
+
+    def on_raw(chunk: bytes) -> None:
+        scanner.feed(chunk)
+        progress.add(len(chunk))
+
+    try:
+        reader = CompressingReader(proc.stdout, level=compression_level, threads=threads, on_raw=on_raw)
+        base_key = f"{prefix}/base.tar.zst"
+        repo.put(base_key, reader)
+        rc = proc.wait()
+        if rc != 0:
+            stderr_file.seek(0)
+            err = conn.redact(stderr_file.read().decode("utf-8", "replace").strip())
+            low = err.lower()
+            if any(s in low for s in ("could not connect", "password", "pg_hba", "replication", "connection")):
+                raise classify_connect_error(conn, err)
+            raise BackupFailed(f"pg_basebackup failed (exit {rc}): {err}")
+        base_info = reader.info(base_key)
+        progress.extra = f"stored {human_bytes(base_info.stored_size)}"
+        progress.finish()
+        manifest = scanner.read_captured("backup_manifest")
+        if manifest is None:
+            raise BackupFailed("the backup stream had no backup_manifest; pg_basebackup 13+ is required")
+        man_reader = CompressingReader(io.BytesIO(manifest), level=compression_level)
+        man_key = f"{prefix}/backup_manifest.zst"
+        repo.put(man_key, man_reader)
+        man_info = man_reader.info(man_key)
+        mf = _manifest_facts(manifest, scanner.read_captured("backup_label"))
+        finished = utcnow()
+        seg = facts["wal_segment_size"]
+        meta.update({
+            "status": "complete", "finished_at": iso(finished), "duration_s": round(time.monotonic() - t0, 3),
+            "start_lsn": mf.get("start_lsn"), "stop_lsn": mf.get("stop_lsn"), "timeline": mf.get("timeline"),
+            "checkpoint_lsn": mf.get("checkpoint_lsn"),
+            "system_identifier": mf.get("system_identifier") or facts["system_identifier"],
+            "file_count": mf.get("manifest_files"),
+            "raw_bytes": base_info.raw_size, "stored_bytes": base_info.stored_size + man_info.stored_size,
+            "objects": [base_info.to_dict(), man_info.to_dict()],
+        })
+        if meta["start_lsn"] and meta["timeline"]:
+            meta["start_wal_file"] = wal_file_name(meta["timeline"], parse_lsn(meta["start_lsn"]), seg)
+            meta["stop_wal_file"] = wal_file_name(meta["timeline"], parse_lsn(meta["stop_lsn"]), seg)
+        write_meta(repo, meta)  # the backup exists from here on
+        repo.delete(f"{prefix}/{INPROGRESS_NAME}")
+    except BaseException as e:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        _discard(repo, prefix)
+        meta.update({"status": "failed", "finished_at": iso(utcnow()),
+                     "error": conn.redact(str(e))[:2000]})
+        if catalog is not None:
+            try:
+                catalog.record_backup(meta)
+            except Exception as ce:  # the original error matters more
+                log.error("could not record the failure in the catalog: %s", ce)
+        if isinstance(e, PgIncrError):
+            raise
+        if isinstance(e, Exception):
+            raise BackupFailed(f"backup {backup_id} failed: {conn.redact(str(e))}") from e
+        raise
+    finally:
+        stderr_file.close()
+        if proc.stdout:
+            proc.stdout.close()
+    if catalog is not None:
+        catalog.record_backup(meta)
+    ratio = base_info.raw_size / max(base_info.stored_size, 1)
+    log.info("full backup %s complete: %s read, %s stored (%.1fx), LSN %s..%s timeline %s, %.1f s",
+             backup_id, human_bytes(meta["raw_bytes"]), human_bytes(meta["stored_bytes"]), ratio, meta["start_lsn"],
+             meta["stop_lsn"], meta["timeline"], meta["duration_s"])
+    return meta
+
+
+def _discard(repo: Repository, prefix: str) -> None:
+    """Best-effort removal of a failed backup's objects (cleanup_incomplete catches what is left)."""
+    try:
+        keys = repo.list(prefix)
+        for k in sorted(keys, key=lambda k: k.endswith(INPROGRESS_NAME)):
+            repo.delete(k)
+    except Exception as e:
+        log.warning("could not remove the partial backup under %s (%s); cleanup_incomplete will", prefix, e)
+
+
+def summary(meta: dict) -> dict:
+    """Small JSON dict for XCom / CLI output."""
+    keys = ("cluster", "backup_id", "kind", "parent_id", "chain_root_id", "status", "start_lsn", "stop_lsn",
+            "timeline", "system_identifier", "pg_major", "raw_bytes", "stored_bytes", "duration_s", "started_at",
+            "finished_at", "start_wal_file", "stop_wal_file", "repository")
+    return {k: meta.get(k) for k in keys}

@@ -1,0 +1,149 @@
+"""The catalog: an index of the repository in PostgreSQL tables (schema `pgincr` by default).
+
+It is only an index: `rebuild_from_repository` recreates every row from the repository alone.
+Migrations are versioned and applied on first use under an advisory lock, so concurrent tasks
+can open the catalog safely. No credential is ever stored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+from .errors import ConfigError
+from .metadata import list_backups, list_clusters
+from .pgconn import ConnInfo, connect
+from .repository import Repository
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS: list[str] = [
+    # 1: backups
+    """
+    CREATE TABLE {s}.backups (
+        cluster            text NOT NULL,
+        backup_id          text NOT NULL,
+        kind               text NOT NULL CHECK (kind IN ('full', 'incremental', 'differential')),
+        parent_id          text,
+        chain_root_id      text,
+        status             text NOT NULL CHECK (status IN ('running', 'complete', 'failed')),
+        repository         text,
+        start_lsn          pg_lsn,
+        stop_lsn           pg_lsn,
+        timeline           integer,
+        system_identifier  numeric(20,0),
+        pg_version_num     integer,
+        started_at         timestamptz,
+        finished_at        timestamptz,
+        duration_s         double precision,
+        raw_bytes          bigint,
+        stored_bytes       bigint,
+        error              text,
+        dag_id             text,
+        run_id             text,
+        task_id            text,
+        meta               jsonb NOT NULL DEFAULT '{{}}',
+        recorded_at        timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (cluster, backup_id),
+        CHECK ((kind = 'full') = (parent_id IS NULL))
+    );
+    CREATE INDEX ON {s}.backups (cluster, status, stop_lsn);
+    """,
+]
+
+_SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+class Catalog:
+    def __init__(self, conn: ConnInfo, schema: str = "pgincr"):
+        if not _SCHEMA_RE.match(schema):
+            raise ConfigError(f"invalid catalog schema name {schema!r}")
+        self.conn = conn
+        self.schema = schema
+        self._migrated = False
+
+    def _connect(self):
+        c = connect(self.conn, autocommit=False)
+        if not self._migrated:
+            self._migrate(c)
+            self._migrated = True
+        return c
+
+    def _migrate(self, c) -> None:
+        s = self.schema
+        with c.cursor() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"pgincr-migrate-{s}",))
+            cur.execute(f"CREATE SCHEMA IF NOT EXISTS {s}")
+            cur.execute(f"CREATE TABLE IF NOT EXISTS {s}.schema_migrations (version integer PRIMARY KEY, "
+                        "applied_at timestamptz NOT NULL DEFAULT now())")
+            cur.execute(f"SELECT coalesce(max(version), 0) FROM {s}.schema_migrations")
+            current = cur.fetchone()[0]
+            for version, sql in enumerate(MIGRATIONS, start=1):
+                if version <= current:
+                    continue
+                log.info("catalog: applying migration %d in schema %s", version, s)
+                cur.execute(sql.format(s=s))
+                cur.execute(f"INSERT INTO {s}.schema_migrations (version) VALUES (%s)", (version,))
+        c.commit()
+
+    def schema_version(self) -> int:
+        with self._connect() as c, c.cursor() as cur:
+            cur.execute(f"SELECT max(version) FROM {self.schema}.schema_migrations")
+            return cur.fetchone()[0]
+
+    def record_backup(self, meta: dict) -> None:
+        """Insert or update the row of one backup from its metadata."""
+        af = meta.get("airflow") or {}
+        row = {
+            "cluster": meta["cluster"], "backup_id": meta["backup_id"], "kind": meta["kind"],
+            "parent_id": meta.get("parent_id"), "chain_root_id": meta.get("chain_root_id"),
+            "status": meta["status"], "repository": meta.get("repository"), "start_lsn": meta.get("start_lsn"),
+            "stop_lsn": meta.get("stop_lsn"), "timeline": meta.get("timeline"),
+            "system_identifier": meta.get("system_identifier"), "pg_version_num": meta.get("pg_version_num"),
+            "started_at": meta.get("started_at"), "finished_at": meta.get("finished_at"),
+            "duration_s": meta.get("duration_s"), "raw_bytes": meta.get("raw_bytes"),
+            "stored_bytes": meta.get("stored_bytes"), "error": meta.get("error"), "dag_id": af.get("dag_id"),
+            "run_id": af.get("run_id"), "task_id": af.get("task_id"),
+            "meta": json.dumps({k: v for k, v in meta.items() if k not in ("objects",)}),
+        }
+        cols = list(row)
+        updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in cols if c not in ("cluster", "backup_id"))
+        sql = (f"INSERT INTO {self.schema}.backups ({', '.join(cols)}) VALUES ({', '.join('%(' + c + ')s' for c in cols)}) "
+               f"ON CONFLICT (cluster, backup_id) DO UPDATE SET {updates}, recorded_at = now()")
+        with self._connect() as c, c.cursor() as cur:
+            cur.execute(sql, row)
+            c.commit()
+
+    def backups(self, cluster: str | None = None, status: str | None = None) -> list[dict]:
+        where, params = [], []
+        if cluster:
+            where.append("cluster = %s")
+            params.append(cluster)
+        if status:
+            where.append("status = %s")
+            params.append(status)
+        sql = (f"SELECT cluster, backup_id, kind, parent_id, chain_root_id, status, start_lsn::text, stop_lsn::text, "
+               f"timeline, system_identifier::text, pg_version_num, started_at, finished_at, duration_s, raw_bytes, "
+               f"stored_bytes, error, dag_id, run_id, task_id FROM {self.schema}.backups "
+               f"{'WHERE ' + ' AND '.join(where) if where else ''} ORDER BY cluster, started_at, backup_id")
+        with self._connect() as c, c.cursor() as cur:
+            cur.execute(sql, params)
+            names = [d.name for d in cur.description]
+            return [dict(zip(names, r)) for r in cur.fetchall()]
+
+    def rebuild_from_repository(self, repo: Repository, clusters: list[str] | None = None) -> dict:
+        """Recreate the rows of every complete backup found in the repository. Rows of backups that
+        are no longer in the repository (for the clusters scanned) are removed."""
+        clusters = clusters or list_clusters(repo)
+        counts = {}
+        with self._connect() as c, c.cursor() as cur:
+            for cl in clusters:
+                metas = list_backups(repo, cl)
+                cur.execute(f"DELETE FROM {self.schema}.backups WHERE cluster = %s", (cl,))
+                c.commit()
+                for m in metas:
+                    self.record_backup(m)
+                counts[cl] = len(metas)
+        log.info("catalog rebuilt from %s: %s", repo.url, counts)
+        return counts

@@ -1,0 +1,52 @@
+"""Errors raised by the engine. Every message says what went wrong and how to fix it."""
+
+
+class PgIncrError(Exception):
+    """Base class of every error the engine raises on purpose."""
+
+
+class InvalidName(PgIncrError, ValueError):
+    """A cluster name or backup id that could escape the repository prefix or is malformed."""
+
+
+class ConfigError(PgIncrError, ValueError):
+    """Bad argument or configuration."""
+
+
+class BinaryNotFound(PgIncrError):
+    """PostgreSQL programs of the needed major version are not installed."""
+
+
+class RepositoryError(PgIncrError):
+    """The repository cannot be read or written (missing bucket, permissions, full disk ...)."""
+
+
+class ObjectNotFound(RepositoryError, KeyError):
+    """An object does not exist in the repository."""
+
+    def __str__(self):  # KeyError quotes its argument otherwise
+        return str(self.args[0]) if self.args else "object not found"
+
+
+class ObjectExists(RepositoryError):
+    """An object exists already with different content (never overwritten)."""
+
+
+class ChecksumMismatch(RepositoryError):
+    """An object read back does not match the checksum recorded when it was written."""
+
+
+class BackupNotFound(PgIncrError, LookupError):
+    """No complete backup with that id."""
+
+
+class ServerError(PgIncrError):
+    """The PostgreSQL server could not be reached or refused the operation."""
+
+
+class BackupFailed(PgIncrError):
+    """pg_basebackup (or the streaming around it) failed; nothing was published."""
+
+
+class RestoreError(PgIncrError):
+    """A restore could not be carried out; the message names the cause."""

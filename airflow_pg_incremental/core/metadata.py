@@ -1,0 +1,166 @@
+"""Backup metadata (backup.json) and the repository layout.
+
+    <cluster>/backups/<backup-id>/base.tar.zst          tar stream of the data directory, zstd
+    <cluster>/backups/<backup-id>/backup_manifest.zst   PostgreSQL's backup_manifest, zstd
+    <cluster>/backups/<backup-id>/in_progress.json      written first, removed last
+    <cluster>/backups/<backup-id>/backup.json           written last: the backup exists once it does
+
+A backup directory without backup.json is incomplete: never listed, never restored, and removed
+by `cleanup_incomplete`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+
+from .errors import BackupNotFound, ChecksumMismatch, ObjectNotFound
+from .names import validate_backup_id, validate_cluster
+from .repository import Repository
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+META_NAME = "backup.json"
+INPROGRESS_NAME = "in_progress.json"
+
+
+def backups_prefix(cluster: str) -> str:
+    return f"{validate_cluster(cluster)}/backups"
+
+
+def backup_prefix(cluster: str, backup_id: str) -> str:
+    return f"{backups_prefix(cluster)}/{validate_backup_id(backup_id)}"
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def iso(t: dt.datetime) -> str:
+    return t.astimezone(dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _canonical(meta: dict) -> bytes:
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def seal(meta: dict) -> bytes:
+    meta = dict(meta)
+    meta["meta_sha256"] = hashlib.sha256(_canonical(meta)).hexdigest()
+    return json.dumps(meta, indent=2, sort_keys=True).encode()
+
+
+def unseal(raw: bytes, key: str) -> dict:
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:
+        raise ChecksumMismatch(f"{key} is not valid JSON ({e}); the backup metadata is damaged") from None
+    want = meta.get("meta_sha256")
+    if want != hashlib.sha256(_canonical(meta)).hexdigest():
+        raise ChecksumMismatch(f"{key}: metadata checksum mismatch; the backup metadata was altered or damaged")
+    return meta
+
+
+def write_meta(repo: Repository, meta: dict) -> None:
+    repo.put_bytes(f"{backup_prefix(meta['cluster'], meta['backup_id'])}/{META_NAME}", seal(meta))
+
+
+def load_backup(repo: Repository, cluster: str, backup_id: str) -> dict:
+    key = f"{backup_prefix(cluster, backup_id)}/{META_NAME}"
+    try:
+        raw = repo.get_bytes(key)
+    except ObjectNotFound:
+        known = [b["backup_id"] for b in list_backups(repo, cluster)]
+        hint = f"known backups: {', '.join(known[-10:])}" if known else "the cluster has no complete backup"
+        raise BackupNotFound(f"unknown backup id {backup_id!r} for cluster {cluster!r} in {repo.url}; {hint}") from None
+    return unseal(raw, key)
+
+
+def list_backup_ids(repo: Repository, cluster: str) -> list[str]:
+    return repo.list_dirs(backups_prefix(cluster))
+
+
+def list_backups(repo: Repository, cluster: str) -> list[dict]:
+    """Complete backups of `cluster`, oldest first. Damaged metadata is logged and skipped."""
+    out = []
+    for bid in list_backup_ids(repo, cluster):
+        key = f"{backups_prefix(cluster)}/{bid}/{META_NAME}"
+        try:
+            out.append(unseal(repo.get_bytes(key), key))
+        except ObjectNotFound:
+            continue  # incomplete
+        except ChecksumMismatch as e:
+            log.error("skipping backup %s: %s", bid, e)
+    out.sort(key=lambda m: (m.get("started_at", ""), m["backup_id"]))
+    return out
+
+
+def list_clusters(repo: Repository) -> list[str]:
+    return repo.list_dirs("")
+
+
+def resolve_backup(repo: Repository, cluster: str, backup_id: str | None) -> dict:
+    """'latest' / None -> newest complete backup."""
+    if backup_id in (None, "", "latest"):
+        backups = list_backups(repo, cluster)
+        if not backups:
+            raise BackupNotFound(f"cluster {cluster!r} has no complete backup in {repo.url}; take a full backup first")
+        return backups[-1]
+    return load_backup(repo, cluster, backup_id)
+
+
+def find_incomplete(repo: Repository, cluster: str) -> list[dict]:
+    """Backup directories without backup.json, with their start time when known."""
+    out = []
+    for bid in list_backup_ids(repo, cluster):
+        prefix = f"{backups_prefix(cluster)}/{bid}"
+        if repo.exists(f"{prefix}/{META_NAME}"):
+            continue
+        started = None
+        try:
+            started = json.loads(repo.get_bytes(f"{prefix}/{INPROGRESS_NAME}")).get("started_at")
+        except (ObjectNotFound, ValueError):
+            pass
+        out.append({"backup_id": bid, "started_at": started, "objects": repo.list(prefix)})
+    return out
+
+
+def cleanup_incomplete(repo: Repository, cluster: str, *, older_than_s: float = 6 * 3600,
+                       dry_run: bool = False) -> list[str]:
+    """Remove leftovers of interrupted backups. A backup still running (in-progress marker younger
+    than `older_than_s`) is left alone."""
+    removed = []
+    now = utcnow()
+    for inc in find_incomplete(repo, cluster):
+        if inc["started_at"]:
+            age = (now - dt.datetime.fromisoformat(inc["started_at"])).total_seconds()
+            if age < older_than_s:
+                log.info("incomplete backup %s started %.0f s ago: maybe still running, left alone",
+                         inc["backup_id"], age)
+                continue
+        log.warning("%s leftovers of interrupted backup %s (%d objects)", "would remove" if dry_run else "removing",
+                    inc["backup_id"], len(inc["objects"]))
+        if not dry_run:
+            # the marker goes last so a crash midway leaves it findable
+            for key in sorted(inc["objects"], key=lambda k: k.endswith(INPROGRESS_NAME)):
+                repo.delete(key)
+        removed.append(inc["backup_id"])
+    return removed
+
+
+def new_backup_id(repo: Repository, cluster: str, kind: str, now: dt.datetime | None = None) -> str:
+    """Sortable, unique id: 20261121T124048Z-F (F full, I incremental, D differential)."""
+    now = now or utcnow()
+    suffix = {"full": "F", "incremental": "I", "differential": "D"}[kind]
+    base = now.strftime("%Y%m%dT%H%M%SZ")
+    existing = set(list_backup_ids(repo, cluster))
+    bid = f"{base}-{suffix}"
+    n = 1
+    while bid in existing:
+        n += 1
+        bid = f"{base}.{n}-{suffix}"
+    return validate_backup_id(bid)

@@ -1,0 +1,233 @@
+"""Running PostgreSQL servers: initdb, start, stop, as an unprivileged OS user when we are root.
+
+Used to start a server on a restored data directory (restore checks, restore tests) and by the
+demo, tests and benchmarks to create an embedded PostgreSQL. The server never runs as root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from .binaries import find_program
+from .errors import ConfigError, ServerError
+from .pgconn import ConnInfo
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def default_os_user() -> str | None:
+    """None when we are not root (the server runs as ourselves); else the configured account."""
+    if os.geteuid() != 0:
+        return None
+    name = os.environ.get("PGINCR_OS_USER")
+    if name:
+        return name
+    for cand in ("postgres", "pgincr"):
+        try:
+            pwd.getpwnam(cand)
+            return cand
+        except KeyError:
+            continue
+    return "pgincr"
+
+
+def ensure_os_user(name: str) -> str:
+    """Create a system account for running PostgreSQL (root only; used by demo/tests)."""
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        if os.geteuid() != 0:
+            raise ConfigError(f"OS user {name!r} does not exist and we are not root to create it")
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name], check=True,
+                       capture_output=True)
+    return name
+
+
+def chown_tree(path: str | os.PathLike, os_user: str | None) -> None:
+    if not os_user or os.geteuid() != 0:
+        return
+    pw = pwd.getpwnam(os_user)
+    if not os.path.isdir(path) or os.path.islink(path):
+        os.lchown(path, pw.pw_uid, pw.pw_gid)
+        return
+    for dirpath, dirs, files in os.walk(path):
+        os.lchown(dirpath, pw.pw_uid, pw.pw_gid)
+        for n in dirs + files:
+            os.lchown(os.path.join(dirpath, n), pw.pw_uid, pw.pw_gid)
+
+
+def as_user(cmd: list[str], os_user: str | None) -> list[str]:
+    if os_user and os.geteuid() == 0:
+        return ["runuser", "-u", os_user, "--"] + cmd
+    return cmd
+
+
+def _user_can_exec(path: str, os_user: str | None) -> bool:
+    if not os_user or os.geteuid() != 0:
+        return True
+    r = subprocess.run(as_user(["test", "-x", path], os_user), capture_output=True)
+    return r.returncode == 0
+
+
+def server_bindir(major: int, os_user: str | None) -> str:
+    """bin directory of PostgreSQL `major` whose programs `os_user` may execute.
+
+    When the installation sits below a directory the OS user cannot enter (e.g. a virtualenv
+    under /root), the installation tree is copied once to /var/tmp with world-readable modes."""
+    bindir = os.path.dirname(find_program("postgres", major))
+    if _user_can_exec(os.path.join(bindir, "postgres"), os_user):
+        return bindir
+    root = os.path.dirname(bindir)
+    tag = hashlib.sha256(root.encode()).hexdigest()[:10]
+    dest = Path(f"/var/tmp/pgincr-pginstall-{major}-{tag}")
+    if not (dest / "bin" / "postgres").exists():
+        tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(root, tmp, symlinks=True)
+        for dirpath, dirs, files in os.walk(tmp):
+            os.chmod(dirpath, 0o755)
+        os.chmod(tmp.parent, os.stat(tmp.parent).st_mode)  # /var/tmp stays as it is
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("PostgreSQL %s programs copied to %s so that OS user %s can run them", major, dest, os_user)
+    return str(dest / "bin")
+
+
+def make_user_dir(path: str | os.PathLike, os_user: str | None, mode: int = 0o700) -> Path:
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True)
+    os.chmod(p, mode)
+    chown_tree(p, os_user)
+    return p
+
+
+def ensure_traversable(path: str | os.PathLike) -> None:
+    """Give o+x to every parent of `path` that lacks it, so the server user can reach it."""
+    if os.geteuid() != 0:
+        return
+    p = Path(path).absolute()
+    for parent in [p] + list(p.parents):
+        if not parent.exists():
+            continue
+        st = os.stat(parent)
+        if not st.st_mode & 0o001:
+            os.chmod(parent, st.st_mode | 0o001)
+
+
+class PgServer:
+    """A PostgreSQL server on `data_dir`, listening on a private unix socket (and TCP if asked)."""
+
+    def __init__(self, data_dir: str | os.PathLike, *, major: int, port: int | None = None,
+                 os_user: str | None = None, socket_dir: str | os.PathLike | None = None,
+                 listen: str = "127.0.0.1", log_file: str | os.PathLike | None = None):
+        self.data_dir = Path(data_dir).absolute()
+        self.major = major
+        self.port = port or free_port()
+        self.os_user = os_user
+        self.listen = listen
+        base = self.data_dir.parent
+        self.socket_dir = Path(socket_dir) if socket_dir else base / f"{self.data_dir.name}.sock"
+        self.log_file = Path(log_file) if log_file else base / f"{self.data_dir.name}.log"
+        self.bindir = server_bindir(major, os_user)
+        self.started = False
+
+    def _run(self, prog: str, args: list[str], check: bool = True, timeout: float = 300,
+             env: dict | None = None) -> subprocess.CompletedProcess:
+        cmd = as_user([os.path.join(self.bindir, prog)] + args, self.os_user)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                           env={**os.environ, **(env or {})}, cwd="/")
+        if check and r.returncode != 0:
+            raise ServerError(f"{prog} failed (exit {r.returncode}): {r.stderr.strip() or r.stdout.strip()}")
+        return r
+
+    def initdb(self, *, superuser: str = "postgres", data_checksums: bool = True, extra: list[str] = ()) -> None:
+        ensure_traversable(self.data_dir.parent)
+        make_user_dir(self.data_dir, self.os_user)
+        args = ["-D", str(self.data_dir), "-U", superuser, "--auth-local=trust", "--auth-host=scram-sha-256",
+                "-E", "UTF8", "--locale=C", "--no-instructions"]
+        if data_checksums and self.major >= 12:
+            args.append("--data-checksums")
+        elif not data_checksums and self.major >= 18:
+            args.append("--no-data-checksums")
+        self._run("initdb", args + list(extra))
+
+    def settings(self, extra: dict | None = None) -> dict:
+        s = {"port": self.port, "listen_addresses": self.listen, "unix_socket_directories": str(self.socket_dir)}
+        s.update(extra or {})
+        return s
+
+    def start(self, settings: dict | None = None, timeout: int = 120) -> None:
+        make_user_dir(self.socket_dir, self.os_user)
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        if not self.log_file.exists():
+            self.log_file.touch()
+        chown_tree(self.log_file, self.os_user)
+        opts = " ".join(f"-c {k}={_quote_opt(v)}" for k, v in self.settings(settings).items())
+        r = self._run("pg_ctl", ["-D", str(self.data_dir), "-l", str(self.log_file), "-o", opts, "-w",
+                                 "-t", str(timeout), "start"], check=False, timeout=timeout + 30)
+        if r.returncode != 0:
+            tail = self.log_tail()
+            raise ServerError(f"PostgreSQL did not start on {self.data_dir} (port {self.port}): "
+                              f"{r.stderr.strip() or r.stdout.strip()}\nserver log:\n{tail}")
+        self.started = True
+
+    def stop(self, mode: str = "fast") -> None:
+        if not (self.data_dir / "postmaster.pid").exists():
+            self.started = False
+            return
+        self._run("pg_ctl", ["-D", str(self.data_dir), "-m", mode, "-w", "-t", "120", "stop"], check=False)
+        self.started = False
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no server log)"
+
+    def local_conninfo(self, dbname: str = "postgres", user: str = "postgres") -> ConnInfo:
+        """Connection through the private unix socket (trust auth for local connections)."""
+        return ConnInfo(host=str(self.socket_dir), port=self.port, user=user, dbname=dbname)
+
+    def tcp_conninfo(self, user: str, password: str | None, dbname: str = "postgres") -> ConnInfo:
+        return ConnInfo(host="127.0.0.1", port=self.port, user=user, password=password, dbname=dbname)
+
+    def psql(self, sql: str, dbname: str = "postgres", user: str = "postgres") -> str:
+        r = subprocess.run([os.path.join(self.bindir, "psql"), "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1",
+                            "-h", str(self.socket_dir), "-p", str(self.port), "-U", user, "-d", dbname,
+                            "-c", sql], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise ServerError(f"psql failed: {r.stderr.strip()}")
+        return r.stdout
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            r = subprocess.run([os.path.join(self.bindir, "pg_isready"), "-h", str(self.socket_dir), "-p",
+                                str(self.port)], capture_output=True)
+            if r.returncode == 0:
+                return
+            time.sleep(0.2)
+        raise ServerError(f"server on port {self.port} not ready after {timeout}s:\n{self.log_tail()}")
+
+
+def _quote_opt(v) -> str:
+    s = str(v)
+    if s == "" or any(c in s for c in " '\"\\"):
+        return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return s
