@@ -55,6 +55,8 @@ def server_facts(conn: ConnInfo) -> dict:
             try:
                 cur.execute(sql)
                 facts[key] = cur.fetchone()[0]
+                if key == "size_estimate" and facts[key] is not None:
+                    facts[key] = int(facts[key]) + 2 * facts["wal_segment_size"]  # WAL included by -X fetch
             except Exception as e:  # permission: fine, we get it elsewhere
                 log.debug("could not read %s: %s", key, e)
                 c.rollback() if not c.autocommit else None

@@ -1,0 +1,216 @@
+"""pgincr: command line of airflow-pg-incremental. Imports no Airflow (except `demo`, lazily).
+
+Repository: --repo (or $PGINCR_REPO): an absolute directory or s3://bucket/prefix; S3 credentials
+come from the standard AWS environment, endpoint from $PGINCR_S3_ENDPOINT_URL / $AWS_ENDPOINT_URL.
+PostgreSQL connection: --host/--port/--user/--dbname or the PG* environment; the password only
+from $PGPASSWORD or ~/.pgpass, never from the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from .core.errors import PgIncrError
+
+
+def _repo(args):
+    from .core.repository import open_repository
+
+    url = args.repo or os.environ.get("PGINCR_REPO")
+    if not url:
+        raise PgIncrError("no repository: pass --repo DIR|s3://bucket/prefix or set PGINCR_REPO")
+    return open_repository(url)
+
+
+def _conninfo(args, dbname_default="postgres"):
+    from .core.pgconn import ConnInfo
+
+    return ConnInfo(host=args.host or os.environ.get("PGHOST"), port=int(args.port or os.environ.get("PGPORT") or 5432),
+                    user=args.user or os.environ.get("PGUSER"), password=os.environ.get("PGPASSWORD"),
+                    dbname=args.dbname or os.environ.get("PGDATABASE") or dbname_default)
+
+
+def _catalog(args):
+    if not getattr(args, "catalog_db", None):
+        return None
+    from .core.catalog import Catalog
+    from .core.pgconn import ConnInfo
+
+    base = _conninfo(args)
+    return Catalog(ConnInfo(host=base.host, port=base.port, user=base.user, password=base.password,
+                            dbname=args.catalog_db), schema=args.catalog_schema)
+
+
+def _print(obj, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(obj, indent=2, default=str))
+    else:
+        print(obj if isinstance(obj, str) else json.dumps(obj, indent=2, default=str))
+
+
+def cmd_backup(args) -> int:
+    from .core.backup import summary, take_full_backup
+
+    meta = take_full_backup(_conninfo(args), _repo(args), args.cluster, compression_level=args.level,
+                            threads=args.threads, catalog=_catalog(args))
+    _print(summary(meta), True)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .core.metadata import find_incomplete, list_backups, list_clusters
+    from .core.progress import human_bytes
+
+    repo = _repo(args)
+    clusters = [args.cluster] if args.cluster else list_clusters(repo)
+    out = {"repository": repo.url, "clusters": {}}
+    for cl in clusters:
+        backups = list_backups(repo, cl)
+        out["clusters"][cl] = {
+            "backups": [{k: b.get(k) for k in ("backup_id", "kind", "parent_id", "start_lsn", "stop_lsn", "timeline",
+                                               "pg_major", "started_at", "finished_at", "duration_s", "raw_bytes",
+                                               "stored_bytes", "system_identifier")} for b in backups],
+            "incomplete": [i["backup_id"] for i in find_incomplete(repo, cl)],
+        }
+    if args.json:
+        _print(out, True)
+        return 0
+    print(f"repository {repo.url}")
+    for cl, d in out["clusters"].items():
+        print(f"\ncluster {cl}: {len(d['backups'])} backup(s)")
+        print(f"  {'backup id':<24} {'kind':<12} {'PG':>3} {'start LSN':>12} {'stop LSN':>12} {'TL':>3} "
+              f"{'raw':>10} {'stored':>10} {'secs':>6}  finished")
+        for b in d["backups"]:
+            print(f"  {b['backup_id']:<24} {b['kind']:<12} {b['pg_major']:>3} {b['start_lsn'] or '':>12} "
+                  f"{b['stop_lsn'] or '':>12} {b['timeline'] or '':>3} {human_bytes(b['raw_bytes'] or 0):>10} "
+                  f"{human_bytes(b['stored_bytes'] or 0):>10} {b['duration_s'] or 0:>6.1f}  {b['finished_at']}")
+        if d["incomplete"]:
+            print(f"  incomplete (interrupted, not restorable; removed by 'pgincr cleanup'): {', '.join(d['incomplete'])}")
+    return 0
+
+
+def cmd_restore(args) -> int:
+    from .core.restore import restore_backup, run_checks, start_restored
+    from .core.server import default_os_user
+
+    os_user = args.os_user if args.os_user is not None else default_os_user()
+    result = restore_backup(_repo(args), args.cluster, args.backup_id, args.target_dir, verify=not args.no_verify,
+                            os_user=os_user)
+    if args.start or args.check:
+        srv = start_restored(args.target_dir, result["pg_major"], port=args.port, os_user=os_user)
+        try:
+            result["checks"] = run_checks(srv, args.check or ["SELECT 1"], user=result["bootstrap_superuser"])
+            result["server"] = {"port": srv.port, "socket_dir": str(srv.socket_dir)}
+        finally:
+            if not args.start:
+                srv.stop()
+        if not all(c["ok"] for c in result["checks"]):
+            _print(result, True)
+            return 3
+    _print(result, True)
+    return 0
+
+
+def cmd_cleanup(args) -> int:
+    from .core.metadata import cleanup_incomplete
+
+    removed = cleanup_incomplete(_repo(args), args.cluster, older_than_s=args.older_than_hours * 3600,
+                                 dry_run=args.dry_run)
+    _print({"cluster": args.cluster, "dry_run": args.dry_run, "removed": removed}, True)
+    return 0
+
+
+def cmd_catalog_rebuild(args) -> int:
+    cat = _catalog(args)
+    if cat is None:
+        raise PgIncrError("--catalog-db is required")
+    _print(cat.rebuild_from_repository(_repo(args), [args.cluster] if args.cluster else None), True)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(s3=args.s3, scale=args.scale, keep=args.keep, workdir=args.workdir, use_airflow=not args.no_airflow)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pgincr", description="PostgreSQL incremental-forever backups (airflow-pg-incremental)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def repo_args(sp, cluster_required=True):
+        sp.add_argument("--repo", help="repository: absolute directory or s3://bucket/prefix (default $PGINCR_REPO)")
+        sp.add_argument("--cluster", required=cluster_required, help="cluster name")
+
+    def conn_args(sp):
+        sp.add_argument("--host")
+        sp.add_argument("--port", type=int)
+        sp.add_argument("--user")
+        sp.add_argument("--dbname")
+        sp.add_argument("--catalog-db", help="database of the same server holding the catalog (optional)")
+        sp.add_argument("--catalog-schema", default="pgincr")
+
+    sp = sub.add_parser("backup", help="take a full base backup (password from PGPASSWORD/.pgpass)")
+    repo_args(sp)
+    conn_args(sp)
+    sp.add_argument("--level", type=int, default=3, help="zstd level (default 3)")
+    sp.add_argument("--threads", type=int, default=0, help="zstd worker threads (default 0: single-threaded)")
+    sp.set_defaults(func=cmd_backup)
+
+    sp = sub.add_parser("info", help="list backups of a cluster (or of every cluster)")
+    repo_args(sp, cluster_required=False)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_info)
+
+    sp = sub.add_parser("restore", help="restore a backup into an empty directory")
+    repo_args(sp)
+    sp.add_argument("--backup-id", default="latest")
+    sp.add_argument("--target-dir", required=True)
+    sp.add_argument("--no-verify", action="store_true", help="skip pg_verifybackup")
+    sp.add_argument("--start", action="store_true", help="start a server on the restored copy and leave it running")
+    sp.add_argument("--check", action="append", help="SQL to run on the restored copy (repeatable); server is stopped after")
+    sp.add_argument("--port", type=int, help="port of the restored server (default: a free one)")
+    sp.add_argument("--os-user", help="OS user to run the server as when root (default postgres/pgincr)")
+    sp.set_defaults(func=cmd_restore)
+
+    sp = sub.add_parser("cleanup", help="remove leftovers of interrupted backups")
+    repo_args(sp)
+    sp.add_argument("--older-than-hours", type=float, default=6.0)
+    sp.add_argument("--dry-run", action="store_true")
+    sp.set_defaults(func=cmd_cleanup)
+
+    sp = sub.add_parser("catalog-rebuild", help="rebuild the catalog tables from the repository alone")
+    repo_args(sp, cluster_required=False)
+    conn_args(sp)
+    sp.set_defaults(func=cmd_catalog_rebuild)
+
+    sp = sub.add_parser("demo", help="full backup through Airflow, restore, compare, report (embedded PostgreSQL 18)")
+    sp.add_argument("--s3", action="store_true", help="use a SeaweedFS S3 repository instead of a local directory")
+    sp.add_argument("--scale", type=int, default=1, help="pgbench scale (default 1, about 16 MB)")
+    sp.add_argument("--keep", action="store_true", help="keep the work directory")
+    sp.add_argument("--workdir", help="work directory (default: a new one under /var/tmp)")
+    sp.add_argument("--no-airflow", action="store_true", help="call the engine directly instead of through Airflow")
+    sp.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except PgIncrError as e:
+        print(f"pgincr: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

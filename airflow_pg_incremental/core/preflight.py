@@ -1,0 +1,30 @@
+"""Checks run before a backup, with nothing written to the repository except a probe object."""
+
+from __future__ import annotations
+
+import logging
+
+from .backup import check_source, server_facts
+from .binaries import find_program
+from .metadata import cleanup_incomplete
+from .names import validate_cluster
+from .pgconn import ConnInfo
+from .repository import Repository
+
+log = logging.getLogger(__name__)
+
+
+def preflight_full(conn: ConnInfo, repo: Repository, cluster: str, *, cleanup_after_s: float = 6 * 3600) -> dict:
+    validate_cluster(cluster)
+    facts = server_facts(conn)
+    check_source(facts, conn)
+    find_program("pg_basebackup", facts["major"])
+    repo.check_writable()
+    removed = cleanup_incomplete(repo, cluster, older_than_s=cleanup_after_s)
+    result = {"cluster": cluster, "pg_major": facts["major"], "system_identifier": facts["system_identifier"],
+              "data_checksums": facts["data_checksums"], "summarize_wal": facts["summarize_wal"],
+              "from_standby": facts["in_recovery"], "size_estimate": facts["size_estimate"],
+              "removed_incomplete": removed, "repository": repo.url}
+    log.info("preflight ok for %s: PostgreSQL %s, ~%s bytes, repository %s writable%s", cluster, facts["major"],
+             facts["size_estimate"], repo.url, f"; removed leftovers {removed}" if removed else "")
+    return result

@@ -1,0 +1,166 @@
+"""One factory builds every DAG of every cluster from one configuration file.
+
+Configuration (YAML or JSON)::
+
+    defaults:                      # optional, merged into every cluster
+      catalog_conn_id: pgincr_catalog
+      compression_level: 3
+    clusters:
+      - name: main                 # cluster name: becomes part of object keys and DAG ids
+        postgres_conn_id: pg_main  # the server to back up (needs REPLICATION)
+        repository: s3://pg-backups/prod     # or an absolute local directory
+        aws_conn_id: aws_backups   # for s3:// repositories (extra may hold endpoint_url)
+        schedules:
+          weekly_full: "0 2 * * 0"
+
+A second cluster is one more entry. Building DAGs reads only this file: no connection, no
+network, no database at parse time.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from airflow_pg_incremental.core.errors import ConfigError
+from airflow_pg_incremental.core.names import validate_cluster
+
+DEFAULT_SCHEDULES = {"weekly_full": "0 2 * * 0"}
+_CLUSTER_KEYS = {"name", "postgres_conn_id", "repository", "aws_conn_id", "catalog_conn_id", "catalog_schema",
+                 "schedules", "compression_level", "compression_threads", "tags", "owner", "start_date",
+                 "retries", "retry_delay_minutes", "cleanup_after_hours", "description"}
+
+
+@dataclass
+class ClusterConfig:
+    name: str
+    postgres_conn_id: str
+    repository: str
+    aws_conn_id: str | None = None
+    catalog_conn_id: str | None = None
+    catalog_schema: str = "pgincr"
+    schedules: dict = field(default_factory=lambda: dict(DEFAULT_SCHEDULES))
+    compression_level: int = 3
+    compression_threads: int = 0
+    tags: list = field(default_factory=list)
+    owner: str = "dba"
+    start_date: str = "2026-01-01"
+    retries: int = 1
+    retry_delay_minutes: float = 5
+    cleanup_after_hours: float = 6
+    description: str = ""
+
+    @property
+    def dag_prefix(self) -> str:
+        return f"pgincr_{self.name}"
+
+    def engine_kwargs(self) -> dict:
+        return {"cluster": self.name, "postgres_conn_id": self.postgres_conn_id, "repository": self.repository,
+                "aws_conn_id": self.aws_conn_id, "catalog_conn_id": self.catalog_conn_id,
+                "catalog_schema": self.catalog_schema}
+
+
+def parse_config(raw: dict) -> list[ClusterConfig]:
+    if not isinstance(raw, dict) or not isinstance(raw.get("clusters"), list) or not raw["clusters"]:
+        raise ConfigError("configuration needs a non-empty 'clusters' list")
+    defaults = raw.get("defaults") or {}
+    out, seen = [], set()
+    for i, entry in enumerate(raw["clusters"]):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"clusters[{i}] must be a mapping")
+        merged = {**defaults, **entry}
+        merged["schedules"] = {**DEFAULT_SCHEDULES, **(defaults.get("schedules") or {}), **(entry.get("schedules") or {})}
+        unknown = set(merged) - _CLUSTER_KEYS
+        if unknown:
+            raise ConfigError(f"clusters[{i}]: unknown keys {sorted(unknown)}; allowed: {sorted(_CLUSTER_KEYS)}")
+        for req in ("name", "postgres_conn_id", "repository"):
+            if not merged.get(req):
+                raise ConfigError(f"clusters[{i}]: '{req}' is required")
+        validate_cluster(merged["name"])
+        if merged["name"] in seen:
+            raise ConfigError(f"cluster {merged['name']!r} is listed twice")
+        seen.add(merged["name"])
+        repo = merged["repository"]
+        if not (repo.startswith("s3://") or os.path.isabs(repo.removeprefix("file://"))):
+            raise ConfigError(f"cluster {merged['name']}: repository {repo!r} must be s3://bucket/prefix or an "
+                              "absolute directory")
+        if repo.startswith("s3://") and not merged.get("aws_conn_id"):
+            merged["aws_conn_id"] = "aws_default"
+        out.append(ClusterConfig(**merged))
+    return out
+
+
+def load_config(path: str | os.PathLike) -> list[ClusterConfig]:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read pgincr configuration {p}: {e.strerror}") from None
+    if p.suffix in (".yaml", ".yml"):
+        import yaml
+
+        raw = yaml.safe_load(text)
+    else:
+        raw = json.loads(text)
+    return parse_config(raw)
+
+
+def _default_args(cl: ClusterConfig) -> dict:
+    return {"owner": cl.owner, "retries": cl.retries, "retry_delay": dt.timedelta(minutes=cl.retry_delay_minutes)}
+
+
+def _start(cl: ClusterConfig) -> dt.datetime:
+    d = dt.datetime.fromisoformat(str(cl.start_date))
+    return d if d.tzinfo else d.replace(tzinfo=dt.timezone.utc)
+
+
+def backups_asset(cluster: str):
+    from airflow.sdk import Asset
+
+    return Asset(name=f"pgincr_{cluster}_backups", uri=f"pgincr://{cluster}/backups")
+
+
+def build_weekly_full(cl: ClusterConfig):
+    from airflow.sdk import DAG
+
+    from airflow_pg_incremental.operators.backup import PgBackupPreflightOperator, PgBaseBackupOperator
+
+    with DAG(
+        dag_id=f"{cl.dag_prefix}_weekly_full",
+        description=f"Weekly full base backup of {cl.name}",
+        schedule=cl.schedules.get("weekly_full"),
+        start_date=_start(cl),
+        catchup=False,
+        max_active_runs=1,
+        default_args=_default_args(cl),
+        tags=["pgincr", "backup", cl.name, *cl.tags],
+        doc_md=f"""Full base backup of cluster **{cl.name}** into `{cl.repository}`.
+
+preflight (server reachable, REPLICATION, repository writable, leftovers of interrupted backups
+removed) → full backup (pg_basebackup streamed through zstd; metadata written last). The XCom of
+`full_backup` holds the backup id, LSNs and sizes.""",
+    ) as dag:
+        common = cl.engine_kwargs()
+        pre = PgBackupPreflightOperator(task_id="preflight", cleanup_after_s=cl.cleanup_after_hours * 3600, **common)
+        full = PgBaseBackupOperator(task_id="full_backup", compression_level=cl.compression_level,
+                                    compression_threads=cl.compression_threads, outlets=[backups_asset(cl.name)],
+                                    **common)
+        pre >> full
+    return dag
+
+
+def build_dags(clusters: list[ClusterConfig]) -> dict[str, Any]:
+    dags = {}
+    for cl in clusters:
+        for builder in (build_weekly_full,):
+            dag = builder(cl)
+            dags[dag.dag_id] = dag
+    return dags
+
+
+def dags_from_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    return build_dags(load_config(path))

@@ -1,0 +1,88 @@
+"""Operators for base backups. Each resolves connections, calls one engine function, and returns a
+small JSON dict as XCom."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from airflow.sdk import BaseOperator, Context
+
+
+class _PgBackupBase(BaseOperator):
+    template_fields: Sequence[str] = ("cluster", "postgres_conn_id", "repository", "aws_conn_id", "catalog_conn_id")
+    ui_color = "#d3e4f5"
+
+    def __init__(self, *, cluster: str, postgres_conn_id: str, repository: str, aws_conn_id: str | None = None,
+                 catalog_conn_id: str | None = None, catalog_schema: str = "pgincr", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.cluster = cluster
+        self.postgres_conn_id = postgres_conn_id
+        self.repository = repository
+        self.aws_conn_id = aws_conn_id
+        self.catalog_conn_id = catalog_conn_id
+        self.catalog_schema = catalog_schema
+
+    # engine objects, built at execute time only (no I/O in constructors)
+    def _conninfo(self):
+        from airflow_pg_incremental.hooks.repository import PgClusterHook
+
+        return PgClusterHook(self.postgres_conn_id).get_conninfo()
+
+    def _repo(self):
+        from airflow_pg_incremental.hooks.repository import PgBackupRepositoryHook
+
+        return PgBackupRepositoryHook(self.repository, self.aws_conn_id).get_repository()
+
+    def _catalog(self):
+        if not self.catalog_conn_id:
+            return None
+        from airflow_pg_incremental.hooks.repository import PgClusterHook
+
+        return PgClusterHook(self.catalog_conn_id).get_catalog(self.catalog_schema)
+
+    @staticmethod
+    def _airflow_ids(context: Context) -> dict:
+        ti = context["ti"]
+        return {"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": ti.task_id,
+                "try_number": getattr(ti, "try_number", None)}
+
+
+class PgBackupPreflightOperator(_PgBackupBase):
+    """Checks before a backup: server reachable with the connection's credentials, REPLICATION
+    attribute, wal_level, no extra tablespaces, binaries of the server's major version, repository
+    writable. Also removes leftovers of interrupted backups older than `cleanup_after_s`."""
+
+    def __init__(self, *, cleanup_after_s: float = 6 * 3600, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.cleanup_after_s = cleanup_after_s
+
+    def execute(self, context: Context) -> dict:
+        from airflow_pg_incremental.core.preflight import preflight_full
+
+        return preflight_full(self._conninfo(), self._repo(), self.cluster, cleanup_after_s=self.cleanup_after_s)
+
+
+class PgBaseBackupOperator(_PgBackupBase):
+    """Full base backup (pg_basebackup, tar streamed through zstd into the repository).
+
+    XCom: {backup_id, kind, start_lsn, stop_lsn, timeline, raw_bytes, stored_bytes, duration_s, ...}.
+    """
+
+    template_fields: Sequence[str] = (*_PgBackupBase.template_fields, "compression_level")
+
+    def __init__(self, *, compression_level: int = 3, compression_threads: int = 0,
+                 progress_interval: float = 10.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.compression_level = compression_level
+        self.compression_threads = compression_threads
+        self.progress_interval = progress_interval
+
+    def execute(self, context: Context) -> dict:
+        from airflow_pg_incremental.core.backup import summary, take_full_backup
+
+        meta = take_full_backup(self._conninfo(), self._repo(), self.cluster,
+                                compression_level=int(self.compression_level), threads=self.compression_threads,
+                                catalog=self._catalog(), airflow=self._airflow_ids(context),
+                                progress_interval=self.progress_interval)
+        return summary(meta)
