@@ -68,10 +68,16 @@ def parse_config(raw: dict) -> list[ClusterConfig]:
     if not isinstance(raw, dict) or not isinstance(raw.get("clusters"), list) or not raw["clusters"]:
         raise ConfigError("configuration needs a non-empty 'clusters' list")
     defaults = raw.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise ConfigError("'defaults' must be a mapping")
+    if not isinstance(defaults.get("schedules") or {}, dict):
+        raise ConfigError("defaults.schedules must be a mapping of DAG kind to schedule")
     out, seen = [], set()
     for i, entry in enumerate(raw["clusters"]):
         if not isinstance(entry, dict):
             raise ConfigError(f"clusters[{i}] must be a mapping")
+        if not isinstance(entry.get("schedules") or {}, dict):
+            raise ConfigError(f"clusters[{i}].schedules must be a mapping of DAG kind to schedule")
         merged = {**defaults, **entry}
         merged["schedules"] = {**DEFAULT_SCHEDULES, **(defaults.get("schedules") or {}), **(entry.get("schedules") or {})}
         unknown = set(merged) - _CLUSTER_KEYS
@@ -80,6 +86,16 @@ def parse_config(raw: dict) -> list[ClusterConfig]:
         for req in ("name", "postgres_conn_id", "repository"):
             if not merged.get(req):
                 raise ConfigError(f"clusters[{i}]: '{req}' is required")
+        for key in ("name", "postgres_conn_id", "repository", "aws_conn_id", "catalog_conn_id", "catalog_schema",
+                    "owner", "start_date", "description"):
+            if merged.get(key) is not None and not isinstance(merged[key], str):
+                raise ConfigError(f"clusters[{i}].{key} must be a string, got {type(merged[key]).__name__}")
+        for key in ("compression_level", "compression_threads", "retries", "retry_delay_minutes",
+                    "cleanup_after_hours"):
+            if key in merged and (isinstance(merged[key], bool) or not isinstance(merged[key], (int, float))):
+                raise ConfigError(f"clusters[{i}].{key} must be a number")
+        if not isinstance(merged.get("tags", []), list):
+            raise ConfigError(f"clusters[{i}].tags must be a list")
         validate_cluster(merged["name"])
         if merged["name"] in seen:
             raise ConfigError(f"cluster {merged['name']!r} is listed twice")
@@ -100,13 +116,21 @@ def load_config(path: str | os.PathLike) -> list[ClusterConfig]:
         text = p.read_text()
     except OSError as e:
         raise ConfigError(f"cannot read pgincr configuration {p}: {e.strerror}") from None
-    if p.suffix in (".yaml", ".yml"):
-        import yaml
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
 
-        raw = yaml.safe_load(text)
-    else:
-        raw = json.loads(text)
-    return parse_config(raw)
+            raw = yaml.safe_load(text)
+        else:
+            raw = json.loads(text)
+    except ValueError as e:
+        raise ConfigError(f"pgincr configuration {p} is not valid JSON: {e}") from None
+    except Exception as e:  # yaml.YAMLError
+        raise ConfigError(f"pgincr configuration {p} is not valid YAML: {e}") from None
+    try:
+        return parse_config(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
 
 
 def _default_args(cl: ClusterConfig) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -13,7 +14,7 @@ import time
 
 from .. import __version__
 from .binaries import find_program, major_from_version_num
-from .codec import CompressingReader, ObjectInfo
+from .codec import CompressingReader, ObjectInfo, PipeReader
 from .errors import BackupFailed, ConfigError, PgIncrError, ServerError
 from .lsn import DEFAULT_SEGMENT_SIZE, parse_lsn, wal_file_name
 from .metadata import (INPROGRESS_NAME, backup_prefix, iso, new_backup_id, utcnow, write_meta)
@@ -104,7 +105,7 @@ def _manifest_facts(manifest: bytes | None, label: bytes | None) -> dict:
 
 
 def take_full_backup(conn: ConnInfo, repo: Repository, cluster: str, *, compression_level: int = 3,
-                     threads: int = 0, catalog=None, airflow: dict | None = None,
+                     threads: int = 1, content_sha256: bool = False, catalog=None, airflow: dict | None = None,
                      progress_interval: float = 10.0, fast_checkpoint: bool = True) -> dict:
     """Take a full base backup of the server at `conn` into `repo` under `cluster`.
 
@@ -151,12 +152,18 @@ def take_full_backup(conn: ConnInfo, repo: Repository, cluster: str, *, compress
     scanner = TarScanner()
     progress = Progress(f"full backup {backup_id}", facts["size_estimate"], log, progress_interval)
 
-    def on_raw(chunk: bytes) -> None:
+    raw_hash = hashlib.sha256() if content_sha256 else None
+
+    def on_raw(chunk: bytes) -> None:  # runs in the pipe reader's thread, beside compression
+        if raw_hash is not None:
+            raw_hash.update(chunk)
         scanner.feed(chunk)
         progress.add(len(chunk))
 
+    pipe = PipeReader(proc.stdout, on_chunk=on_raw)
     try:
-        reader = CompressingReader(proc.stdout, level=compression_level, threads=threads, on_raw=on_raw)
+        reader = CompressingReader(pipe, level=compression_level, threads=threads,
+                                   raw_hasher=raw_hash if raw_hash is not None else False)
         base_key = f"{prefix}/base.tar.zst"
         repo.put(base_key, reader)
         rc = proc.wait()
@@ -212,6 +219,7 @@ def take_full_backup(conn: ConnInfo, repo: Repository, cluster: str, *, compress
             raise BackupFailed(f"backup {backup_id} failed: {conn.redact(str(e))}") from e
         raise
     finally:
+        pipe.close()
         stderr_file.close()
         if proc.stdout:
             proc.stdout.close()

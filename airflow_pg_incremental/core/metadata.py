@@ -59,6 +59,8 @@ def unseal(raw: bytes, key: str) -> dict:
         meta = json.loads(raw)
     except ValueError as e:
         raise ChecksumMismatch(f"{key} is not valid JSON ({e}); the backup metadata is damaged") from None
+    if not isinstance(meta, dict):
+        raise ChecksumMismatch(f"{key} does not hold a JSON object; the backup metadata is damaged")
     want = meta.get("meta_sha256")
     if want != hashlib.sha256(_canonical(meta)).hexdigest():
         raise ChecksumMismatch(f"{key}: metadata checksum mismatch; the backup metadata was altered or damaged")
@@ -105,7 +107,7 @@ def list_clusters(repo: Repository) -> list[str]:
 
 def resolve_backup(repo: Repository, cluster: str, backup_id: str | None) -> dict:
     """'latest' / None -> newest complete backup."""
-    if backup_id in (None, "", "latest"):
+    if backup_id is None or backup_id == "latest":
         backups = list_backups(repo, cluster)
         if not backups:
             raise BackupNotFound(f"cluster {cluster!r} has no complete backup in {repo.url}; take a full backup first")
@@ -120,12 +122,15 @@ def find_incomplete(repo: Repository, cluster: str) -> list[dict]:
         prefix = f"{backups_prefix(cluster)}/{bid}"
         if repo.exists(f"{prefix}/{META_NAME}"):
             continue
+        objects = repo.list(prefix)
+        if not objects:  # some S3 servers keep empty 'directories'; nothing to clean there
+            continue
         started = None
         try:
             started = json.loads(repo.get_bytes(f"{prefix}/{INPROGRESS_NAME}")).get("started_at")
         except (ObjectNotFound, ValueError):
             pass
-        out.append({"backup_id": bid, "started_at": started, "objects": repo.list(prefix)})
+        out.append({"backup_id": bid, "started_at": started, "objects": objects})
     return out
 
 
@@ -162,5 +167,5 @@ def new_backup_id(repo: Repository, cluster: str, kind: str, now: dt.datetime | 
     n = 1
     while bid in existing:
         n += 1
-        bid = f"{base}.{n}-{suffix}"
+        bid = f"{base}.{n:03d}-{suffix}"
     return validate_backup_id(bid)

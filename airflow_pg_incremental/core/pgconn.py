@@ -77,9 +77,9 @@ class ConnInfo:
 
 
 def classify_connect_error(conn: ConnInfo, message: str) -> ServerError:
-    msg = conn.redact(message.strip())
+    msg = conn.redact(message.strip())  # what we show
     where = conn.describe()
-    low = msg.lower()
+    low = message.lower()  # what we classify (a password may contain words like 'password')
     if "password authentication failed" in low or "no password supplied" in low:
         return ServerError(f"authentication failed for {where}: wrong or missing password; fix the password in "
                            f"the connection ({msg.splitlines()[-1] if msg else ''})")
@@ -88,8 +88,9 @@ def classify_connect_error(conn: ConnInfo, message: str) -> ServerError:
                            "one (host replication <user> <address> scram-sha-256) and reload")
     if "must have replication" in low or "permission denied to start wal sender" in low or \
             "must be superuser or replication role" in low or "replication permission" in low:
-        return ServerError(f"{where}: role {conn.user!r} lacks the REPLICATION attribute; run "
-                           f"ALTER ROLE {conn.user} REPLICATION; ({msg})")
+        role = conn.user or "<the connecting role>"
+        return ServerError(f"{where}: role {role} lacks the REPLICATION attribute; run "
+                           f"ALTER ROLE {role} REPLICATION; ({msg})")
     if "no pg_hba.conf entry" in low:
         return ServerError(f"{where}: rejected by pg_hba.conf; add an entry for this user/host ({msg})")
     if "does not exist" in low and "database" in low:

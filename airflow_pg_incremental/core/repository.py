@@ -94,9 +94,10 @@ class LocalRepository(Repository):
 
     def _path(self, key: str) -> Path:
         p = self.root / validate_key(key)
-        # defence in depth: the resolved path must stay below root
-        if os.path.commonpath([os.path.abspath(p), str(self.root)]) != str(self.root):
-            raise ConfigError(f"object key {key!r} escapes the repository")
+        # defence in depth: the resolved path (symlinks followed) must stay below the resolved root
+        real_root = os.path.realpath(self.root)
+        if os.path.commonpath([os.path.realpath(p), real_root]) != real_root:
+            raise ConfigError(f"object key {key!r} escapes the repository (through a symbolic link?)")
         return p
 
     def _wrap_oserror(self, e: OSError, what: str) -> RepositoryError:
@@ -116,7 +117,10 @@ class LocalRepository(Repository):
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "xb") as out:
                 while True:
-                    chunk = src.read(CHUNK)
+                    try:
+                        chunk = src.read(CHUNK)
+                    except OSError as e:  # the source failed, not the repository
+                        raise _SourceError(e) from e
                     if not chunk:
                         break
                     out.write(chunk)
@@ -137,6 +141,8 @@ class LocalRepository(Repository):
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
+        except _SourceError as e:
+            raise e.args[0]
         except OSError as e:
             raise self._wrap_oserror(e, f"writing {key}") from e
         finally:
@@ -353,6 +359,10 @@ class S3Repository(Repository):
         probe = f".pgincr-write-test-{uuid.uuid4().hex[:8]}"
         self.put_bytes(probe, b"ok")
         self.delete(probe)
+
+
+class _SourceError(Exception):
+    """Carries an OSError raised by the data source through the repository's own error handling."""
 
 
 class _CountingReader(io.RawIOBase):

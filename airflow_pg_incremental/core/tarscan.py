@@ -71,6 +71,8 @@ class TarScanner:
         if typeflag in (b"L", b"x"):
             self._special = bytearray()
             self._special_type = typeflag
+        elif typeflag in (b"g", b"K"):  # pax global header, GNU long link name: not members
+            pass
         else:
             if self._next_name:
                 name, self._next_name = self._next_name, None
