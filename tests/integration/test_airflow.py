@@ -1,0 +1,140 @@
+"""Real Airflow runs: provider registration, DAG parsing, dag.test() of the weekly DAG on both
+repository kinds, XCom shape, catalog rows with Airflow ids, and no password anywhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import zstandard
+
+pytestmark = pytest.mark.integration
+
+
+def _xcoms(dag_id: str, run_id: str) -> dict:
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as s:
+        rows = s.scalars(XComModel.get_many(run_id=run_id, dag_ids=dag_id)).all()
+        return {(r.task_id, r.key): XComModel.deserialize_value(r) for r in rows}
+
+
+def _dags():
+    from airflow_pg_incremental.dag_factory import dags_from_config_file
+
+    return dags_from_config_file(os.environ["PGINCR_CONFIG"])
+
+
+def test_provider_is_registered(airflow_db):
+    r = subprocess.run([sys.executable, "-m", "airflow", "providers", "list", "-o", "json"], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    providers = {p["package_name"]: p for p in json.loads(r.stdout[r.stdout.index("["):])}
+    assert "airflow-pg-incremental" in providers
+    assert providers["airflow-pg-incremental"]["version"] == "0.1.0"
+
+
+def test_dag_file_parses_every_cluster(airflow_clusters):
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
+    assert bag.import_errors == {}
+    assert {"pgincr_it_local_weekly_full", "pgincr_it_s3_weekly_full"} <= set(bag.dag_ids)
+    dag = bag.get_dag("pgincr_it_local_weekly_full")
+    assert [t.task_id for t in dag.topological_sort()] == ["preflight", "full_backup"]
+
+
+@pytest.mark.parametrize("cluster", ["it_local", "it_s3"])
+def test_weekly_dag_runs_and_records(airflow_clusters, pg, s3, cluster, scratch):
+    from airflow_pg_incremental.core.catalog import Catalog
+    from airflow_pg_incremental.core.metadata import list_backups
+    from airflow_pg_incremental.core.repository import LocalRepository, S3Repository
+    from airflow_pg_incremental.core.restore import restore_backup, start_restored
+    from airflow_pg_incremental.core.sandbox import data_fingerprint
+
+    dag = _dags()[f"pgincr_{cluster}_weekly_full"]
+    before = data_fingerprint(pg.superuser())
+    dr = dag.test()
+    assert dr.state == "success"
+    x = _xcoms(dag.dag_id, dr.run_id)
+    out = x[("full_backup", "return_value")]
+    assert out["status"] == "complete" and out["kind"] == "full" and out["backup_id"]
+    assert out["raw_bytes"] > out["stored_bytes"] > 0 and out["stop_lsn"]
+    assert len(json.dumps(out)) < 2000  # a small dict
+    assert pg.password not in json.dumps({str(k): v for k, v in x.items()}, default=str)
+
+    repo = (LocalRepository(airflow_clusters["local_repo"]) if cluster == "it_local"
+            else S3Repository(s3.client(), s3.bucket, "airflow"))
+    assert out["backup_id"] in [b["backup_id"] for b in list_backups(repo, cluster)]
+    rows = [r for r in Catalog(pg.conninfo("pgincr_catalog"), "af_catalog").backups(cluster)
+            if r["backup_id"] == out["backup_id"]]
+    assert rows and rows[0]["status"] == "complete"
+    assert rows[0]["dag_id"] == dag.dag_id and rows[0]["run_id"] == dr.run_id and rows[0]["task_id"] == "full_backup"
+
+    # what Airflow backed up restores to the same data
+    restore_backup(repo, cluster, out["backup_id"], scratch / "d", os_user=pg.os_user)
+    srv = start_restored(scratch / "d", 18, os_user=pg.os_user)
+    try:
+        assert data_fingerprint(srv.local_conninfo()) == before
+    finally:
+        srv.stop()
+
+
+def test_failing_backup_fails_the_task(airflow_clusters, pg, monkeypatch):
+    """A wrong password: the run fails (not silently green), the error names the fix."""
+    conn = json.loads(os.environ["AIRFLOW_CONN_PGINCR_IT_PG"])
+    conn["password"] = "definitely-wrong"
+    monkeypatch.setenv("AIRFLOW_CONN_PGINCR_IT_PG", json.dumps(conn))
+    dag = _dags()["pgincr_it_local_weekly_full"]
+    dr = dag.test()
+    assert dr.state == "failed"
+    states = {ti.task_id: ti.state for ti in dr.get_task_instances()}
+    assert states["preflight"] == "failed" and states["full_backup"] in ("upstream_failed", None)
+
+
+def test_password_appears_nowhere(airflow_clusters, pg, s3, workdir, capfd, caplog):
+    """After the Airflow runs above: no task log, XCom, catalog row or repository object holds it."""
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    from airflow_pg_incremental.core.pgconn import query
+    from airflow_pg_incremental.core.repository import LocalRepository, S3Repository
+
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    for dag_id in ("pgincr_it_local_weekly_full", "pgincr_it_s3_weekly_full"):
+        assert _dags()[dag_id].test().state == "success"
+    secret = pg.password.encode()
+    hits = []
+    out, err = capfd.readouterr()
+    task_log = out + err + caplog.text
+    assert "full backup" in task_log and "pg_basebackup" in task_log  # we really see the task's log
+    if pg.password in task_log:
+        hits.append("task log output")
+    # Airflow task logs and everything else the Airflow home holds except its metadata DB
+    # (where the test's own connection env var is not stored either)
+    for p in (workdir / "airflow").rglob("*"):
+        if p.is_file() and p.suffix != ".db" and secret in p.read_bytes():
+            hits.append(str(p))
+    with create_session() as s:
+        for r in s.query(XComModel).all():
+            if secret in json.dumps(XComModel.deserialize_value(r), default=str).encode():
+                hits.append(f"xcom {r.dag_id}.{r.task_id}")
+    rows = query(pg.conninfo("pgincr_catalog"), "SELECT t::text FROM af_catalog.backups t")
+    hits += [f"catalog row {r[0][:40]}" for r in rows if pg.password in r[0]]
+    assert rows
+    for repo in (LocalRepository(airflow_clusters["local_repo"]), S3Repository(s3.client(), s3.bucket, "airflow")):
+        keys = repo.list("")
+        assert keys
+        for k in keys:
+            data = repo.get_bytes(k)
+            if k.endswith(".zst"):
+                data = zstandard.ZstdDecompressor().decompressobj().decompress(data)
+            if secret in data:
+                hits.append(f"{repo.url}/{k}")
+    assert hits == []

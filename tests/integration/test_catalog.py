@@ -1,0 +1,47 @@
+"""The catalog: versioned migrations applied once, and rebuildable from the repository alone."""
+
+from __future__ import annotations
+
+import pytest
+
+from airflow_pg_incremental.core.backup import take_full_backup
+from airflow_pg_incremental.core.catalog import MIGRATIONS, Catalog
+from airflow_pg_incremental.core.pgconn import query
+
+pytestmark = pytest.mark.integration
+
+_COMPARE = ("cluster", "backup_id", "kind", "parent_id", "chain_root_id", "status", "start_lsn", "stop_lsn", "timeline",
+            "system_identifier", "pg_version_num", "raw_bytes", "stored_bytes", "dag_id", "run_id")
+
+
+def test_migrations_apply_once(pg, catalog):
+    assert catalog.schema_version() == len(MIGRATIONS)
+    again = Catalog(pg.conninfo("pgincr_catalog"), schema=catalog.schema)
+    assert again.schema_version() == len(MIGRATIONS)
+    rows = query(pg.conninfo("pgincr_catalog"), f"SELECT count(*) FROM {catalog.schema}.schema_migrations")
+    assert rows[0][0] == len(MIGRATIONS)
+
+
+def test_rebuild_from_repository_alone(pg, repo, catalog):
+    b1 = take_full_backup(pg.conninfo(), repo, "cat", catalog=catalog,
+                          airflow={"dag_id": "d", "run_id": "r1", "task_id": "t"})
+    b2 = take_full_backup(pg.conninfo(), repo, "cat", catalog=catalog,
+                          airflow={"dag_id": "d", "run_id": "r2", "task_id": "t"})
+    original = [{k: r[k] for k in _COMPARE} for r in catalog.backups("cat")]
+    assert [r["backup_id"] for r in original] == [b1["backup_id"], b2["backup_id"]]
+
+    # lose the catalog entirely, then rebuild it from the repository
+    query(pg.conninfo("pgincr_catalog"), f"DROP SCHEMA {catalog.schema} CASCADE")
+    fresh = Catalog(pg.conninfo("pgincr_catalog"), schema=catalog.schema)
+    assert fresh.backups("cat") == []
+    assert fresh.rebuild_from_repository(repo) == {"cat": 2}
+    rebuilt = [{k: r[k] for k in _COMPARE} for r in fresh.backups("cat")]
+    assert rebuilt == original
+
+
+def test_rebuild_drops_rows_of_backups_gone_from_repository(pg, repo, catalog):
+    b = take_full_backup(pg.conninfo(), repo, "gone", catalog=catalog)
+    catalog.record_backup({**b, "backup_id": "20000101T000000Z-F", "chain_root_id": "20000101T000000Z-F"})
+    assert len(catalog.backups("gone")) == 2
+    catalog.rebuild_from_repository(repo, ["gone"])
+    assert [r["backup_id"] for r in catalog.backups("gone")] == [b["backup_id"]]
