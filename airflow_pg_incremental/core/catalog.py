@@ -50,6 +50,23 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX ON {s}.backups (cluster, status, stop_lsn);
     """,
+    # 2: archived WAL (an index of the repository's wal/ prefix)
+    """
+    CREATE TABLE {s}.wal_segments (
+        cluster       text NOT NULL,
+        timeline      integer NOT NULL,
+        segment       text NOT NULL,
+        start_lsn     pg_lsn NOT NULL,
+        end_lsn       pg_lsn NOT NULL,
+        raw_bytes     bigint,
+        stored_bytes  bigint,
+        raw_sha256    text,
+        method        text,
+        archived_at   timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (cluster, segment)
+    );
+    CREATE INDEX ON {s}.wal_segments (cluster, timeline, start_lsn);
+    """,
 ]
 
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -114,6 +131,36 @@ class Catalog:
         with self._connect() as c, c.cursor() as cur:
             cur.execute(sql, row)
             c.commit()
+
+    def record_wal(self, cluster: str, segments: list[dict], method: str = "pull",
+                   segment_size: int = 16 * 1024 * 1024) -> int:
+        """Upsert archived segments ({name, raw_size, stored_size, raw_sha256})."""
+        from .lsn import format_lsn, segno_of, timeline_of
+
+        rows = []
+        for s in segments:
+            n = s["name"]
+            if len(n) != 24:
+                continue
+            start = segno_of(n, segment_size) * segment_size
+            rows.append((cluster, timeline_of(n), n, format_lsn(start), format_lsn(start + segment_size),
+                         s.get("raw_size"), s.get("stored_size"), s.get("raw_sha256"), method))
+        if not rows:
+            return 0
+        with self._connect() as c, c.cursor() as cur:
+            cur.executemany(f"INSERT INTO {self.schema}.wal_segments (cluster, timeline, segment, start_lsn, end_lsn, "
+                            "raw_bytes, stored_bytes, raw_sha256, method) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                            "ON CONFLICT (cluster, segment) DO NOTHING", rows)
+            c.commit()
+        return len(rows)
+
+    def wal_segments(self, cluster: str) -> list[dict]:
+        with self._connect() as c, c.cursor() as cur:
+            cur.execute(f"SELECT timeline, segment, start_lsn::text, end_lsn::text, raw_bytes, stored_bytes, method, "
+                        f"archived_at FROM {self.schema}.wal_segments WHERE cluster = %s ORDER BY timeline, segment",
+                        (cluster,))
+            names = [d.name for d in cur.description]
+            return [dict(zip(names, r)) for r in cur.fetchall()]
 
     def backups(self, cluster: str | None = None, status: str | None = None) -> list[dict]:
         where, params = [], []

@@ -50,3 +50,7 @@ class BackupFailed(PgIncrError):
 
 class RestoreError(PgIncrError):
     """A restore could not be carried out; the message names the cause."""
+
+
+class WalCaptureError(PgIncrError):
+    """WAL could not be captured completely; the replication slot was not advanced."""

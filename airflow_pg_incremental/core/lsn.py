@@ -36,3 +36,40 @@ def wal_file_name(timeline: int, lsn: int, segment_size: int = DEFAULT_SEGMENT_S
 
 def is_wal_file_name(name: str) -> bool:
     return bool(_WAL_RE.match(name))
+
+
+_HISTORY_RE = re.compile(r"^[0-9A-F]{8}\.history$")
+_BACKUP_RE = re.compile(r"^[0-9A-F]{24}\.[0-9A-F]{8}\.backup$")
+_PARTIAL_RE = re.compile(r"^[0-9A-F]{24}\.partial$")
+
+
+def wal_name_kind(name: str) -> str:
+    """'segment', 'history', 'backup' (backup history file) or 'partial'; ConfigError otherwise."""
+    if _WAL_RE.match(name):
+        return "segment"
+    if _HISTORY_RE.match(name):
+        return "history"
+    if _BACKUP_RE.match(name):
+        return "backup"
+    if _PARTIAL_RE.match(name):
+        return "partial"
+    raise ConfigError(f"{name!r} is not a WAL file name (expected e.g. 000000010000000000000003, 00000002.history)")
+
+
+def timeline_of(name: str) -> int:
+    return int(name[:8], 16)
+
+
+def segno_of(name: str, segment_size: int = DEFAULT_SEGMENT_SIZE) -> int:
+    """Segment number of a WAL segment file name."""
+    per_xlogid = 0x100000000 // segment_size
+    return int(name[8:16], 16) * per_xlogid + int(name[16:24], 16)
+
+
+def segment_name(timeline: int, segno: int, segment_size: int = DEFAULT_SEGMENT_SIZE) -> str:
+    per_xlogid = 0x100000000 // segment_size
+    return f"{timeline:08X}{segno // per_xlogid:08X}{segno % per_xlogid:08X}"
+
+
+def segment_start_lsn(segno: int, segment_size: int = DEFAULT_SEGMENT_SIZE) -> int:
+    return segno * segment_size

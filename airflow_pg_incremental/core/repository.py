@@ -7,6 +7,7 @@ rename; S3: single PUT or completed multipart upload). Reads and writes stream i
 
 from __future__ import annotations
 
+import datetime
 import errno
 import io
 import logging
@@ -54,6 +55,10 @@ class Repository(ABC):
 
     @abstractmethod
     def size(self, key: str) -> int: ...
+
+    @abstractmethod
+    def modified(self, key: str) -> "datetime.datetime":
+        """When the object was written (timezone-aware UTC)."""
 
     @abstractmethod
     def list(self, prefix: str) -> list[str]:
@@ -166,6 +171,13 @@ class LocalRepository(Repository):
             return self._path(key).stat().st_size
         except FileNotFoundError:
             raise ObjectNotFound(f"object {key} not found in {self.url}") from None
+
+    def modified(self, key: str) -> datetime.datetime:
+        try:
+            ts = self._path(key).stat().st_mtime
+        except FileNotFoundError:
+            raise ObjectNotFound(f"object {key} not found in {self.url}") from None
+        return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc)
 
     def list(self, prefix: str) -> list[str]:
         base = self._path(prefix.rstrip("/")) if prefix.strip("/") else self.root
@@ -308,6 +320,35 @@ class S3Repository(Repository):
         if h is None:
             raise ObjectNotFound(f"object {key} not found in {self.url}")
         return int(h["ContentLength"])
+
+    def modified(self, key: str) -> datetime.datetime:
+        h = self._head(key)
+        if h is None:
+            raise ObjectNotFound(f"object {key} not found in {self.url}")
+        lm = h["LastModified"]
+        return lm if lm.tzinfo else lm.replace(tzinfo=datetime.timezone.utc)
+
+    def put_bytes(self, key: str, data: bytes, *, overwrite: bool = True) -> int:
+        """Small objects: one PUT request (no transfer threads); overwrite=False is a conditional
+        write (If-None-Match: *), atomic on stores that support it, checked by HEAD before as well."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        full = self._key(key)
+        if not overwrite and self.exists(key):
+            raise ObjectExists(f"object {key} exists already in {self.url}")
+        kwargs = {"Bucket": self.bucket, "Key": full, "Body": data}
+        if not overwrite:
+            kwargs["IfNoneMatch"] = "*"
+        try:
+            self.client.put_object(**kwargs)
+        except ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                raise ObjectExists(f"object {key} exists already in {self.url}") from None
+            raise self._err(e, f"writing {key}") from e
+        except BotoCoreError as e:
+            raise self._err(e, f"writing {key}") from e
+        return len(data)
 
     def _paginate(self, prefix: str, delimiter: str | None) -> Iterator[dict]:
         from botocore.exceptions import BotoCoreError, ClientError

@@ -1,0 +1,243 @@
+"""Pull capture of WAL: needs nothing installed on the database host.
+
+A physical replication slot (created on first use) keeps the server from recycling WAL the
+repository does not have yet. pg_receivewal runs WITHOUT the slot, starting right after the last
+segment the repository holds (a sparse '.partial' placeholder tells it where to start), up
+to a segment boundary at or below the server's flushed WAL. Every completed segment (and timeline
+history file) is stored compressed as soon as it is complete; only after all of them are stored
+is the slot advanced (pg_replication_slot_advance). A crash at any point therefore loses nothing:
+the next run starts again from what the repository holds. No gap, no duplicate.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+
+from .binaries import find_program, major_from_version_num
+from .errors import ConfigError, ServerError, WalCaptureError
+from .lsn import format_lsn, parse_lsn, segment_name, segno_of, timeline_of
+from .names import validate_cluster
+from .pgconn import ConnInfo, classify_connect_error, connect
+from .progress import human_bytes
+from .repository import Repository
+from .wal import list_segments, push_file
+
+log = logging.getLogger(__name__)
+
+_SLOT_RE = re.compile(r"^[a-z0-9_]{1,63}$")
+
+
+def default_slot_name(cluster: str) -> str:
+    return ("pgincr_" + re.sub(r"[^a-z0-9_]", "_", cluster.lower()))[:63]
+
+
+def ensure_slot(conn: ConnInfo, slot: str) -> dict:
+    """Create the physical slot if missing (reserving WAL now); refuse a slot of another type."""
+    if not _SLOT_RE.match(slot):
+        raise ConfigError(f"replication slot name {slot!r} invalid: lower-case letters, digits and '_' only")
+    with connect(conn) as c, c.cursor() as cur:
+        cur.execute("SELECT slot_type, restart_lsn::text, active, wal_status FROM pg_replication_slots "
+                    "WHERE slot_name = %s", (slot,))
+        row = cur.fetchone()
+        if row and row[0] != "physical":
+            raise ConfigError(f"replication slot {slot!r} exists but is a {row[0]} slot; pgincr needs a physical "
+                              "slot: choose another name or drop it")
+        if row and row[3] == "lost":
+            raise WalCaptureError(f"replication slot {slot!r} is lost (the server removed WAL it needed): WAL between "
+                                  "the archive's end and now is gone. Drop the slot, take a new full backup.")
+        created = False
+        if not row:
+            try:
+                cur.execute("SELECT lsn::text FROM pg_create_physical_replication_slot(%s, true)", (slot,))
+            except Exception as e:
+                raise ServerError(f"cannot create replication slot {slot!r}: {e}; the role needs REPLICATION and "
+                                  "max_replication_slots must allow one more") from None
+            created = True
+            cur.execute("SELECT slot_type, restart_lsn::text, active, wal_status FROM pg_replication_slots "
+                        "WHERE slot_name = %s", (slot,))
+            row = cur.fetchone()
+        if created:
+            log.info("created physical replication slot %s (restart_lsn %s)", slot, row[1])
+        return {"slot": slot, "restart_lsn": row[1], "active": row[2], "created": created}
+
+
+def _server_positions(conn: ConnInfo) -> dict:
+    with connect(conn) as c, c.cursor() as cur:
+        cur.execute("""SELECT current_setting('server_version_num')::int, pg_is_in_recovery(),
+                              (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'),
+                              CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn()::text
+                                   ELSE pg_current_wal_flush_lsn()::text END,
+                              (SELECT timeline_id FROM pg_control_checkpoint())""")
+        v, rec, seg, flush, tli = cur.fetchone()
+    return {"version_num": v, "major": major_from_version_num(v), "in_recovery": rec, "segment_size": int(seg),
+            "flush_lsn": parse_lsn(flush), "timeline": tli}
+
+
+def capture_wal_pull(conn: ConnInfo, repo: Repository, cluster: str, *, slot: str | None = None,
+                     upto_lsn: str | int | None = None, max_retained_bytes: int = 8 << 30, level: int = 3,
+                     timeout_s: float = 3600, catalog=None, staging_parent: str | None = None) -> dict:
+    """Store every complete WAL segment between the archive's end and `upto_lsn` (default: the
+    server's flushed WAL), then advance the slot. Returns segments/bytes captured and the lag."""
+    validate_cluster(cluster)
+    slot = slot or default_slot_name(cluster)
+    pos = _server_positions(conn)
+    seg = pos["segment_size"]
+    slot_info = ensure_slot(conn, slot)
+    receivewal = find_program("pg_receivewal", pos["major"])
+    repo.check_writable()
+
+    archived = list_segments(repo, cluster)
+    if archived:
+        last_tli = max(archived)
+        last = archived[last_tli][-1]
+        start_segno = segno_of(last, seg) + 1
+        start_tli = timeline_of(last)
+    else:
+        start_tli = pos["timeline"]
+        start_segno = parse_lsn(slot_info["restart_lsn"]) // seg if slot_info["restart_lsn"] else \
+            pos["flush_lsn"] // seg
+    # stop at a segment boundary the server has flushed (complete segments only)
+    flush = pos["flush_lsn"]
+    target = flush if upto_lsn is None else min(parse_lsn(upto_lsn) if isinstance(upto_lsn, str) else upto_lsn, flush)
+    if upto_lsn is not None and target % seg:
+        boundary = (target // seg + 1) * seg
+        target = boundary if boundary <= flush else (target // seg) * seg
+    else:
+        target = (target // seg) * seg
+    start_lsn = start_segno * seg
+    result = {"cluster": cluster, "slot": slot, "slot_created": slot_info["created"], "segments": 0,
+              "history_files": 0, "raw_bytes": 0, "stored_bytes": 0, "first_segment": None, "last_segment": None,
+              "start_lsn": format_lsn(start_lsn), "end_lsn": format_lsn(max(target, start_lsn)),
+              "server_flush_lsn": format_lsn(flush), "timeline": pos["timeline"]}
+    if target <= start_lsn:
+        log.info("nothing to capture: the archive already ends at %s (server flushed %s)", format_lsn(start_lsn),
+                 format_lsn(flush))
+        _finish(conn, slot, start_lsn, flush, result, max_retained_bytes)
+        return result
+
+    staging = tempfile.mkdtemp(prefix=f"pgincr-recv-{cluster}-", dir=staging_parent)
+    t0 = time.monotonic()
+    try:
+        # placeholder: a sparse '<start segment>.partial' of the right size makes pg_receivewal stream
+        # from the beginning of that segment (a complete placeholder of segment 0 would be ignored)
+        with open(os.path.join(staging, segment_name(start_tli, start_segno, seg) + ".partial"), "wb") as f:
+            f.truncate(seg)
+        placeholder = None
+        cmd = [receivewal, "-D", staging, "--no-loop", "--no-password", "--no-sync", f"--endpos={format_lsn(target)}",
+               "--status-interval=1", "--verbose"]
+        log.info("capturing WAL %s .. %s (timeline %s) with: %s", format_lsn(start_lsn), format_lsn(target),
+                 start_tli, " ".join(cmd))
+        err_path = os.path.join(staging, ".stderr")
+        with open(err_path, "wb") as err:
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, **conn.env()},
+                                    cwd=staging)
+        uploaded: set[str] = {placeholder} if placeholder else set()
+        last_log = time.monotonic()
+        deadline = time.monotonic() + timeout_s
+        stopped_by_us = False
+        while True:
+            running = proc.poll() is None
+            _upload_ready(repo, cluster, staging, uploaded, result, level, final=not running, seg=seg)
+            if not running:
+                break
+            if result["last_segment"] and segno_of(result["last_segment"], seg) >= target // seg - 1:
+                # everything below the target is stored; on an idle server pg_receivewal would wait
+                # for WAL beyond --endpos before noticing it is done
+                proc.terminate()
+                proc.wait()
+                stopped_by_us = True
+                _upload_ready(repo, cluster, staging, uploaded, result, level, final=True, seg=seg)
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                raise WalCaptureError(f"pg_receivewal did not reach {format_lsn(target)} within {timeout_s:.0f}s")
+            if time.monotonic() - last_log > 10:
+                last_log = time.monotonic()
+                log.info("captured %d segment(s), %s so far", result["segments"], human_bytes(result["raw_bytes"]))
+            time.sleep(0.05)
+        msg = conn.redact(open(err_path, "rb").read().decode("utf-8", "replace").strip())
+        result["_receivewal_log"] = msg[-2000:]
+        if proc.returncode != 0 and not stopped_by_us:
+            if "has already been removed" in msg:
+                raise WalCaptureError(
+                    f"the server no longer has WAL segment {segment_name(start_tli, start_segno, seg)} that the "
+                    f"archive needs next: the archive has a gap from {format_lsn(start_lsn)}. Take a new full "
+                    f"backup; pg_receivewal said: {msg.splitlines()[-1]}")
+            if any(s in msg.lower() for s in ("could not connect", "password", "pg_hba", "replication")):
+                raise classify_connect_error(conn, msg)
+            raise WalCaptureError(f"pg_receivewal failed (exit {proc.returncode}): {msg}")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    # everything up to target is stored: check, then let the server recycle it
+    segs = list_segments(repo, cluster)
+    newest_tli = max(segs) if segs else start_tli
+    have = {segno_of(n, seg) for n in segs.get(newest_tli, [])}
+    end_segno = target // seg  # exclusive
+    first_needed = start_segno if newest_tli == start_tli else min(have or {end_segno})
+    missing = [segment_name(newest_tli, s, seg) for s in range(first_needed, end_segno) if s not in have]
+    if missing:
+        raise WalCaptureError(f"after capture, segments are missing from the archive: {missing[:5]}; the slot was "
+                              f"not advanced. pg_receivewal said: {result.get('_receivewal_log', '')}")
+    result.pop("_receivewal_log", None)
+    result["duration_s"] = round(time.monotonic() - t0, 3)
+    _finish(conn, slot, target, flush, result, max_retained_bytes)
+    if catalog is not None and result["segments"]:
+        catalog.record_wal(cluster, result.pop("_stored", []), method="pull")
+    result.pop("_stored", None)
+    log.info("captured %d segment(s) (%s raw, %s stored) and %d history file(s) in %.1f s; lag %s",
+             result["segments"], human_bytes(result["raw_bytes"]), human_bytes(result["stored_bytes"]),
+             result["history_files"], result.get("duration_s", 0), human_bytes(result["lag_bytes"]))
+    return result
+
+
+def _upload_ready(repo, cluster, staging, uploaded, result, level, final, seg) -> None:
+    for n in sorted(os.listdir(staging)):
+        if n in uploaded or n.startswith(".") or n.endswith(".partial"):
+            continue
+        p = os.path.join(staging, n)
+        is_segment = len(n) == 24
+        if is_segment and os.path.getsize(p) != seg:
+            continue
+        if not n.endswith(".history") and not is_segment:
+            continue
+        r = push_file(repo, cluster, p, name=n, level=level)
+        uploaded.add(n)
+        if is_segment:
+            result["segments"] += 1
+            result["raw_bytes"] += r.raw_size
+            result["stored_bytes"] += r.stored_size
+            result["first_segment"] = result["first_segment"] or n
+            result["last_segment"] = n
+            result.setdefault("_stored", []).append(r.to_dict() | {"name": n})
+            os.unlink(p)  # keep the staging area small; the name stays in `uploaded`
+        else:
+            result["history_files"] += 1
+
+
+def _finish(conn, slot, advance_to, flush, result, max_retained_bytes) -> None:
+    with connect(conn) as c, c.cursor() as cur:
+        cur.execute("SELECT restart_lsn FROM pg_replication_slots WHERE slot_name = %s", (slot,))
+        current = cur.fetchone()[0]
+        if current is None or parse_lsn(str(current)) < advance_to:
+            cur.execute("SELECT end_lsn::text FROM pg_replication_slot_advance(%s, %s::pg_lsn)",
+                        (slot, format_lsn(advance_to)))
+        cur.execute("""SELECT restart_lsn::text,
+                              pg_wal_lsn_diff(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn()
+                                                   ELSE pg_current_wal_flush_lsn() END, restart_lsn)::bigint
+                       FROM pg_replication_slots WHERE slot_name = %s""", (slot,))
+        restart, retained = cur.fetchone()
+    result["slot_restart_lsn"] = restart
+    result["slot_retained_bytes"] = int(retained or 0)
+    result["lag_bytes"] = max(0, flush - parse_lsn(result["end_lsn"]))
+    if result["slot_retained_bytes"] > max_retained_bytes:
+        log.warning("WARNING: replication slot %s retains %s of WAL on the server (limit %s): captures are "
+                    "falling behind or failing; the server's disk fills up if this goes on",
+                    slot, human_bytes(result["slot_retained_bytes"]), human_bytes(max_retained_bytes))
+        result["slot_retention_warning"] = True

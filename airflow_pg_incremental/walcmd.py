@@ -1,0 +1,353 @@
+"""archive_command / restore_command entry point. Starts fast: imports neither Airflow nor (for
+local repositories) boto3, and runs under `python -S`: the common path (a file already pushed
+ahead) uses the standard library only; site-packages are enabled only when work is needed.
+`pgincr wal-commands --repo R --cluster C` prints the exact lines:
+
+    archive_command = '<venv>/bin/python -S <package>/walcmd.py push --repo R --cluster C %p'
+    restore_command = '<venv>/bin/python -S <package>/walcmd.py fetch --repo R --cluster C %f %p'
+
+S3 credentials and endpoint come from the environment (AWS_*, PGINCR_S3_ENDPOINT_URL), or from
+`--env-file FILE` (KEY=VALUE lines, keep it mode 0600): never from the command line.
+
+push: PostgreSQL calls it once per WAL file and waits. It exits 0 only once that file is durably
+in the repository. To keep up under load it pushes ahead: the process holding the spool lock
+stores its own file, then forks a child (drivers already loaded) that stores the other ready
+files (archive_status/*.ready) in parallel and leaves a marker for each in the spool directory.
+When PostgreSQL later asks for one of those, push finds its marker (checked against the file's
+size, inode and mtime) and exits 0 at once. A marker is written only after the upload succeeded,
+so no segment is ever acknowledged before it is stored.
+
+fetch exit codes: 0 restored; 1 not in the archive (recovery ends there cleanly); 126 any other
+failure (repository unreachable, damaged object): recovery stops loudly instead of ending early.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sys
+import time
+
+_SITE_DONE = False
+
+
+def _enable_site() -> None:
+    """Under `python -S`, make site-packages (zstandard, boto3, this package) importable."""
+    global _SITE_DONE
+    if _SITE_DONE:
+        return
+    _SITE_DONE = True
+    if not sys.flags.no_site:
+        return
+    import site
+
+    site.main()
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if pkg_parent not in sys.path:
+        sys.path.append(pkg_parent)
+
+NOT_FOUND = 1
+HARD_FAIL = 126
+
+
+def _load_env_file(path: str | None) -> None:
+    if not path:
+        return
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line and not line.startswith("#") and "=" in line:
+                k, v = line.split("=", 1)
+                os.environ.setdefault(k.strip(), v.strip())
+
+
+def _repo(url: str):
+    _enable_site()
+    from airflow_pg_incremental.core.repository import open_repository
+
+    return open_repository(url)
+
+
+def _log(spool: str | None, msg: str) -> None:
+    line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} pgincr wal-push[{os.getpid()}]: {msg}\n"
+    if spool:
+        try:
+            with open(os.path.join(spool, "walpush.log"), "a") as f:
+                f.write(line)
+            return
+        except OSError:
+            pass
+    sys.stderr.write(line)
+
+
+# --- markers --------------------------------------------------------------------------------
+def _marker_path(spool: str, name: str) -> str:
+    return os.path.join(spool, name + ".stored")
+
+
+def _write_marker(spool: str, path: str, name: str, result) -> None:
+    # plain text, not JSON: reading it must not cost the json/re imports (tens of ms per segment)
+    st = os.stat(path)
+    tmp = _marker_path(spool, name) + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{st.st_size} {st.st_ino} {st.st_mtime_ns} {result.raw_sha256} {result.status}\n")
+    os.replace(tmp, _marker_path(spool, name))
+
+
+def _take_marker(spool: str, path: str, name: str) -> bool:
+    mp = _marker_path(spool, name)
+    try:
+        with open(mp) as f:
+            size, ino, mtime_ns = (int(x) for x in f.read().split()[:3])
+    except (OSError, ValueError):
+        return False
+    st = os.stat(path)
+    os.unlink(mp)
+    return size == st.st_size and ino == st.st_ino and mtime_ns == st.st_mtime_ns
+
+
+def _ready_names(pg_wal: str) -> list[str]:
+    try:
+        names = os.listdir(os.path.join(pg_wal, "archive_status"))
+    except OSError:
+        return []
+    return sorted(n[:-6] for n in names if n.endswith(".ready"))
+
+
+# --- push -------------------------------------------------------------------------------------
+def push(path: str, repo_url: str, cluster: str, *, spool: str | None = None, ahead: int = 64,
+         parallel: int = 2, idle_exit: float = 3.0, wait: float = 120.0, level: int = 3) -> int:
+    name = os.path.basename(path)
+    if not _plausible_wal_name(name) or not _plausible_name(cluster):
+        _enable_site()
+        from airflow_pg_incremental.core.lsn import wal_name_kind
+        from airflow_pg_incremental.core.names import validate_cluster
+
+        wal_name_kind(name)  # raises with the precise reason
+        validate_cluster(cluster)
+    pg_wal = os.path.dirname(os.path.abspath(path))
+    spool = spool or os.path.join(pg_wal, "pgincr_spool")
+    os.makedirs(spool, exist_ok=True)
+
+    deadline = time.monotonic() + wait
+    delay = 0.002
+    while True:
+        if _take_marker(spool, path, name):
+            return 0
+        lock_fd = os.open(os.path.join(spool, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock_fd)
+            # a pusher is working ahead: wait for our marker, or for the lock
+            if time.monotonic() > deadline:
+                break
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.05)
+            continue
+        # we hold the lock: a marker may have appeared just before we got it
+        if _take_marker(spool, path, name):
+            os.close(lock_fd)
+            return 0
+        return _push_and_go_ahead(path, name, pg_wal, spool, lock_fd, repo_url, cluster, ahead, parallel, idle_exit,
+                                  level)
+    # waited long enough for a pusher that does not deliver: do it ourselves
+    _enable_site()
+    from airflow_pg_incremental.core.wal import push_file
+
+    try:
+        push_file(_repo(repo_url), cluster, path, name=name, level=level)
+        return 0
+    except Exception as e:
+        _log(None, f"{name}: {e}")
+        return 1
+
+
+def _push_and_go_ahead(path, name, pg_wal, spool, lock_fd, repo_url, cluster, ahead, parallel, idle_exit,
+                       level) -> int:
+    _enable_site()
+    from airflow_pg_incremental.core.wal import push_file
+
+    try:
+        repo = _repo(repo_url)
+        push_file(repo, cluster, path, name=name, level=level)
+    except Exception as e:
+        os.close(lock_fd)
+        _log(None, f"{name} NOT archived: {e}")
+        return 1
+    others = [n for n in _ready_names(pg_wal) if n != name]
+    if ahead <= 0 or not others:
+        os.close(lock_fd)
+        return 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        os.close(lock_fd)  # the child keeps the lock (same open file description)
+        return 0
+    # child: detach and push ahead until nothing is ready for idle_exit seconds
+    try:
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        _ahead_loop(repo, cluster, pg_wal, spool, ahead, parallel, idle_exit, level, skip={name})
+    except BaseException as e:  # never let the child return into PostgreSQL's caller
+        _log(spool, f"ahead pusher failed: {e!r}")
+    finally:
+        os._exit(0)
+
+
+def _ahead_loop(repo, cluster, pg_wal, spool, ahead, parallel, idle_exit, level, skip) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from airflow_pg_incremental.core.wal import push_file
+
+    done = set(skip)
+    idle_since = time.monotonic()
+    pushed = 0
+
+    def one(n):
+        p = os.path.join(pg_wal, n)
+        try:
+            r = push_file(repo, cluster, p, name=n, level=level)
+        except FileNotFoundError:
+            return n, None  # acknowledged and recycled meanwhile
+        _write_marker(spool, p, n, r)
+        return n, r
+
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        while time.monotonic() - idle_since < idle_exit:
+            todo = [n for n in _ready_names(pg_wal) if n not in done
+                    and not os.path.exists(_marker_path(spool, n))][:ahead]
+            if not todo:
+                time.sleep(0.05)
+                continue
+            idle_since = time.monotonic()
+            for fut in [pool.submit(one, n) for n in todo]:
+                try:
+                    n, r = fut.result()
+                    done.add(n)
+                    pushed += 1
+                except Exception as e:  # leave it to the foreground push, which reports it
+                    _log(spool, f"push ahead failed: {e}")
+                    time.sleep(0.5)
+    # markers of files PostgreSQL never asked for (e.g. after a crash) expire after a day
+    now = time.time()
+    for f in os.listdir(spool):
+        if f.endswith(".stored") and now - os.path.getmtime(os.path.join(spool, f)) > 86400:
+            os.unlink(os.path.join(spool, f))
+    _log(spool, f"pushed {pushed} file(s) ahead, idle for {idle_exit}s: exiting")
+
+
+# --- fetch ------------------------------------------------------------------------------------
+def fetch(name: str, dest: str, repo_url: str, cluster: str) -> int:
+    _enable_site()
+    from airflow_pg_incremental.core.errors import ObjectNotFound
+    from airflow_pg_incremental.core.lsn import wal_name_kind
+    from airflow_pg_incremental.core.wal import fetch_to
+
+    try:
+        kind = wal_name_kind(name)
+    except Exception as e:
+        sys.stderr.write(f"pgincr wal-fetch: {e}\n")
+        return HARD_FAIL
+    try:
+        fetch_to(_repo(repo_url), cluster, name, dest)
+        return 0
+    except ObjectNotFound:
+        if kind == "segment":
+            sys.stderr.write(f"pgincr wal-fetch: {name} is not in the archive\n")
+        return NOT_FOUND
+    except Exception as e:
+        sys.stderr.write(f"pgincr wal-fetch: {name}: {e}\n")
+        return HARD_FAIL
+
+
+_HEX = set("0123456789ABCDEF")
+
+
+def _plausible_wal_name(name: str) -> bool:
+    """Cheap check of a segment / history / backup-history name (the engine re-validates)."""
+    if len(name) == 24:
+        return set(name) <= _HEX
+    if name.endswith(".history") and len(name) == 16:
+        return set(name[:8]) <= _HEX
+    if name.endswith(".backup") and len(name) == 40:
+        return set(name[:24]) <= _HEX and name[24] == "." and set(name[25:33]) <= _HEX
+    return False
+
+
+def _plausible_name(name: str) -> bool:
+    return bool(name) and len(name) <= 63 and ".." not in name and \
+        all(c.isascii() and (c.isalnum() or c in "._-") for c in name) and name[0].isalnum()
+
+
+def _fast_args(argv: list[str]) -> dict | None:
+    """Parse 'push [--repo R] [--cluster C] [--spool S] [--env-file F] [--ahead N] [--parallel N]
+    [--level N] PATH' without argparse (its import costs more than the whole fast path)."""
+    if not argv or argv[0] != "push":
+        return None
+    out: dict = {"positional": []}
+    it = iter(argv[1:])
+    for a in it:
+        if a in ("--repo", "--cluster", "--spool", "--env-file", "--ahead", "--parallel", "--level"):
+            out[a[2:].replace("-", "_")] = next(it, None)
+        elif a.startswith("--"):
+            return None  # let argparse explain
+        else:
+            out["positional"].append(a)
+    if len(out["positional"]) != 1:
+        return None
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    fa = _fast_args(argv)
+    if fa is not None:
+        _load_env_file(fa.get("env_file"))
+        repo = fa.get("repo") or os.environ.get("PGINCR_REPO")
+        cluster = fa.get("cluster") or os.environ.get("PGINCR_CLUSTER")
+        if repo and cluster:
+            try:
+                return push(fa["positional"][0], repo, cluster, spool=fa.get("spool"),
+                            ahead=int(fa.get("ahead") or 64), parallel=int(fa.get("parallel") or 2),
+                            level=int(fa.get("level") or 3))
+            except Exception as e:
+                sys.stderr.write(f"pgincr wal-push: {e}\n")
+                return 1
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="pgincr-wal", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("push", "fetch"):
+        sp = sub.add_parser(name)
+        sp.add_argument("--repo", default=os.environ.get("PGINCR_REPO"))
+        sp.add_argument("--cluster", default=os.environ.get("PGINCR_CLUSTER"))
+        sp.add_argument("--env-file")
+        if name == "push":
+            sp.add_argument("path", help="%%p: path of the WAL file, relative to the data directory")
+            sp.add_argument("--spool", help="marker directory (default: pg_wal/pgincr_spool)")
+            sp.add_argument("--ahead", type=int, default=64, help="files to push ahead per round (0: synchronous only)")
+            sp.add_argument("--parallel", type=int, default=2)
+            sp.add_argument("--level", type=int, default=3)
+        else:
+            sp.add_argument("name", help="%%f")
+            sp.add_argument("dest", help="%%p")
+    a = ap.parse_args(argv)
+    _load_env_file(a.env_file)
+    if not a.repo or not a.cluster:
+        sys.stderr.write("pgincr wal: --repo and --cluster are required (or PGINCR_REPO / PGINCR_CLUSTER)\n")
+        return HARD_FAIL if a.cmd == "fetch" else 1
+    if a.cmd == "push":
+        try:
+            return push(a.path, a.repo, a.cluster, spool=a.spool, ahead=a.ahead, parallel=a.parallel, level=a.level)
+        except Exception as e:
+            sys.stderr.write(f"pgincr wal-push: {e}\n")
+            return 1
+    return fetch(a.name, a.dest, a.repo, a.cluster)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
