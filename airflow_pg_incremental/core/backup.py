@@ -185,12 +185,13 @@ def take_full_backup(conn: ConnInfo, repo: Repository, cluster: str, *, compress
         repo.put(man_key, man_reader)
         man_info = man_reader.info(man_key)
         mf = _manifest_facts(manifest, scanner.read_captured("backup_label"))
+        mf["next_xid"] = _next_xid(conn)
         finished = utcnow()
         seg = facts["wal_segment_size"]
         meta.update({
             "status": "complete", "finished_at": iso(finished), "duration_s": round(time.monotonic() - t0, 3),
             "start_lsn": mf.get("start_lsn"), "stop_lsn": mf.get("stop_lsn"), "timeline": mf.get("timeline"),
-            "checkpoint_lsn": mf.get("checkpoint_lsn"),
+            "checkpoint_lsn": mf.get("checkpoint_lsn"), "next_xid": mf.get("next_xid"),
             "system_identifier": mf.get("system_identifier") or facts["system_identifier"],
             "file_count": mf.get("manifest_files"),
             "raw_bytes": base_info.raw_size, "stored_bytes": base_info.stored_size + man_info.stored_size,
@@ -230,6 +231,19 @@ def take_full_backup(conn: ConnInfo, repo: Repository, cluster: str, *, compress
              backup_id, human_bytes(meta["raw_bytes"]), human_bytes(meta["stored_bytes"]), ratio, meta["start_lsn"],
              meta["stop_lsn"], meta["timeline"], meta["duration_s"])
     return meta
+
+
+def _next_xid(conn: ConnInfo) -> int | None:
+    """The next transaction id to be assigned, read after the backup stopped: a transaction with
+    an id at least this large committed after the backup's end (used to pick a backup for an xid
+    target)."""
+    try:
+        with connect(conn) as c, c.cursor() as cur:
+            cur.execute("SELECT (pg_snapshot_xmax(pg_current_snapshot())::text::bigint) % 4294967296")
+            return int(cur.fetchone()[0])
+    except Exception as e:
+        log.debug("could not read the next xid: %s", e)
+        return None
 
 
 def _discard(repo: Repository, prefix: str) -> None:

@@ -122,11 +122,10 @@ def _undo(target: Path, created: bool) -> None:
 
 
 SCRATCH_SETTINGS = {
-    # a restored copy must never touch production: no archiving, no TCP, no replication slots kept
+    # a restored copy must never touch production: no archiving, no TCP listener (so no replication
+    # client can reach it either; max_wal_senders etc. must stay >= the primary's for hot standby)
     "archive_mode": "off",
     "listen_addresses": "",
-    "max_wal_senders": 0,
-    "max_replication_slots": 0,
     "summarize_wal": "off",
     "hot_standby": "on",
 }

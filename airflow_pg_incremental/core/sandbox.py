@@ -46,7 +46,7 @@ class SandboxPostgres:
         s = {"wal_level": "replica", "max_wal_senders": 10, "max_replication_slots": 10,
              "archive_mode": "on", "archive_command": "/bin/true", "wal_keep_size": "256MB",
              "fsync": "off", "synchronous_commit": "off", "full_page_writes": "on", "checkpoint_timeout": "30min",
-             "max_wal_size": "1GB", "shared_buffers": "128MB"}
+             "max_wal_size": "1GB", "shared_buffers": "128MB", "track_commit_timestamp": "on"}
         if self.major >= 17:
             s["summarize_wal"] = "on"
         s.update(self.extra_settings)
@@ -65,7 +65,10 @@ class SandboxPostgres:
             pw = self.password.replace("'", "''")
             self.server.psql(f"CREATE ROLE {BACKUP_USER} LOGIN REPLICATION PASSWORD '{pw}'; "
                              f"GRANT pg_read_all_settings, pg_read_all_stats, pg_checkpoint TO {BACKUP_USER}; "
-                             f"GRANT EXECUTE ON FUNCTION pg_control_system() TO {BACKUP_USER};")
+                             f"GRANT EXECUTE ON FUNCTION pg_control_system() TO {BACKUP_USER}; "
+                             f"GRANT EXECUTE ON FUNCTION pg_switch_wal() TO {BACKUP_USER}; "
+                             f"GRANT EXECUTE ON FUNCTION pg_create_restore_point(text) TO {BACKUP_USER}; "
+                             f"GRANT EXECUTE ON FUNCTION pg_replication_slot_advance(name, pg_lsn) TO {BACKUP_USER};")
         else:
             self.server.start(self.base_settings())
         return self

@@ -172,15 +172,17 @@ class PgServer:
         s.update(extra or {})
         return s
 
-    def start(self, settings: dict | None = None, timeout: int = 120) -> None:
+    def start(self, settings: dict | None = None, timeout: int = 120, env: dict | None = None,
+              wait: bool = True) -> None:
         make_user_dir(self.socket_dir, self.os_user)
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         if not self.log_file.exists():
             self.log_file.touch()
         chown_tree(self.log_file, self.os_user)
         opts = " ".join(f"-c {k}={_quote_opt(v)}" for k, v in self.settings(settings).items())
-        r = self._run("pg_ctl", ["-D", str(self.data_dir), "-l", str(self.log_file), "-o", opts, "-w",
-                                 "-t", str(timeout), "start"], check=False, timeout=timeout + 30)
+        r = self._run("pg_ctl", ["-D", str(self.data_dir), "-l", str(self.log_file), "-o", opts,
+                                 "-w" if wait else "-W", "-t", str(timeout), "start"], check=False,
+                      timeout=timeout + 30, env=env)
         if r.returncode != 0:
             tail = self.log_tail()
             raise ServerError(f"PostgreSQL did not start on {self.data_dir} (port {self.port}): "
@@ -231,3 +233,31 @@ def _quote_opt(v) -> str:
     if s == "" or any(c in s for c in " '\"\\"):
         return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
     return s
+
+
+def python_usable_by(os_user: str | None) -> None:
+    """restore_command / archive_command run this package's Python as the server's OS user. Give
+    that user passage (o+x, nothing more) to the interpreter, its standard library and
+    site-packages when it lacks it (e.g. pyenv or a virtualenv under /root), then check by running
+    the WAL command as that user."""
+    if not os_user or os.geteuid() != 0:
+        return
+    import sys
+    import sysconfig
+
+    import airflow_pg_incremental
+
+    exe = os.path.realpath(sys.executable)
+    paths = [os.path.dirname(exe), os.path.realpath(sysconfig.get_paths()["stdlib"]),
+             os.path.realpath(sysconfig.get_paths()["purelib"]),
+             os.path.dirname(os.path.realpath(airflow_pg_incremental.__file__))]
+    probe = as_user([sys.executable, "-S", os.path.join(paths[-1], "walcmd.py"), "--help"], os_user)
+    if subprocess.run(probe, capture_output=True).returncode == 0:
+        return
+    for p in paths:
+        ensure_traversable(p)
+    r = subprocess.run(probe, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise ConfigError(f"OS user {os_user} cannot run {sys.executable} (needed for restore_command/"
+                          f"archive_command): {r.stderr.strip()[:300]}; install airflow-pg-incremental where that "
+                          "user can read it (e.g. a virtualenv under /opt)")
