@@ -93,11 +93,37 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _target(args):
+    given = [(k, getattr(args, f"target_{k}")) for k in ("time", "lsn", "xid", "name") if getattr(args, f"target_{k}")]
+    if args.target:
+        given.append((args.target, None))
+    if len(given) > 1:
+        raise PgIncrError("give one recovery target: --target-time, --target-lsn, --target-xid, --target-name or "
+                          "--target latest|immediate")
+    if not given:
+        return None
+    from .core.pitr import parse_target
+
+    kind, value = given[0]
+    return parse_target(kind, value, inclusive=not args.exclusive, action=args.action)
+
+
 def cmd_restore(args) -> int:
     from .core.restore import restore_backup, run_checks, start_restored
     from .core.server import default_os_user
 
     os_user = args.os_user if args.os_user is not None else default_os_user()
+    target = _target(args)
+    if target is not None:
+        from .core.pitr import restore_pitr
+
+        rep = restore_pitr(_repo(args), args.cluster, target, args.target_dir,
+                           backup_id=None if args.backup_id == "latest" else args.backup_id, os_user=os_user,
+                           port=args.port, verify=not args.no_verify, keep_running=args.start,
+                           checks=args.check, timeout_s=args.timeout)
+        rep.pop("server", None)
+        _print(rep, True)
+        return 3 if any(not c["ok"] for c in rep.get("checks", [])) else 0
     result = restore_backup(_repo(args), args.cluster, args.backup_id, args.target_dir, verify=not args.no_verify,
                             os_user=os_user)
     if args.start or args.check:
@@ -113,6 +139,60 @@ def cmd_restore(args) -> int:
             return 3
     _print(result, True)
     return 0
+
+
+def cmd_wal_push(args) -> int:
+    from . import walcmd
+
+    return walcmd.main(["push", "--repo", args.repo or os.environ.get("PGINCR_REPO", ""), "--cluster", args.cluster,
+                        *(["--env-file", args.env_file] if args.env_file else []), args.path])
+
+
+def cmd_wal_fetch(args) -> int:
+    from . import walcmd
+
+    return walcmd.main(["fetch", "--repo", args.repo or os.environ.get("PGINCR_REPO", ""), "--cluster", args.cluster,
+                        *(["--env-file", args.env_file] if args.env_file else []), args.name, args.dest])
+
+
+def cmd_wal_commands(args) -> int:
+    from . import walcmd
+    from .core.names import validate_cluster
+
+    validate_cluster(args.cluster)
+    repo = args.repo or os.environ.get("PGINCR_REPO")
+    if not repo:
+        raise PgIncrError("--repo is required")
+    env = f" --env-file {args.env_file}" if args.env_file else ""
+    base = f"{sys.executable} -S {walcmd.__file__}"
+    print(f"archive_mode = on\narchive_command = '{base} push --repo {repo} --cluster {args.cluster}{env} %p'")
+    print(f"# for restores (pgincr restore writes it by itself):\n"
+          f"restore_command = '{base} fetch --repo {repo} --cluster {args.cluster}{env} %f %p'")
+    return 0
+
+
+def cmd_capture(args) -> int:
+    from .core.capture import capture_wal_pull
+
+    _print(capture_wal_pull(_conninfo(args), _repo(args), args.cluster, slot=args.slot, upto_lsn=args.upto_lsn,
+                            catalog=_catalog(args)), True)
+    return 0
+
+
+def cmd_switch(args) -> int:
+    from .core.capture import switch_wal
+
+    _print(switch_wal(_conninfo(args), restore_point=args.restore_point,
+                      repo=_repo(args) if args.restore_point else None, cluster=args.cluster), True)
+    return 0
+
+
+def cmd_check_wal(args) -> int:
+    from .core.capture import check_continuity
+
+    rep = check_continuity(_repo(args), args.cluster, catalog=_catalog(args), fail_on_gap=False)
+    _print(rep, True)
+    return 0 if rep["ok"] else 4
 
 
 def cmd_cleanup(args) -> int:
@@ -176,7 +256,52 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--check", action="append", help="SQL to run on the restored copy (repeatable); server is stopped after")
     sp.add_argument("--port", type=int, help="port of the restored server (default: a free one)")
     sp.add_argument("--os-user", help="OS user to run the server as when root (default postgres/pgincr)")
+    sp.add_argument("--target-time", help="recover to this time (ISO 8601 with a time zone)")
+    sp.add_argument("--target-lsn", help="recover to this WAL location, e.g. 0/3000060")
+    sp.add_argument("--target-xid", help="recover to this transaction id")
+    sp.add_argument("--target-name", help="recover to this named restore point")
+    sp.add_argument("--target", choices=("latest", "immediate"), help="end of the archive, or the backup's end")
+    sp.add_argument("--exclusive", action="store_true", help="stop just before the target (time/LSN/xid)")
+    sp.add_argument("--action", choices=("promote", "pause", "shutdown"), default="promote",
+                    help="what the server does at the target (default promote)")
+    sp.add_argument("--timeout", type=float, default=3600, help="seconds to wait for recovery to reach the target")
     sp.set_defaults(func=cmd_restore)
+
+    sp = sub.add_parser("wal-push", help="archive_command: store one WAL file (see walcmd for the fast form)")
+    repo_args(sp)
+    sp.add_argument("--env-file")
+    sp.add_argument("path")
+    sp.set_defaults(func=cmd_wal_push)
+
+    sp = sub.add_parser("wal-fetch", help="restore_command: fetch one WAL file (exit 1 when not archived)")
+    repo_args(sp)
+    sp.add_argument("--env-file")
+    sp.add_argument("name")
+    sp.add_argument("dest")
+    sp.set_defaults(func=cmd_wal_fetch)
+
+    sp = sub.add_parser("wal-commands", help="print the archive_command/restore_command lines for postgresql.conf")
+    repo_args(sp)
+    sp.add_argument("--env-file", help="KEY=VALUE file with AWS_* credentials for the server's OS user (mode 0600)")
+    sp.set_defaults(func=cmd_wal_commands)
+
+    sp = sub.add_parser("capture", help="pull WAL through a replication slot up to now (or --upto-lsn)")
+    repo_args(sp)
+    conn_args(sp)
+    sp.add_argument("--slot")
+    sp.add_argument("--upto-lsn")
+    sp.set_defaults(func=cmd_capture)
+
+    sp = sub.add_parser("switch", help="pg_switch_wal(), optionally after a named restore point")
+    repo_args(sp)
+    conn_args(sp)
+    sp.add_argument("--restore-point")
+    sp.set_defaults(func=cmd_switch)
+
+    sp = sub.add_parser("check-wal", help="continuity of the WAL archive (exit 4 on a gap)")
+    repo_args(sp)
+    conn_args(sp)
+    sp.set_defaults(func=cmd_check_wal)
 
     sp = sub.add_parser("cleanup", help="remove leftovers of interrupted backups")
     repo_args(sp)

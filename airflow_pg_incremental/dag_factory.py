@@ -29,10 +29,11 @@ from typing import Any
 from airflow_pg_incremental.core.errors import ConfigError
 from airflow_pg_incremental.core.names import validate_cluster
 
-DEFAULT_SCHEDULES = {"weekly_full": "0 2 * * 0"}
+DEFAULT_SCHEDULES = {"weekly_full": "0 2 * * 0", "hourly_wal": "5 * * * *"}
 _CLUSTER_KEYS = {"name", "postgres_conn_id", "repository", "aws_conn_id", "catalog_conn_id", "catalog_schema",
                  "schedules", "compression_level", "compression_threads", "tags", "owner", "start_date",
-                 "retries", "retry_delay_minutes", "cleanup_after_hours", "description"}
+                 "retries", "retry_delay_minutes", "cleanup_after_hours", "description", "wal_mode", "slot_name",
+                 "rpo_minutes", "max_slot_retained_gb", "wal_wait_minutes", "deferrable"}
 
 
 @dataclass
@@ -53,6 +54,12 @@ class ClusterConfig:
     retry_delay_minutes: float = 5
     cleanup_after_hours: float = 6
     description: str = ""
+    wal_mode: str = "pull"            # pull: capture through a replication slot; push: archive_command
+    slot_name: str | None = None      # default pgincr_<cluster>
+    rpo_minutes: float = 90           # the freshness check fails when the newest WAL is older
+    max_slot_retained_gb: float = 8   # warn when the slot holds more WAL on the server
+    wal_wait_minutes: float = 30      # how long to wait for a segment to be archived
+    deferrable: bool = True           # sensors defer to the triggerer instead of holding a worker slot
 
     @property
     def dag_prefix(self) -> str:
@@ -96,6 +103,12 @@ def parse_config(raw: dict) -> list[ClusterConfig]:
                 raise ConfigError(f"clusters[{i}].{key} must be a number")
         if not isinstance(merged.get("tags", []), list):
             raise ConfigError(f"clusters[{i}].tags must be a list")
+        if merged.get("wal_mode", "pull") not in ("pull", "push"):
+            raise ConfigError(f"clusters[{i}].wal_mode must be 'pull' (replication slot) or 'push' (archive_command)")
+        for key in ("rpo_minutes", "max_slot_retained_gb", "wal_wait_minutes"):
+            if key in merged and (isinstance(merged[key], bool) or not isinstance(merged[key], (int, float))
+                                  or merged[key] <= 0):
+                raise ConfigError(f"clusters[{i}].{key} must be a positive number")
         validate_cluster(merged["name"])
         if merged["name"] in seen:
             raise ConfigError(f"cluster {merged['name']!r} is listed twice")
@@ -148,6 +161,26 @@ def backups_asset(cluster: str):
     return Asset(name=f"pgincr_{cluster}_backups", uri=f"pgincr://{cluster}/backups")
 
 
+def _wal_tasks(cl: ClusterConfig, segment_template: str, upto_template: str, outlets=None):
+    """switch → (pull: capture up to the switch) → wait until `segment` is archived."""
+    from airflow_pg_incremental.operators.wal import PgWalCaptureOperator, PgWalSwitchOperator
+    from airflow_pg_incremental.sensors.wal import WalArchivedSensor
+
+    common = cl.engine_kwargs()
+    switch = PgWalSwitchOperator(task_id="wal_switch", **common)
+    tasks = [switch]
+    if cl.wal_mode == "pull":
+        tasks.append(PgWalCaptureOperator(task_id="wal_capture", upto_lsn=upto_template, slot_name=cl.slot_name,
+                                          max_slot_retained_bytes=int(cl.max_slot_retained_gb * (1 << 30)),
+                                          compression_level=cl.compression_level, **common))
+    tasks.append(WalArchivedSensor(task_id="wal_archived", cluster=cl.name, repository=cl.repository,
+                                   aws_conn_id=cl.aws_conn_id, segment=segment_template, deferrable=cl.deferrable,
+                                   poke_interval=10, timeout=cl.wal_wait_minutes * 60, outlets=outlets or []))
+    for a, b in zip(tasks, tasks[1:]):
+        a >> b
+    return tasks
+
+
 def build_weekly_full(cl: ClusterConfig):
     from airflow.sdk import DAG
 
@@ -171,16 +204,56 @@ removed) → full backup (pg_basebackup streamed through zstd; metadata written 
         common = cl.engine_kwargs()
         pre = PgBackupPreflightOperator(task_id="preflight", cleanup_after_s=cl.cleanup_after_hours * 3600, **common)
         full = PgBaseBackupOperator(task_id="full_backup", compression_level=cl.compression_level,
-                                    compression_threads=cl.compression_threads, outlets=[backups_asset(cl.name)],
-                                    **common)
-        pre >> full
+                                    compression_threads=cl.compression_threads, **common)
+        # a backup counts as complete only once the WAL that makes it consistent is archived
+        wal = _wal_tasks(cl, segment_template="{{ ti.xcom_pull(task_ids='full_backup')['stop_wal_file'] }}",
+                         upto_template="{{ ti.xcom_pull(task_ids='wal_switch')['lsn'] }}",
+                         outlets=[backups_asset(cl.name)])
+        pre >> full >> wal[0]
+    return dag
+
+
+def build_hourly_wal(cl: ClusterConfig):
+    from airflow.sdk import DAG
+
+    from airflow_pg_incremental.operators.wal import PgWalContinuityOperator
+    from airflow_pg_incremental.sensors.wal import WalFreshnessSensor
+
+    mode = ("pull: WAL is captured through the replication slot up to the switch point"
+            if cl.wal_mode == "pull" else
+            "push: the server's archive_command (walcmd push) archives WAL; this DAG waits for it")
+    with DAG(
+        dag_id=f"{cl.dag_prefix}_hourly_wal",
+        description=f"WAL archive of {cl.name}: switch, capture, continuity, RPO",
+        schedule=cl.schedules.get("hourly_wal"),
+        start_date=_start(cl),
+        catchup=False,
+        max_active_runs=1,
+        default_args=_default_args(cl),
+        tags=["pgincr", "wal", cl.name, *cl.tags],
+        doc_md=f"""WAL archive of cluster **{cl.name}** ({mode}).
+
+wal_switch (closes the current segment) → {'wal_capture → ' if cl.wal_mode == 'pull' else ''}wal_archived
+(the switched segment is in the repository) → wal_continuity (no gap from the oldest backup on,
+history files present; segments recorded in the catalog) → wal_fresh (fails when the newest
+archived WAL is older than {cl.rpo_minutes} minutes: the RPO is breached).""",
+    ) as dag:
+        wal = _wal_tasks(cl, segment_template="{{ ti.xcom_pull(task_ids='wal_switch')['segment'] }}",
+                         upto_template="{{ ti.xcom_pull(task_ids='wal_switch')['lsn'] }}")
+        cont = PgWalContinuityOperator(task_id="wal_continuity", cluster=cl.name, repository=cl.repository,
+                                       aws_conn_id=cl.aws_conn_id, catalog_conn_id=cl.catalog_conn_id,
+                                       catalog_schema=cl.catalog_schema)
+        fresh = WalFreshnessSensor(task_id="wal_fresh", cluster=cl.name, repository=cl.repository,
+                                   aws_conn_id=cl.aws_conn_id, max_age_s=cl.rpo_minutes * 60,
+                                   deferrable=cl.deferrable, poke_interval=30, timeout=600)
+        wal[-1] >> cont >> fresh
     return dag
 
 
 def build_dags(clusters: list[ClusterConfig]) -> dict[str, Any]:
     dags = {}
     for cl in clusters:
-        for builder in (build_weekly_full,):
+        for builder in (build_weekly_full, build_hourly_wal):
             dag = builder(cl)
             dags[dag.dag_id] = dag
     return dags

@@ -26,7 +26,7 @@ from .names import validate_cluster
 from .pgconn import ConnInfo, classify_connect_error, connect
 from .progress import human_bytes
 from .repository import Repository
-from .wal import list_segments, push_file
+from .wal import list_segments, push_file, record_restore_point
 
 log = logging.getLogger(__name__)
 
@@ -241,3 +241,84 @@ def _finish(conn, slot, advance_to, flush, result, max_retained_bytes) -> None:
                     "falling behind or failing; the server's disk fills up if this goes on",
                     slot, human_bytes(result["slot_retained_bytes"]), human_bytes(max_retained_bytes))
         result["slot_retention_warning"] = True
+
+
+def switch_wal(conn: ConnInfo, *, restore_point: str | None = None, repo: Repository | None = None,
+               cluster: str | None = None) -> dict:
+    """pg_switch_wal() (after pg_create_restore_point(name) when asked): closes the current segment
+    so it can be archived. Returns the switch LSN, the segment it completed and the timeline. A
+    restore point is also indexed in the repository, so restores can validate and locate it."""
+    from .metadata import iso, utcnow
+    from .names import _check
+
+    if restore_point is not None:
+        _check("restore point name", restore_point)
+        if repo is None or cluster is None:
+            raise ConfigError("a restore point needs the repository and cluster to index it")
+    with connect(conn) as c, c.cursor() as cur:
+        try:
+            cur.execute("SELECT pg_is_in_recovery()")
+            if cur.fetchone()[0]:
+                raise ConfigError("the server is a standby: pg_switch_wal() and restore points run on the primary")
+            rp_lsn = None
+            if restore_point is not None:
+                cur.execute("SELECT pg_create_restore_point(%s)::text", (restore_point,))
+                rp_lsn = cur.fetchone()[0]
+            cur.execute("SELECT pg_switch_wal()::text")
+            lsn = cur.fetchone()[0]
+            cur.execute("SELECT pg_walfile_name(%s::pg_lsn), (SELECT timeline_id FROM pg_control_checkpoint()), "
+                        "now()::text", (lsn,))
+            segment, tli, now = cur.fetchone()
+        except ConfigError:
+            raise
+        except Exception as e:
+            msg = str(e)
+            if "permission denied" in msg:
+                fn = "pg_create_restore_point(text)" if "restore_point" in msg else "pg_switch_wal()"
+                raise ServerError(f"{conn.describe()}: {msg.strip()}; run as a superuser: GRANT EXECUTE ON FUNCTION "
+                                  f"{fn} TO {conn.user or '<the backup role>'};") from None
+            raise ServerError(f"{conn.describe()}: {msg.strip()}") from None
+    out = {"lsn": lsn, "segment": segment, "timeline": tli, "server_time": now}
+    if restore_point is not None:
+        record_restore_point(repo, cluster, restore_point, rp_lsn, tli, iso(utcnow()))
+        out.update({"restore_point": restore_point, "restore_point_lsn": rp_lsn})
+    log.info("switched WAL at %s (segment %s complete, timeline %s)%s", lsn, segment, tli,
+             f"; restore point {restore_point!r} at {out.get('restore_point_lsn')}" if restore_point else "")
+    return out
+
+
+def check_continuity(repo: Repository, cluster: str, *, catalog=None, fail_on_gap: bool = True) -> dict:
+    """Gaps in the archive from the oldest complete backup's start to the newest WAL, timeline
+    switches and missing history files; archived segments are (re)recorded in the catalog."""
+    from .metadata import list_backups
+    from .wal import WalGap, continuity, list_segments
+
+    backups = list_backups(repo, cluster)
+    oldest = backups[0] if backups else None
+    seg = (oldest or {}).get("wal_segment_size") or 16 * 1024 * 1024
+    start = parse_lsn(oldest["start_lsn"]) if oldest and oldest.get("start_lsn") else None
+    rep = continuity(repo, cluster, from_lsn=start, timeline=(oldest or {}).get("timeline"), segment_size=seg)
+    rep["oldest_backup"] = oldest["backup_id"] if oldest else None
+    rep["backups"] = len(backups)
+    if catalog is not None:
+        segs = list_segments(repo, cluster)
+        catalog.record_wal(cluster, [{"name": n} for names in segs.values() for n in names], method="scan",
+                           segment_size=seg)
+    problems = []
+    if rep["gaps"]:
+        problems.append(f"{len(rep['gaps'])} missing segment(s), first {rep['gaps'][0]}")
+    if rep["missing_history"]:
+        problems.append(f"missing timeline history: {', '.join(rep['missing_history'])}")
+    rep["problems"] = problems
+    rep["timelines"] = {str(k): v for k, v in rep["timelines"].items()}
+    if problems:
+        log.error("WAL archive of %s is NOT continuous: %s", cluster, "; ".join(problems))
+        if fail_on_gap:
+            raise WalGap(f"WAL archive of {cluster} is not continuous: {'; '.join(problems)}. Point-in-time recovery "
+                         "past a gap is impossible: find why (capture failing? archive_command errors?), and take a "
+                         "new full backup after the gap.")
+    else:
+        log.info("WAL archive of %s is continuous from %s to %s", cluster,
+                 rep["timelines"] and min(v["first"] for v in rep["timelines"].values()),
+                 rep["timelines"] and max(v["last"] for v in rep["timelines"].values()))
+    return rep

@@ -5,12 +5,12 @@ class PgIncrError(Exception):
     """Base class of every error the engine raises on purpose."""
 
 
-class InvalidName(PgIncrError, ValueError):
-    """A cluster name or backup id that could escape the repository prefix or is malformed."""
-
-
 class ConfigError(PgIncrError, ValueError):
     """Bad argument or configuration."""
+
+
+class InvalidName(ConfigError):
+    """A cluster name or backup id that could escape the repository prefix or is malformed."""
 
 
 class BinaryNotFound(PgIncrError):

@@ -28,9 +28,9 @@ from .errors import ConfigError, RestoreError
 from .lsn import format_lsn, parse_lsn, segment_name, segno_of
 from .metadata import list_backups, load_backup
 from .names import _check, validate_cluster
-from .repository import Repository, S3Repository
+from .repository import LocalRepository, Repository, S3Repository
 from .restore import SCRATCH_SETTINGS, check_target_dir, restore_backup
-from .server import PgServer, chown_tree, python_usable_by
+from .server import PgServer, chown_tree, python_usable_by, repository_readable_by
 from .wal import WalGap, continuity, fetch_bytes, list_segments, load_restore_point
 
 log = logging.getLogger(__name__)
@@ -256,6 +256,8 @@ def restore_pitr(repo: Repository, cluster: str, target: RecoveryTarget, target_
     win = archive_window(repo, cluster, meta)
     check_window(target, win)
     python_usable_by(os_user)
+    if isinstance(repo, LocalRepository):
+        repository_readable_by(repo.root, os_user)
     log.info("point-in-time restore of %s to %s %s (action %s) from backup %s; WAL available up to %s",
              cluster, target.kind, target.value or "", target.action, meta["backup_id"], win["end_lsn"])
     res = restore_backup(repo, cluster, meta["backup_id"], target_path, verify=verify, os_user=os_user,

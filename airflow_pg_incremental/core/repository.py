@@ -110,7 +110,8 @@ class LocalRepository(Repository):
             return RepositoryError(f"repository disk full while {what} ({self.root}): free space or move the "
                                    "repository; the partial object was removed")
         if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            return RepositoryError(f"repository {self.root} is not writable ({e.strerror}) while {what}: fix its "
+            access = "readable" if what.startswith(("reading", "listing", "checking")) else "writable"
+            return RepositoryError(f"repository {self.root} is not {access} ({e.strerror}) while {what}: fix its "
                                    "permissions or choose another directory")
         return RepositoryError(f"repository {self.root}: {e.strerror or e} while {what}")
 
@@ -455,10 +456,11 @@ def s3_client_from_env(endpoint_url: str | None = None):
 
     endpoint_url = endpoint_url or os.environ.get("PGINCR_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3") \
         or os.environ.get("AWS_ENDPOINT_URL")
+    attempts = int(os.environ.get("PGINCR_S3_MAX_ATTEMPTS", "4"))
     return boto3.session.Session().client(
         "s3", endpoint_url=endpoint_url,
-        config=Config(retries={"max_attempts": 8, "mode": "standard"}, s3={"addressing_style": "path"},
-                      connect_timeout=10, read_timeout=120),
+        config=Config(retries={"max_attempts": attempts, "mode": "standard"}, s3={"addressing_style": "path"},
+                      connect_timeout=5, read_timeout=60),
     )
 
 

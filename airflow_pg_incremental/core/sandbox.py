@@ -25,7 +25,8 @@ class SandboxPostgres:
     REPLICATION logs in over TCP with scram-sha-256; the superuser uses the private unix socket."""
 
     def __init__(self, workdir: str | os.PathLike, *, major: int = 18, port: int | None = None,
-                 os_user: str | None = None, password: str = "s3cr3t-Backup-pw", settings: dict | None = None):
+                 os_user: str | None = None, password: str = "s3cr3t-Backup-pw", settings: dict | None = None,
+                 env: dict | None = None):
         self.workdir = Path(workdir).absolute()
         self.os_user = os_user if os_user is not None else default_os_user()
         if self.os_user:
@@ -37,6 +38,7 @@ class SandboxPostgres:
         self.server = PgServer(self.workdir / "data", major=major, port=port, os_user=self.os_user,
                                log_file=self.workdir / "server.log")
         self.extra_settings = settings or {}
+        self.env = env or {}
 
     @property
     def port(self) -> int:
@@ -61,7 +63,7 @@ class SandboxPostgres:
             hba.write_text("local all all trust\nlocal replication all trust\n"
                            "host all all 127.0.0.1/32 scram-sha-256\n"
                            "host replication all 127.0.0.1/32 scram-sha-256\n")
-            self.server.start(self.base_settings())
+            self.server.start(self.base_settings(), env=self.env)
             pw = self.password.replace("'", "''")
             self.server.psql(f"CREATE ROLE {BACKUP_USER} LOGIN REPLICATION PASSWORD '{pw}'; "
                              f"GRANT pg_read_all_settings, pg_read_all_stats, pg_checkpoint TO {BACKUP_USER}; "
@@ -70,13 +72,13 @@ class SandboxPostgres:
                              f"GRANT EXECUTE ON FUNCTION pg_create_restore_point(text) TO {BACKUP_USER}; "
                              f"GRANT EXECUTE ON FUNCTION pg_replication_slot_advance(name, pg_lsn) TO {BACKUP_USER};")
         else:
-            self.server.start(self.base_settings())
+            self.server.start(self.base_settings(), env=self.env)
         return self
 
     def restart(self, settings: dict | None = None) -> None:
         self.extra_settings.update(settings or {})
         self.server.stop()
-        self.server.start(self.base_settings())
+        self.server.start(self.base_settings(), env=self.env)
 
     def stop(self) -> None:
         self.server.stop(mode="immediate")
@@ -153,17 +155,18 @@ class SeaweedS3:
         cfg.write_text(json.dumps({"identities": [{"name": "pgincr", "credentials": [
             {"accessKey": self.access_key, "secretKey": self.secret_key}], "actions": ["Admin", "Read", "Write",
                                                                                        "List", "Tagging"]}]}))
-        ports = {k: free_port() for k in ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
+        ports = getattr(self, "_ports", None) or {k: free_port() for k in ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
                                           "filer.port", "filer.port.grpc", "s3.port", "s3.port.grpc",
                                           "s3.port.iceberg", "s3.port.lance", "admin.port", "admin.port.grpc",
                                           "webdav.port")}
+        self._ports = ports  # a restart (stop + start) comes back on the same ports
         self.port = ports["s3.port"]
         args = [weed, "mini", f"-dir={self.workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                 f"-s3.config={cfg}", f"-bucket={self.bucket}", "-master.telemetry=false", "-webdav=false",
                 "-master.volumeSizeLimitMB=256"]
         args += [f"-{k}={v}" for k, v in ports.items()]
         (self.workdir / "data").mkdir(exist_ok=True)
-        self.log = open(self.workdir / "weed.log", "wb")
+        self.log = open(self.workdir / "weed.log", "ab")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, cwd=self.workdir,
                                      start_new_session=True)
         deadline = time.time() + timeout

@@ -261,3 +261,13 @@ def python_usable_by(os_user: str | None) -> None:
         raise ConfigError(f"OS user {os_user} cannot run {sys.executable} (needed for restore_command/"
                           f"archive_command): {r.stderr.strip()[:300]}; install airflow-pg-incremental where that "
                           "user can read it (e.g. a virtualenv under /opt)")
+
+
+def repository_readable_by(root: str | os.PathLike, os_user: str | None) -> None:
+    """restore_command reads a local repository as the server's OS user: check it can."""
+    if not os_user or os.geteuid() != 0:
+        return
+    r = subprocess.run(as_user(["test", "-r", str(root), "-a", "-x", str(root)], os_user), capture_output=True)
+    if r.returncode != 0:
+        raise ConfigError(f"OS user {os_user} cannot read the repository {root}, which restore_command needs during "
+                          f"recovery: give it read access (e.g. chmod o+rx on the directories down to {root})")
