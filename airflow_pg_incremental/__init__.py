@@ -20,7 +20,12 @@ def get_provider_info() -> dict:
             "tags": ["software"],
         }],
         "operators": [{"integration-name": "PostgreSQL incremental backups",
-                       "python-modules": ["airflow_pg_incremental.operators.backup"]}],
+                       "python-modules": ["airflow_pg_incremental.operators.backup",
+                                          "airflow_pg_incremental.operators.wal"]}],
+        "sensors": [{"integration-name": "PostgreSQL incremental backups",
+                     "python-modules": ["airflow_pg_incremental.sensors.wal"]}],
+        "triggers": [{"integration-name": "PostgreSQL incremental backups",
+                      "python-modules": ["airflow_pg_incremental.triggers.wal"]}],
         "hooks": [{"integration-name": "PostgreSQL incremental backups",
                    "python-modules": ["airflow_pg_incremental.hooks.repository"]}],
     }

@@ -202,7 +202,8 @@ removed) → full backup (pg_basebackup streamed through zstd; metadata written 
 `full_backup` holds the backup id, LSNs and sizes.""",
     ) as dag:
         common = cl.engine_kwargs()
-        pre = PgBackupPreflightOperator(task_id="preflight", cleanup_after_s=cl.cleanup_after_hours * 3600, **common)
+        pre = PgBackupPreflightOperator(task_id="preflight", cleanup_after_s=cl.cleanup_after_hours * 3600,
+                                        wal_mode=cl.wal_mode, slot_name=cl.slot_name, **common)
         full = PgBaseBackupOperator(task_id="full_backup", compression_level=cl.compression_level,
                                     compression_threads=cl.compression_threads, **common)
         # a backup counts as complete only once the WAL that makes it consistent is archived
@@ -246,6 +247,8 @@ archived WAL is older than {cl.rpo_minutes} minutes: the RPO is breached).""",
         fresh = WalFreshnessSensor(task_id="wal_fresh", cluster=cl.name, repository=cl.repository,
                                    aws_conn_id=cl.aws_conn_id, max_age_s=cl.rpo_minutes * 60,
                                    deferrable=cl.deferrable, poke_interval=30, timeout=600)
+        # the RPO check runs even when the capture failed: that is when it matters most
+        fresh.trigger_rule = "all_done"
         wal[-1] >> cont >> fresh
     return dag
 

@@ -16,7 +16,7 @@ from .. import __version__
 from .binaries import find_program, major_from_version_num
 from .codec import CompressingReader, ObjectInfo, PipeReader
 from .errors import BackupFailed, ConfigError, PgIncrError, ServerError
-from .lsn import DEFAULT_SEGMENT_SIZE, parse_lsn, wal_file_name
+from .lsn import DEFAULT_SEGMENT_SIZE, parse_lsn, wal_file_name, wal_file_name_ending
 from .metadata import (INPROGRESS_NAME, backup_prefix, iso, new_backup_id, utcnow, write_meta)
 from .names import validate_cluster
 from .pgconn import ConnInfo, classify_connect_error, connect
@@ -199,7 +199,7 @@ def take_full_backup(conn: ConnInfo, repo: Repository, cluster: str, *, compress
         })
         if meta["start_lsn"] and meta["timeline"]:
             meta["start_wal_file"] = wal_file_name(meta["timeline"], parse_lsn(meta["start_lsn"]), seg)
-            meta["stop_wal_file"] = wal_file_name(meta["timeline"], parse_lsn(meta["stop_lsn"]), seg)
+            meta["stop_wal_file"] = wal_file_name_ending(meta["timeline"], parse_lsn(meta["stop_lsn"]), seg)
         write_meta(repo, meta)  # the backup exists from here on
         repo.delete(f"{prefix}/{INPROGRESS_NAME}")
     except BaseException as e:

@@ -34,6 +34,12 @@ def wal_file_name(timeline: int, lsn: int, segment_size: int = DEFAULT_SEGMENT_S
     return f"{timeline:08X}{segno // per_xlogid:08X}{segno % per_xlogid:08X}"
 
 
+def wal_file_name_ending(timeline: int, lsn: int, segment_size: int = DEFAULT_SEGMENT_SIZE) -> str:
+    """Like PostgreSQL's pg_walfile_name(): the segment holding WAL *up to* `lsn` (an LSN exactly on
+    a segment boundary belongs to the segment before it)."""
+    return wal_file_name(timeline, lsn - 1 if lsn and lsn % segment_size == 0 else lsn, segment_size)
+
+
 def is_wal_file_name(name: str) -> bool:
     return bool(_WAL_RE.match(name))
 

@@ -14,17 +14,26 @@ from .repository import Repository
 log = logging.getLogger(__name__)
 
 
-def preflight_full(conn: ConnInfo, repo: Repository, cluster: str, *, cleanup_after_s: float = 6 * 3600) -> dict:
+def preflight_full(conn: ConnInfo, repo: Repository, cluster: str, *, cleanup_after_s: float = 6 * 3600,
+                   slot: str | None = None) -> dict:
+    """`slot`: pull mode's replication slot, created here if missing so that it holds the WAL from
+    before the backup's start (a slot created after the backup could not capture its WAL)."""
     validate_cluster(cluster)
     facts = server_facts(conn)
     check_source(facts, conn)
     find_program("pg_basebackup", facts["major"])
     repo.check_writable()
+    slot_info = None
+    if slot:
+        from .capture import ensure_slot
+
+        slot_info = ensure_slot(conn, slot)
     removed = cleanup_incomplete(repo, cluster, older_than_s=cleanup_after_s)
     result = {"cluster": cluster, "pg_major": facts["major"], "system_identifier": facts["system_identifier"],
               "data_checksums": facts["data_checksums"], "summarize_wal": facts["summarize_wal"],
               "from_standby": facts["in_recovery"], "size_estimate": facts["size_estimate"],
-              "removed_incomplete": removed, "repository": repo.url}
+              "removed_incomplete": removed, "repository": repo.url,
+              "slot": slot_info}
     log.info("preflight ok for %s: PostgreSQL %s, ~%s bytes, repository %s writable%s", cluster, facts["major"],
              facts["size_estimate"], repo.url, f"; removed leftovers {removed}" if removed else "")
     return result

@@ -115,12 +115,38 @@ class LocalRepository(Repository):
                                    "permissions or choose another directory")
         return RepositoryError(f"repository {self.root}: {e.strerror or e} while {what}")
 
+    def _owner(self):
+        """(uid, gid) to give what we create when we are root and the repository root belongs to
+        another user (e.g. the database's OS user running archive_command): one owner for all."""
+        if os.geteuid() != 0:
+            return None
+        try:
+            st = os.stat(self.root)
+        except OSError:
+            return None
+        return None if st.st_uid == 0 else (st.st_uid, st.st_gid)
+
+    def _mkdirs(self, d: Path) -> None:
+        missing = []
+        p = d
+        while not p.exists() and p != self.root and self.root in p.parents:
+            missing.append(p)
+            p = p.parent
+        d.mkdir(parents=True, exist_ok=True)
+        owner = self._owner()
+        if owner:
+            for m in missing:
+                try:
+                    os.chown(m, *owner)
+                except OSError:
+                    pass
+
     def put(self, key: str, src: BinaryIO, *, overwrite: bool = True) -> int:
         path = self._path(key)
         tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
         written = 0
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            self._mkdirs(path.parent)
             with open(tmp, "xb") as out:
                 while True:
                     try:
@@ -133,6 +159,9 @@ class LocalRepository(Repository):
                     written += len(chunk)
                 out.flush()
                 os.fsync(out.fileno())
+            owner = self._owner()
+            if owner:
+                os.chown(tmp, *owner)
             if overwrite:
                 os.replace(tmp, path)
             else:

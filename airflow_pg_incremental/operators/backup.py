@@ -53,14 +53,22 @@ class PgBackupPreflightOperator(_PgBackupBase):
     attribute, wal_level, no extra tablespaces, binaries of the server's major version, repository
     writable. Also removes leftovers of interrupted backups older than `cleanup_after_s`."""
 
-    def __init__(self, *, cleanup_after_s: float = 6 * 3600, **kwargs: Any) -> None:
+    template_fields: Sequence[str] = (*_PgBackupBase.template_fields, "slot_name")
+
+    def __init__(self, *, cleanup_after_s: float = 6 * 3600, wal_mode: str = "pull", slot_name: str | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.cleanup_after_s = cleanup_after_s
+        self.wal_mode = wal_mode
+        self.slot_name = slot_name
 
     def execute(self, context: Context) -> dict:
+        from airflow_pg_incremental.core.capture import default_slot_name
         from airflow_pg_incremental.core.preflight import preflight_full
 
-        return preflight_full(self._conninfo(), self._repo(), self.cluster, cleanup_after_s=self.cleanup_after_s)
+        slot = (self.slot_name or default_slot_name(self.cluster)) if self.wal_mode == "pull" else None
+        return preflight_full(self._conninfo(), self._repo(), self.cluster, cleanup_after_s=self.cleanup_after_s,
+                              slot=slot)
 
 
 class PgBaseBackupOperator(_PgBackupBase):

@@ -45,7 +45,11 @@ def test_dag_file_parses_every_cluster(airflow_clusters):
     assert bag.import_errors == {}
     assert {"pgincr_it_local_weekly_full", "pgincr_it_s3_weekly_full"} <= set(bag.dag_ids)
     dag = bag.get_dag("pgincr_it_local_weekly_full")
-    assert [t.task_id for t in dag.topological_sort()] == ["preflight", "full_backup"]
+    assert [t.task_id for t in dag.topological_sort()] == ["preflight", "full_backup", "wal_switch", "wal_capture",
+                                                           "wal_archived"]
+    hourly = bag.get_dag("pgincr_it_local_hourly_wal")
+    assert [t.task_id for t in hourly.topological_sort()] == ["wal_switch", "wal_capture", "wal_archived",
+                                                              "wal_continuity", "wal_fresh"]
 
 
 @pytest.mark.parametrize("cluster", ["it_local", "it_s3"])
@@ -62,6 +66,8 @@ def test_weekly_dag_runs_and_records(airflow_clusters, pg, s3, cluster, scratch)
     assert dr.state == "success"
     x = _xcoms(dag.dag_id, dr.run_id)
     out = x[("full_backup", "return_value")]
+    # the backup is reported complete only once its WAL is archived
+    assert x[("wal_archived", "return_value")]["segment"] == out["stop_wal_file"]
     assert out["status"] == "complete" and out["kind"] == "full" and out["backup_id"]
     assert out["raw_bytes"] > out["stored_bytes"] > 0 and out["stop_lsn"]
     assert len(json.dumps(out)) < 2000  # a small dict
@@ -138,3 +144,21 @@ def test_password_appears_nowhere(airflow_clusters, pg, s3, workdir, capfd, capl
             if secret in data:
                 hits.append(f"{repo.url}/{k}")
     assert hits == []
+
+
+@pytest.mark.parametrize("cluster", ["it_local", "it_s3"])
+def test_hourly_wal_dag(airflow_clusters, pg, cluster):
+    """switch -> pull capture -> archived -> continuity -> RPO freshness, on real servers."""
+    dags = _dags()
+    assert dags[f"pgincr_{cluster}_weekly_full"].test().state == "success"  # a backup for continuity to start at
+    pg.pgbench_run(200)
+    dag = dags[f"pgincr_{cluster}_hourly_wal"]
+    dr = dag.test()
+    assert dr.state == "success"
+    x = _xcoms(dag.dag_id, dr.run_id)
+    switch, cap = x[("wal_switch", "return_value")], x[("wal_capture", "return_value")]
+    assert cap["segments"] >= 1 and cap["last_segment"] >= switch["segment"]
+    assert x[("wal_archived", "return_value")]["segment"] == switch["segment"]
+    cont = x[("wal_continuity", "return_value")]
+    assert cont["ok"] is True and cont["problems"] == []
+    assert x[("wal_fresh", "return_value")]["age_s"] < 600

@@ -1,0 +1,230 @@
+"""The WAL archive on real servers: pull capture continuity, wal-push semantics, outages, gaps,
+push mode end to end."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+import airflow_pg_incremental.walcmd as walcmd
+from airflow_pg_incremental.core.backup import take_full_backup
+from airflow_pg_incremental.core.capture import capture_wal_pull, check_continuity, ensure_slot, switch_wal
+from airflow_pg_incremental.core.errors import ConfigError, ObjectExists, RestoreError
+from airflow_pg_incremental.core.lsn import segno_of
+from airflow_pg_incremental.core.pgconn import query
+from airflow_pg_incremental.core.pitr import parse_target, restore_pitr
+from airflow_pg_incremental.core.repository import LocalRepository, S3Repository
+from airflow_pg_incremental.core.sandbox import SandboxPostgres, SeaweedS3, data_fingerprint
+from airflow_pg_incremental.core.wal import WalGap, list_segments, push_bytes, wal_key
+
+pytestmark = pytest.mark.integration
+WALCMD = [sys.executable, "-S", walcmd.__file__]
+
+
+def test_pull_capture_across_runs_no_gap_no_duplicate(pg, repo, catalog):
+    cluster = "cap" + uuid.uuid4().hex[:6]
+    slot = f"pgincr_{cluster}"
+    try:
+        r1 = capture_wal_pull(pg.conninfo(), repo, cluster, catalog=catalog)
+        assert r1["slot_created"]
+        names = []
+        for _ in range(3):
+            pg.pgbench_run(300)
+            sw = switch_wal(pg.conninfo())
+            r = capture_wal_pull(pg.conninfo(), repo, cluster, upto_lsn=sw["lsn"], catalog=catalog)
+            assert r["segments"] >= 1 and r["lag_bytes"] == 0
+            assert sw["segment"] <= r["last_segment"]
+            names.append((r["first_segment"], r["last_segment"]))
+        # each run starts right after the previous one's last segment
+        for (_, last), (first, _) in zip(names, names[1:]):
+            assert segno_of(first) == segno_of(last) + 1
+        segs = list_segments(repo, cluster)[1]
+        nums = [segno_of(n) for n in segs]
+        assert nums == list(range(nums[0], nums[-1] + 1))  # no gap, no duplicate
+        rows = catalog.wal_segments(cluster)
+        assert [r["segment"] for r in rows] == segs
+        # nothing new: nothing captured, nothing duplicated
+        again = capture_wal_pull(pg.conninfo(), repo, cluster, catalog=catalog)
+        assert again["segments"] == 0 and list_segments(repo, cluster)[1] == segs
+        # the slot was advanced to the end of what is stored
+        restart = query(pg.superuser(), "SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
+                        (slot,))[0][0]
+        assert restart == r["end_lsn"]
+    finally:
+        pg.psql(f"SELECT pg_drop_replication_slot('{slot}')")
+
+
+def test_slot_of_another_type_is_refused(workdir):
+    pg = SandboxPostgres(workdir / f"logical-{uuid.uuid4().hex[:6]}", settings={"wal_level": "logical"}).start()
+    try:
+        pg.psql("SELECT pg_create_logical_replication_slot('pgincr_lg', 'pgoutput')")
+        with pytest.raises(ConfigError, match="logical slot"):
+            ensure_slot(pg.conninfo(), "pgincr_lg")
+    finally:
+        pg.stop()
+
+
+def _fake_pg_wal(tmp: Path, names_data: dict[str, bytes]) -> Path:
+    d = tmp / "data"
+    (d / "pg_wal" / "archive_status").mkdir(parents=True)
+    for n, data in names_data.items():
+        (d / "pg_wal" / n).write_bytes(data)
+        (d / "pg_wal" / "archive_status" / f"{n}.ready").touch()
+    return d
+
+
+def _push(d: Path, repo_url: str, name: str, env=None, extra=()):
+    return subprocess.run([*WALCMD, "push", "--repo", repo_url, "--cluster", "wp", *extra, f"pg_wal/{name}"], cwd=d,
+                          capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=120)
+
+
+def _repo_url(repo) -> str:
+    return str(repo.root) if isinstance(repo, LocalRepository) else repo.url
+
+
+def _s3_env(request, repo):
+    if isinstance(repo, S3Repository):
+        return request.getfixturevalue("s3").env()
+    return {}
+
+
+SEG = 16 * 1024 * 1024
+
+
+def test_wal_push_twice_and_conflicting_content(request, repo, tmp_path):
+    env = _s3_env(request, repo)
+    name = "000000010000000000000007"
+    data = os.urandom(1024) * (SEG // 1024)
+    d = _fake_pg_wal(tmp_path, {name: data})
+    r1 = _push(d, _repo_url(repo), name, env, extra=("--ahead", "0"))
+    assert r1.returncode == 0, r1.stderr
+    stored = repo.get_bytes(wal_key("wp", name))
+    r2 = _push(d, _repo_url(repo), name, env, extra=("--ahead", "0"))
+    assert r2.returncode == 0, r2.stderr  # same content again: fine
+    assert repo.get_bytes(wal_key("wp", name)) == stored
+    (d / "pg_wal" / name).write_bytes(os.urandom(SEG))  # different content under the same name
+    r3 = _push(d, _repo_url(repo), name, env, extra=("--ahead", "0"))
+    assert r3.returncode != 0 and "DIFFERENT content" in r3.stderr
+    assert repo.get_bytes(wal_key("wp", name)) == stored  # never overwritten
+    with pytest.raises(ObjectExists):
+        push_bytes(repo, "wp", name, os.urandom(SEG))
+
+
+def test_wal_push_rejects_non_wal_names(tmp_path, repo):
+    d = tmp_path / "data"
+    (d / "pg_wal").mkdir(parents=True)
+    (d / "pg_wal" / "not-a-wal-file").write_bytes(b"x")
+    r = _push(d, "/nonexistent-repo-root", "not-a-wal-file")
+    assert r.returncode != 0 and "not a WAL file name" in r.stderr
+
+
+def test_push_ahead_acknowledges_only_stored_segments(repo, request, tmp_path):
+    env = _s3_env(request, repo)
+    names = {f"0000000100000000000000{i:02X}": os.urandom(64) * (SEG // 64) for i in range(0x10, 0x16)}
+    d = _fake_pg_wal(tmp_path, names)
+    order = sorted(names)
+    t0 = time.monotonic()
+    for n in order:  # the way PostgreSQL's archiver calls it: in order, one at a time
+        r = _push(d, _repo_url(repo), n, env)
+        assert r.returncode == 0, r.stderr
+        # exit 0 means stored: it must be readable right now
+        assert repo.exists(wal_key("wp", n))
+        (d / "pg_wal" / "archive_status" / f"{n}.ready").rename(d / "pg_wal" / "archive_status" / f"{n}.done")
+    assert time.monotonic() - t0 < 60
+    assert list_segments(repo, "wp")[1] == order
+
+
+def test_s3_down_during_push_then_pushed_later(workdir, tmp_path):
+    s3 = SeaweedS3(workdir / f"s3-outage-{uuid.uuid4().hex[:6]}").start()
+    try:
+        url = f"s3://{s3.bucket}/outage"
+        name = "000000010000000000000021"
+        d = _fake_pg_wal(tmp_path, {name: os.urandom(SEG)})
+        s3.stop()
+        t0 = time.monotonic()
+        r = _push(d, url, name, s3.env(), extra=("--ahead", "0"))
+        assert r.returncode != 0, "a push into a stopped S3 must fail"
+        assert "NOT archived" in r.stderr or "unreachable" in r.stderr
+        assert time.monotonic() - t0 < 90
+        s3.start()  # same ports
+        r = _push(d, url, name, s3.env(), extra=("--ahead", "0"))
+        assert r.returncode == 0, r.stderr
+        repo = S3Repository(s3.client(), s3.bucket, "outage")
+        assert repo.exists(wal_key("wp", name))
+    finally:
+        s3.stop()
+
+
+def test_missing_segment_reported_and_restore_past_it_refused(pg, workdir, scratch):
+    repo = LocalRepository(workdir / f"gap-{uuid.uuid4().hex[:6]}")
+    cluster = "gap" + uuid.uuid4().hex[:6]
+    try:
+        capture_wal_pull(pg.conninfo(), repo, cluster)
+        b = take_full_backup(pg.conninfo(), repo, cluster)
+        for _ in range(3):
+            pg.pgbench_run(200)
+            sw = switch_wal(pg.conninfo())
+            capture_wal_pull(pg.conninfo(), repo, cluster, upto_lsn=sw["lsn"])
+        assert check_continuity(repo, cluster)["ok"]
+        segs = list_segments(repo, cluster)[1]
+        assert len(segs) >= 4
+        victim = segs[-2]
+        repo.delete(wal_key(cluster, victim))
+        rep = check_continuity(repo, cluster, fail_on_gap=False)
+        assert not rep["ok"] and rep["gaps"] == [victim]
+        with pytest.raises(WalGap, match=victim):
+            check_continuity(repo, cluster)
+        with pytest.raises(WalGap, match=f"{victim} is missing"):
+            restore_pitr(repo, cluster, parse_target("latest"), scratch / "d", os_user=pg.os_user)
+        assert not (scratch / "d").exists()
+        # a target before the gap still restores
+        rep = restore_pitr(repo, cluster, parse_target("immediate"), scratch / "ok", os_user=pg.os_user)
+        assert rep["state"] == "promoted" and rep["backup_id"] == b["backup_id"]
+    finally:
+        pg.psql(f"SELECT pg_drop_replication_slot('pgincr_{cluster}')")
+
+
+def test_push_mode_end_to_end(workdir, scratch):
+    """archive_command = walcmd push under a pgbench load; every segment archived; PITR to latest
+    gives the source's data."""
+    from airflow_pg_incremental.core.server import make_user_dir, python_usable_by
+
+    base = workdir / f"push-{uuid.uuid4().hex[:6]}"
+    base.mkdir()
+    os.chmod(base, 0o755)
+    probe = SandboxPostgres(base / "pg")  # to learn the OS user
+    repo_dir = make_user_dir(base / "repo", probe.os_user, mode=0o755)
+    python_usable_by(probe.os_user)
+    cmd = f"{sys.executable} -S {walcmd.__file__} push --repo {repo_dir} --cluster push %p"
+    pg = SandboxPostgres(base / "pg", settings={"archive_command": cmd}).start()
+    try:
+        repo = LocalRepository(repo_dir)
+        pg.pgbench_init(1)
+        b = take_full_backup(pg.conninfo(), repo, "push")
+        pg.pgbench_run(2000)
+        sw = switch_wal(pg.conninfo())
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            last, failed = query(pg.superuser(), "SELECT last_archived_wal, failed_count FROM pg_stat_archiver")[0]
+            if last and last >= sw["segment"]:
+                break
+            time.sleep(0.2)
+        assert last and last >= sw["segment"] and failed == 0
+        assert check_continuity(repo, "push")["ok"]
+        source = data_fingerprint(pg.superuser())
+        rep = restore_pitr(repo, "push", parse_target("latest"), scratch / "d", os_user=pg.os_user, keep_running=True)
+        srv = rep.pop("server")
+        try:
+            assert data_fingerprint(srv.local_conninfo()) == source
+        finally:
+            srv.stop()
+        assert rep["backup_id"] == b["backup_id"]
+    finally:
+        pg.stop()
