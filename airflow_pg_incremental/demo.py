@@ -57,6 +57,15 @@ def _airflow(args: list[str], env: dict, logfile: Path) -> subprocess.CompletedP
                               cwd=logfile.parent)
 
 
+def _run_dag(dag_id: str, env: dict, w: Path) -> None:
+    logfile = w / f"{dag_id}.log"
+    r = _airflow(["dags", "test", dag_id], env, logfile)
+    text = logfile.read_text(errors="replace")
+    ok = any(f"Marking run <DagRun {dag_id} @" in line and "successful" in line for line in text.splitlines())
+    if r.returncode != 0 or not ok:
+        raise RuntimeError(f"airflow dags test {dag_id} did not succeed; see {logfile}")
+
+
 def run_demo(*, s3: bool = False, scale: int = 1, keep: bool = False, workdir: str | None = None,
              use_airflow: bool = True) -> int:
     w = Path(workdir or tempfile.mkdtemp(prefix="pgincr-demo-", dir="/var/tmp")).absolute()
@@ -125,14 +134,14 @@ def run_demo(*, s3: bool = False, scale: int = 1, keep: bool = False, workdir: s
             step("airflow", t, f"metadata DB migrated (SQLite), DAG {cluster} config {config.name}")
             t = time.monotonic()
             dag_id = f"pgincr_{cluster}_weekly_full"
-            r = _airflow(["dags", "test", dag_id], env, logfile)
-            if r.returncode != 0 or "state=success" not in logfile.read_text(errors="replace").replace(
-                    "state: success", "state=success") and "successful" not in logfile.read_text(errors="replace"):
-                raise RuntimeError(f"airflow dags test {dag_id} failed; see {logfile}")
+            _run_dag(dag_id, env, w)
         else:
             from .core.backup import take_full_backup
+            from .core.capture import capture_wal_pull, ensure_slot, switch_wal
 
+            ensure_slot(src, "pgincr_demo")
             take_full_backup(src, repo, cluster, catalog=catalog)
+            capture_wal_pull(src, repo, cluster, upto_lsn=switch_wal(src)["lsn"], catalog=catalog)
             dag_id = None
         backups = list_backups(repo, cluster)
         if not backups:
@@ -149,8 +158,27 @@ def run_demo(*, s3: bool = False, scale: int = 1, keep: bool = False, workdir: s
         t = time.monotonic()
         pg.psql("INSERT INTO random_bytes (payload, note) VALUES ('\\x00', 'after backup'); "
                 "DELETE FROM pgbench_accounts WHERE aid % 10 = 0;")
+        at_target = data_fingerprint(pg.superuser())
+        target_time = pg.psql("SELECT clock_timestamp()").strip()
+        time.sleep(0.3)
+        pg.pgbench_run(300)
+        pg.psql("UPDATE random_bytes SET note = 'after the target time'")
         after = data_fingerprint(pg.superuser())
-        step("source changed after backup", t, "1 row inserted, 10% of pgbench_accounts deleted")
+        step("source changed after backup", t, f"rows inserted and deleted; PITR target time {target_time}; then "
+                                               "300 more transactions and an update")
+
+        t = time.monotonic()
+        from .core.capture import check_continuity, capture_wal_pull, switch_wal
+
+        if use_airflow:
+            _run_dag(f"pgincr_{cluster}_hourly_wal", env, w)
+        else:
+            capture_wal_pull(src, repo, cluster, upto_lsn=switch_wal(src)["lsn"], catalog=catalog)
+        cont = check_continuity(repo, cluster, catalog=catalog)
+        wal_rows = catalog.wal_segments(cluster)
+        step("WAL archive" + (f" (airflow dags test pgincr_{cluster}_hourly_wal)" if use_airflow else ""), t,
+             f"{len(wal_rows)} segments archived through the replication slot, continuous from the backup "
+             "(" + ", ".join(f"TL{k}: {v['first']}..{v['last']}" for k, v in cont["timelines"].items()) + ")")
 
         t = time.monotonic()
         target = w / "restored"
@@ -161,12 +189,28 @@ def run_demo(*, s3: bool = False, scale: int = 1, keep: bool = False, workdir: s
         step("restore + start", t, f"checksums ok, pg_verifybackup ok, server up on a private socket "
                                    f"(archive_mode=off) in {rto:.1f} s")
 
+        restored_srv.stop()
+        restored_srv = None
+
+        t = time.monotonic()
+        from .core.pitr import parse_target, restore_pitr
+
+        rep = restore_pitr(repo, cluster, parse_target("time", target_time), w / "pitr", os_user=pg.os_user,
+                           keep_running=True)
+        restored_srv = rep.pop("server")
+        got_pitr = data_fingerprint(restored_srv.local_conninfo())
+        pitr_rto = time.monotonic() - t
+        step("point-in-time restore", t, f"to {target_time}: {rep['stopped_at'] or rep['state']}, reached LSN "
+                                         f"{rep['reached_lsn']} in {pitr_rto:.1f} s")
+
         match = got == before
-        differs_from_now = got != after
+        pitr_match = got_pitr == at_target
+        differs_from_now = got != after and got_pitr != after
         leaks = _password_leaks(w, src.password, repo if not weed else None)
         if weed:
             leaks += _s3_password_leaks(repo, src.password)
-        ok = match and differs_from_now and not leaks
+            leaks += [f"S3 secret key in {p}" for p in _password_leaks(w, weed.secret_key, None)]
+        ok = match and pitr_match and differs_from_now and not leaks and cont["ok"]
         print("\n==== pgincr demo report ====")
         print(f"repository      {repo.url}")
         print(f"backup          {b['backup_id']} (full, PostgreSQL {b['pg_major']}, timeline {b['timeline']}, "
@@ -182,7 +226,11 @@ def run_demo(*, s3: bool = False, scale: int = 1, keep: bool = False, workdir: s
                   f"{'MATCH' if g == v else 'DIFFERENT: ' + str(g)}")
         print(f"restored == source at backup time: {'YES' if match else 'NO'}; "
               f"== source now (after changes): {'no (as expected)' if differs_from_now else 'YES (unexpected)'}")
-        print(f"password found in logs/repository: {', '.join(leaks) if leaks else 'nowhere'}")
+        print(f"WAL archive     {len(wal_rows)} segments, continuous: {'yes' if cont['ok'] else 'NO: ' + str(cont['problems'])}")
+        print(f"PITR            target {target_time}; {rep['stopped_at'] or rep['state']}; {pitr_rto:.2f} s")
+        print(f"PITR restored == source at the target time: {'YES' if pitr_match else 'NO'}")
+        print(f"password{' / S3 secret' if weed else ''} found in logs/repository/restored copies: "
+              f"{', '.join(leaks) if leaks else 'nowhere'}")
         print(f"total           {time.monotonic() - t_start:.1f} s")
         print(f"RESULT: {'PASS' if ok else 'FAIL'}")
         return 0 if ok else 1
@@ -212,7 +260,8 @@ def _password_leaks(w: Path, password: str, repo) -> list[str]:
     hits = []
     needle = password.encode()
     for p in w.rglob("*"):
-        if not p.is_file() or p.is_symlink() or "source/data" in str(p) or p.name == "clusters.json":
+        if not p.is_file() or p.is_symlink() or "source/data" in str(p) or p.name == "clusters.json" or \
+                p.parent.name == "s3" and p.name == "s3.json":  # SeaweedFS's own credentials file
             continue
         try:
             data = p.read_bytes()

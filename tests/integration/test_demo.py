@@ -17,6 +17,8 @@ def test_demo_passes(flags, tmp_path):
                        text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "restored == source at backup time: YES" in r.stdout
-    assert "password found in logs/repository: nowhere" in r.stdout
+    assert "found in logs/repository/restored copies: nowhere" in r.stdout
+    assert "PITR restored == source at the target time: YES" in r.stdout
+    assert "continuous: yes" in r.stdout
     assert "RESULT: PASS" in r.stdout
     assert "pgincr_demo_weekly_full" in r.stdout  # it went through Airflow
