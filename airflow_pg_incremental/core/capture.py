@@ -79,6 +79,46 @@ def _server_positions(conn: ConnInfo) -> dict:
             "flush_lsn": parse_lsn(flush), "timeline": tli}
 
 
+def server_timeline_history(conn: ConnInfo, timeline: int) -> list[tuple[int, int]]:
+    """[(timeline, switch LSN)] of the server's history file for `timeline`, through the
+    replication protocol's TIMELINE_HISTORY command (no superuser needed, only REPLICATION)."""
+    if timeline <= 1:
+        return []
+    from psycopg import pq
+    from psycopg.conninfo import make_conninfo
+
+    kw = {k: v for k, v in conn.psycopg_kwargs().items()}
+    kw["replication"] = "true"
+    pgc = pq.PGconn.connect(make_conninfo(**kw).encode())
+    try:
+        if pgc.status != pq.ConnStatus.OK:
+            raise classify_connect_error(conn, (pgc.error_message or b"").decode("utf-8", "replace"))
+        res = pgc.exec_(f"TIMELINE_HISTORY {int(timeline)}".encode())
+        if res.status != pq.ExecStatus.TUPLES_OK:
+            raise ServerError(f"TIMELINE_HISTORY {timeline} failed: {(res.error_message or b'').decode()}")
+        content = res.get_value(0, 1).decode()
+    finally:
+        pgc.finish()
+    out = []
+    for line in content.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0].isdigit():
+            out.append((int(parts[0]), parse_lsn(parts[1])))
+    return out
+
+
+def timeline_at(history: list[tuple[int, int]], current: int, lsn: int, from_tli: int) -> int:
+    """The timeline that holds WAL position `lsn`, walking the history from `from_tli` on. A
+    position exactly at a switch point belongs to the newer timeline (the server answers a request
+    to stream an old timeline from its switch point with no WAL, which pg_receivewal rejects)."""
+    tli = from_tli
+    for t, switch in history:
+        if t == tli and lsn >= switch:
+            later = [h[0] for h in history if h[0] > t]
+            tli = later[0] if later else current
+    return tli
+
+
 def capture_wal_pull(conn: ConnInfo, repo: Repository, cluster: str, *, slot: str | None = None,
                      upto_lsn: str | int | None = None, max_retained_bytes: int = 8 << 30, level: int = 3,
                      timeout_s: float = 3600, catalog=None, staging_parent: str | None = None) -> dict:
@@ -111,6 +151,11 @@ def capture_wal_pull(conn: ConnInfo, repo: Repository, cluster: str, *, slot: st
     else:
         target = (target // seg) * seg
     start_lsn = start_segno * seg
+    if pos["timeline"] > start_tli:
+        # the server moved on to a newer timeline (failover / PITR): start on the timeline that
+        # holds start_lsn; pg_receivewal follows the history from there and stores the .history
+        start_tli = timeline_at(server_timeline_history(conn, pos["timeline"]), pos["timeline"], start_lsn,
+                                start_tli)
     result = {"cluster": cluster, "slot": slot, "slot_created": slot_info["created"], "segments": 0,
               "history_files": 0, "raw_bytes": 0, "stored_bytes": 0, "first_segment": None, "last_segment": None,
               "start_lsn": format_lsn(start_lsn), "end_lsn": format_lsn(max(target, start_lsn)),

@@ -228,3 +228,58 @@ def test_push_mode_end_to_end(workdir, scratch):
         assert rep["backup_id"] == b["backup_id"]
     finally:
         pg.stop()
+
+
+def test_timeline_switch_is_captured_with_its_history(workdir, scratch):
+    """Failover: the archive is restored and promoted (timeline 2) as the new primary; capture from
+    it continues the same archive, stores 00000002.history, and a PITR to 'latest' from the old
+    backup follows the history onto timeline 2."""
+    from airflow_pg_incremental.core.server import PgServer
+    from airflow_pg_incremental.core.wal import list_history
+
+    base = workdir / f"tl-{uuid.uuid4().hex[:6]}"
+    base.mkdir()
+    os.chmod(base, 0o755)
+    repo = LocalRepository(base / "repo")
+    old = SandboxPostgres(base / "old").start()
+    new = None
+    try:
+        capture_wal_pull(old.conninfo(), repo, "tl")
+        old.psql("CREATE TABLE t (id int, tl text)")
+        b = take_full_backup(old.conninfo(), repo, "tl")
+        old.psql("INSERT INTO t VALUES (1, 'old primary')")
+        capture_wal_pull(old.conninfo(), repo, "tl", upto_lsn=switch_wal(old.conninfo())["lsn"])
+        conn_old = old.conninfo()
+        old.stop()  # the old primary is gone
+
+        # the new primary: the archive restored to its end and promoted onto timeline 2
+        rep = restore_pitr(repo, "tl", parse_target("latest"), base / "new" / "data", os_user=old.os_user)
+        assert rep["state"] == "promoted"
+        new = PgServer(base / "new" / "data", major=18, os_user=old.os_user)
+        new.start({"archive_mode": "off", "listen_addresses": "127.0.0.1"})  # its own pg_hba: password logins
+        conn_new = conn_old.__class__(host="127.0.0.1", port=new.port, user=conn_old.user,
+                                      password=conn_old.password, dbname="postgres")
+        new.psql("INSERT INTO t VALUES (2, 'new primary')")
+        assert query(conn_new, "SELECT timeline_id FROM pg_control_checkpoint()")[0][0] >= 1
+        cap = capture_wal_pull(conn_new, repo, "tl", upto_lsn=switch_wal(conn_new)["lsn"])
+        assert cap["history_files"] >= 1 and cap["segments"] >= 1
+        assert 2 in list_history(repo, "tl")
+        segs = list_segments(repo, "tl")
+        assert 1 in segs and 2 in segs
+        cont = check_continuity(repo, "tl", fail_on_gap=False)
+        assert cont["missing_history"] == []
+
+        # recovery from the old backup follows timeline 2 to the end
+        rep2 = restore_pitr(repo, "tl", parse_target("latest"), scratch / "d", os_user=old.os_user,
+                            keep_running=True)
+        srv = rep2.pop("server")
+        try:
+            rows = query(srv.local_conninfo(), "SELECT array_agg(tl ORDER BY id) FROM t")[0][0]
+            assert rows == ["old primary", "new primary"]
+        finally:
+            srv.stop()
+        assert rep2["backup_id"] == b["backup_id"]
+    finally:
+        if new is not None:
+            new.stop("immediate")
+        old.stop()
