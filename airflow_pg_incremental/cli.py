@@ -64,6 +64,7 @@ def cmd_backup(args) -> int:
 def cmd_info(args) -> int:
     from .core.metadata import find_incomplete, list_backups, list_clusters
     from .core.progress import human_bytes
+    from .core.wal import continuity, list_history
 
     repo = _repo(args)
     clusters = [args.cluster] if args.cluster else list_clusters(repo)
@@ -76,6 +77,18 @@ def cmd_info(args) -> int:
                                                "stored_bytes", "system_identifier")} for b in backups],
             "incomplete": [i["backup_id"] for i in find_incomplete(repo, cl)],
         }
+        bl = out["clusters"][cl]["backups"]
+        from .core.lsn import parse_lsn
+
+        start = parse_lsn(bl[0]["start_lsn"]) if bl and bl[0]["start_lsn"] else None
+        cont = continuity(repo, cl, from_lsn=start, timeline=bl[0]["timeline"] if bl else None)
+        out["clusters"][cl]["wal"] = {
+            "timelines": {str(k): {kk: v[kk] for kk in ("first", "last", "count", "missing_count")}
+                          for k, v in cont["timelines"].items()},
+            "history": list_history(repo, cl), "gaps": cont["gaps"][:20], "missing_history": cont["missing_history"],
+            "continuous": cont["ok"],
+            "window": {"from_backup": bl[0]["backup_id"], "start_lsn": bl[0]["stop_lsn"],
+                       "start_time": bl[0]["finished_at"], "end_lsn": cont["end_lsn"]} if bl else None}
     if args.json:
         _print(out, True)
         return 0
@@ -88,6 +101,14 @@ def cmd_info(args) -> int:
             print(f"  {b['backup_id']:<24} {b['kind']:<12} {b['pg_major']:>3} {b['start_lsn'] or '':>12} "
                   f"{b['stop_lsn'] or '':>12} {b['timeline'] or '':>3} {human_bytes(b['raw_bytes'] or 0):>10} "
                   f"{human_bytes(b['stored_bytes'] or 0):>10} {b['duration_s'] or 0:>6.1f}  {b['finished_at']}")
+        wal = d["wal"]
+        for tl, v in wal["timelines"].items():
+            missing = f", {v['missing_count']} MISSING" if v["missing_count"] else ""
+            print(f"  WAL timeline {tl}: {v['count']} segment(s) {v['first']} .. {v['last']}{missing}")
+        if wal["window"]:
+            w = wal["window"]
+            print(f"  recoverable window: {w['start_time']} (LSN {w['start_lsn']}) .. LSN {w['end_lsn'] or '?'}"
+                  f"{'' if wal['continuous'] else '  (GAPS: ' + ', '.join(wal['gaps'][:3]) + ')'}")
         if d["incomplete"]:
             print(f"  incomplete (interrupted, not restorable; removed by 'pgincr cleanup'): {', '.join(d['incomplete'])}")
     return 0

@@ -67,6 +67,31 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX ON {s}.wal_segments (cluster, timeline, start_lsn);
     """,
+    # 3: the recoverable window as a query
+    """
+    CREATE VIEW {s}.recoverable_window AS
+    WITH seg AS (
+        SELECT cluster, timeline, segment, start_lsn, end_lsn, archived_at,
+               lead(start_lsn) OVER (PARTITION BY cluster, timeline ORDER BY start_lsn) AS next_start
+        FROM {s}.wal_segments),
+    oldest AS (
+        SELECT DISTINCT ON (cluster) cluster, backup_id, start_lsn, stop_lsn, finished_at, timeline
+        FROM {s}.backups WHERE status = 'complete' ORDER BY cluster, finished_at),
+    newest AS (
+        SELECT DISTINCT ON (cluster) cluster, timeline, segment, end_lsn, archived_at
+        FROM seg ORDER BY cluster, timeline DESC, start_lsn DESC),
+    gaps AS (
+        SELECT s.cluster, count(*) AS gaps, min(s.end_lsn) AS first_gap_at
+        FROM seg s JOIN oldest o USING (cluster)
+        WHERE s.next_start IS NOT NULL AND s.next_start <> s.end_lsn AND s.end_lsn > o.start_lsn
+        GROUP BY s.cluster)
+    SELECT o.cluster, o.backup_id AS oldest_backup, o.stop_lsn AS window_start_lsn,
+           o.finished_at AS window_start_time, n.timeline AS newest_timeline, n.segment AS newest_segment,
+           CASE WHEN g.gaps IS NULL THEN n.end_lsn ELSE g.first_gap_at END AS window_end_lsn,
+           n.archived_at AS newest_archived_at, coalesce(g.gaps, 0) AS gaps,
+           now() - n.archived_at AS wal_age
+    FROM oldest o LEFT JOIN newest n USING (cluster) LEFT JOIN gaps g USING (cluster);
+    """,
 ]
 
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -161,6 +186,15 @@ class Catalog:
                         (cluster,))
             names = [d.name for d in cur.description]
             return [dict(zip(names, r)) for r in cur.fetchall()]
+
+    def recoverable_window(self, cluster: str) -> dict | None:
+        """Oldest backup's end .. end of continuous archived WAL (first gap), per the catalog."""
+        with self._connect() as c, c.cursor() as cur:
+            cur.execute(f"SELECT cluster, oldest_backup, window_start_lsn::text, window_start_time, newest_timeline, "
+                        f"newest_segment, window_end_lsn::text, newest_archived_at, gaps, wal_age "
+                        f"FROM {self.schema}.recoverable_window WHERE cluster = %s", (cluster,))
+            row = cur.fetchone()
+            return dict(zip([d.name for d in cur.description], row)) if row else None
 
     def backups(self, cluster: str | None = None, status: str | None = None) -> list[dict]:
         where, params = [], []

@@ -45,3 +45,30 @@ def test_rebuild_drops_rows_of_backups_gone_from_repository(pg, repo, catalog):
     assert len(catalog.backups("gone")) == 2
     catalog.rebuild_from_repository(repo, ["gone"])
     assert [r["backup_id"] for r in catalog.backups("gone")] == [b["backup_id"]]
+
+
+def test_recoverable_window_is_a_query(pg, repo, catalog):
+    from airflow_pg_incremental.core.capture import capture_wal_pull, check_continuity, switch_wal
+    from airflow_pg_incremental.core.wal import list_segments, wal_key
+    import uuid
+
+    cluster = "win" + uuid.uuid4().hex[:6]
+    try:
+        capture_wal_pull(pg.conninfo(), repo, cluster, catalog=catalog)
+        b = take_full_backup(pg.conninfo(), repo, cluster, catalog=catalog)
+        for _ in range(3):
+            pg.pgbench_run(100)
+            capture_wal_pull(pg.conninfo(), repo, cluster, upto_lsn=switch_wal(pg.conninfo())["lsn"], catalog=catalog)
+        w = catalog.recoverable_window(cluster)
+        segs = list_segments(repo, cluster)[1]
+        assert w["oldest_backup"] == b["backup_id"] and w["window_start_lsn"] == b["stop_lsn"]
+        assert w["newest_segment"] == segs[-1] and w["gaps"] == 0
+        # a segment lost from the archive: the window ends at the gap once the catalog learns it
+        repo.delete(wal_key(cluster, segs[-2]))
+        query(pg.conninfo("pgincr_catalog"), f"DELETE FROM {catalog.schema}.wal_segments WHERE segment = %s",
+              (segs[-2],))
+        w2 = catalog.recoverable_window(cluster)
+        assert w2["gaps"] == 1 and w2["window_end_lsn"] != w["window_end_lsn"]
+        assert not check_continuity(repo, cluster, fail_on_gap=False)["ok"]
+    finally:
+        pg.psql(f"SELECT pg_drop_replication_slot('pgincr_{cluster}')")
