@@ -161,6 +161,15 @@ def backups_asset(cluster: str):
     return Asset(name=f"pgincr_{cluster}_backups", uri=f"pgincr://{cluster}/backups")
 
 
+def _dag(cl: ClusterConfig, kind: str, description: str, tags: list[str], doc_md: str):
+    """A DAG of `cl` with the settings every pgincr DAG shares."""
+    from airflow.sdk import DAG
+
+    return DAG(dag_id=f"{cl.dag_prefix}_{kind}", description=description, schedule=cl.schedules.get(kind),
+               start_date=_start(cl), catchup=False, max_active_runs=1, default_args=_default_args(cl),
+               tags=["pgincr", *tags, cl.name, *cl.tags], doc_md=doc_md)
+
+
 def _wal_tasks(cl: ClusterConfig, segment_template: str, upto_template: str, outlets=None):
     """switch → (pull: capture up to the switch) → wait until `segment` is archived."""
     from airflow_pg_incremental.operators.wal import PgWalCaptureOperator, PgWalSwitchOperator
@@ -182,20 +191,11 @@ def _wal_tasks(cl: ClusterConfig, segment_template: str, upto_template: str, out
 
 
 def build_weekly_full(cl: ClusterConfig):
-    from airflow.sdk import DAG
-
     from airflow_pg_incremental.operators.backup import PgBackupPreflightOperator, PgBaseBackupOperator
 
-    with DAG(
-        dag_id=f"{cl.dag_prefix}_weekly_full",
-        description=f"Weekly full base backup of {cl.name}",
-        schedule=cl.schedules.get("weekly_full"),
-        start_date=_start(cl),
-        catchup=False,
-        max_active_runs=1,
-        default_args=_default_args(cl),
-        tags=["pgincr", "backup", cl.name, *cl.tags],
-        doc_md=f"""Full base backup of cluster **{cl.name}** into `{cl.repository}`.
+    with _dag(
+        cl, "weekly_full", f"Weekly full base backup of {cl.name}", ["backup"],
+        f"""Full base backup of cluster **{cl.name}** into `{cl.repository}`.
 
 preflight (server reachable, REPLICATION, repository writable, leftovers of interrupted backups
 removed) → full backup (pg_basebackup streamed through zstd; metadata written last). The XCom of
@@ -215,24 +215,15 @@ removed) → full backup (pg_basebackup streamed through zstd; metadata written 
 
 
 def build_hourly_wal(cl: ClusterConfig):
-    from airflow.sdk import DAG
-
     from airflow_pg_incremental.operators.wal import PgWalContinuityOperator
     from airflow_pg_incremental.sensors.wal import WalFreshnessSensor
 
     mode = ("pull: WAL is captured through the replication slot up to the switch point"
             if cl.wal_mode == "pull" else
             "push: the server's archive_command (walcmd push) archives WAL; this DAG waits for it")
-    with DAG(
-        dag_id=f"{cl.dag_prefix}_hourly_wal",
-        description=f"WAL archive of {cl.name}: switch, capture, continuity, RPO",
-        schedule=cl.schedules.get("hourly_wal"),
-        start_date=_start(cl),
-        catchup=False,
-        max_active_runs=1,
-        default_args=_default_args(cl),
-        tags=["pgincr", "wal", cl.name, *cl.tags],
-        doc_md=f"""WAL archive of cluster **{cl.name}** ({mode}).
+    with _dag(
+        cl, "hourly_wal", f"WAL archive of {cl.name}: switch, capture, continuity, RPO", ["wal"],
+        f"""WAL archive of cluster **{cl.name}** ({mode}).
 
 wal_switch (closes the current segment) → {'wal_capture → ' if cl.wal_mode == 'pull' else ''}wal_archived
 (the switched segment is in the repository) → wal_continuity (no gap from the oldest backup on,

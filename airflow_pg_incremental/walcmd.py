@@ -143,7 +143,7 @@ def push(path: str, repo_url: str, cluster: str, *, spool: str | None = None, ah
             if time.monotonic() > deadline:
                 break
             time.sleep(delay)
-            delay = min(delay * 1.5, 0.05)
+            delay = min(delay * 1.5, 0.01)
             continue
         # we hold the lock: a marker may have appeared just before we got it
         if _take_marker(spool, path, name):
@@ -156,7 +156,7 @@ def push(path: str, repo_url: str, cluster: str, *, spool: str | None = None, ah
     from airflow_pg_incremental.core.wal import push_file
 
     try:
-        push_file(_repo(repo_url), cluster, path, name=name, level=level)
+        push_file(_repo(repo_url), cluster, path, name=name, level=level, checksum=False)
         return 0
     except Exception as e:
         _log(None, f"{name}: {e}")
@@ -170,7 +170,7 @@ def _push_and_go_ahead(path, name, pg_wal, spool, lock_fd, repo_url, cluster, ah
 
     try:
         repo = _repo(repo_url)
-        push_file(repo, cluster, path, name=name, level=level)
+        push_file(repo, cluster, path, name=name, level=level, checksum=False)
     except Exception as e:
         os.close(lock_fd)
         _log(None, f"{name} NOT archived: {e}")
@@ -204,13 +204,14 @@ def _ahead_loop(repo, cluster, pg_wal, spool, ahead, parallel, idle_exit, level,
     from airflow_pg_incremental.core.wal import push_file
 
     done = set(skip)
+    failures: dict[str, int] = {}
     idle_since = time.monotonic()
     pushed = 0
 
     def one(n):
         p = os.path.join(pg_wal, n)
         try:
-            r = push_file(repo, cluster, p, name=n, level=level)
+            r = push_file(repo, cluster, p, name=n, level=level, checksum=False)
         except FileNotFoundError:
             return n, None  # acknowledged and recycled meanwhile
         _write_marker(spool, p, n, r)
@@ -223,15 +224,23 @@ def _ahead_loop(repo, cluster, pg_wal, spool, ahead, parallel, idle_exit, level,
             if not todo:
                 time.sleep(0.05)
                 continue
-            idle_since = time.monotonic()
-            for fut in [pool.submit(one, n) for n in todo]:
+            futures = {pool.submit(one, n): n for n in todo}
+            for fut, n in futures.items():
                 try:
-                    n, r = fut.result()
+                    _, r = fut.result()
                     done.add(n)
-                    pushed += 1
-                except Exception as e:  # leave it to the foreground push, which reports it
-                    _log(spool, f"push ahead failed: {e}")
-                    time.sleep(0.5)
+                    pushed += r is not None
+                except Exception as e:
+                    # leave it to the foreground push (which reports it to PostgreSQL); after a
+                    # second failure stop trying it here, so one bad file cannot hold the lock
+                    failures[n] = failures.get(n, 0) + 1
+                    _log(spool, f"push ahead of {n} failed ({failures[n]}x): {e}")
+                    if failures[n] >= 2:
+                        done.add(n)
+            if len(failures) >= 3:
+                _log(spool, "several files fail to push ahead: leaving them to the foreground calls")
+                break
+            idle_since = time.monotonic()  # idle counts from the end of the batch
     # markers of files PostgreSQL never asked for (e.g. after a crash) expire after a day
     now = time.time()
     for f in os.listdir(spool):

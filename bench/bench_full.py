@@ -38,6 +38,7 @@ import zstandard
 from airflow_pg_incremental.core.binaries import find_program
 from airflow_pg_incremental.core.repository import S3Repository
 from airflow_pg_incremental.core.sandbox import SandboxPostgres, SeaweedS3
+from _common import make_workdir, tail  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CHILD = HERE / "ours_backup_child.py"
@@ -172,11 +173,6 @@ def _kill_all(procs: list[subprocess.Popen]) -> None:
                 pass
 
 
-def _tail(path: Path, n: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,7 +251,7 @@ class Bench:
 
         procs, wall, sampler = self._measure(start)
         if procs[0].returncode != 0:
-            raise RuntimeError(f"{kind}: our backup failed (exit {procs[0].returncode}):\n{_tail(err_file)}")
+            raise RuntimeError(f"{kind}: our backup failed (exit {procs[0].returncode}):\n{tail(err_file)}")
         res = json.loads(out_file.read_text())
         meta = res["meta"]
         raw, stored = meta["raw_bytes"], meta["stored_bytes"]
@@ -302,8 +298,8 @@ class Bench:
 
         procs, wall, sampler = self._measure(start)
         if any(p.returncode != 0 for p in procs):
-            raise RuntimeError(f"reference failed: pg_basebackup exit {procs[0].returncode} ({_tail(err_pb)}), "
-                               f"compressor exit {procs[1].returncode} ({_tail(err_z)})")
+            raise RuntimeError(f"reference failed: pg_basebackup exit {procs[0].returncode} ({tail(err_pb)}), "
+                               f"compressor exit {procs[1].returncode} ({tail(err_z)})")
         stored = out.stat().st_size
         t = time.monotonic()
         fd = os.open(out, os.O_RDONLY)
@@ -478,16 +474,6 @@ def _print_report(rep: dict, sides: list[str]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-def make_workdir(base: str | None) -> Path:
-    """A new run directory (mode 0755): --workdir itself if it does not exist yet, else a fresh
-    sub-directory of it (default base /var/tmp). Only what is created here is removed at the end."""
-    if base and not os.path.exists(base):
-        p = Path(base).absolute()
-        p.mkdir(parents=True, mode=0o755)
-    else:
-        p = Path(tempfile.mkdtemp(prefix="pgincr-bench-", dir=base or "/var/tmp")).absolute()
-    os.chmod(p, 0o755)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -514,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, on_term)
-    workdir = make_workdir(a.workdir)
+    workdir = make_workdir(a.workdir, 'pgincr-bench-')
     b = Bench(a, workdir)
     try:
         report = b.run()

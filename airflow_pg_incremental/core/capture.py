@@ -173,7 +173,6 @@ def capture_wal_pull(conn: ConnInfo, repo: Repository, cluster: str, *, slot: st
         # from the beginning of that segment (a complete placeholder of segment 0 would be ignored)
         with open(os.path.join(staging, segment_name(start_tli, start_segno, seg) + ".partial"), "wb") as f:
             f.truncate(seg)
-        placeholder = None
         cmd = [receivewal, "-D", staging, "--no-loop", "--no-password", "--no-sync", f"--endpos={format_lsn(target)}",
                "--status-interval=1", "--verbose"]
         log.info("capturing WAL %s .. %s (timeline %s) with: %s", format_lsn(start_lsn), format_lsn(target),
@@ -182,13 +181,13 @@ def capture_wal_pull(conn: ConnInfo, repo: Repository, cluster: str, *, slot: st
         with open(err_path, "wb") as err:
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, **conn.env()},
                                     cwd=staging)
-        uploaded: set[str] = {placeholder} if placeholder else set()
+        uploaded: set[str] = set()
         last_log = time.monotonic()
         deadline = time.monotonic() + timeout_s
         stopped_by_us = False
         while True:
             running = proc.poll() is None
-            _upload_ready(repo, cluster, staging, uploaded, result, level, final=not running, seg=seg)
+            _upload_ready(repo, cluster, staging, uploaded, result, level, seg=seg)
             if not running:
                 break
             if result["last_segment"] and segno_of(result["last_segment"], seg) >= target // seg - 1:
@@ -197,7 +196,7 @@ def capture_wal_pull(conn: ConnInfo, repo: Repository, cluster: str, *, slot: st
                 proc.terminate()
                 proc.wait()
                 stopped_by_us = True
-                _upload_ready(repo, cluster, staging, uploaded, result, level, final=True, seg=seg)
+                _upload_ready(repo, cluster, staging, uploaded, result, level, seg=seg)
                 break
             if time.monotonic() > deadline:
                 proc.kill()
@@ -242,7 +241,7 @@ def capture_wal_pull(conn: ConnInfo, repo: Repository, cluster: str, *, slot: st
     return result
 
 
-def _upload_ready(repo, cluster, staging, uploaded, result, level, final, seg) -> None:
+def _upload_ready(repo, cluster, staging, uploaded, result, level, seg) -> None:
     for n in sorted(os.listdir(staging)):
         if n in uploaded or n.startswith(".") or n.endswith(".partial"):
             continue

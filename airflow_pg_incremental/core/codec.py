@@ -38,7 +38,19 @@ class ObjectInfo:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
-class HashingReader(io.RawIOBase):
+class _ReadInto:
+    """readinto() in terms of read(), for the raw streams below."""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+class HashingReader(_ReadInto, io.RawIOBase):
     """Wraps a readable; hashes and counts what passes through. Optional per-chunk callback."""
 
     def __init__(self, src: BinaryIO, on_chunk: Callable[[bytes], None] | None = None, hash: bool = True):
@@ -47,9 +59,6 @@ class HashingReader(io.RawIOBase):
         self.size = 0
         self.eof = False
         self._on_chunk = on_chunk
-
-    def readable(self) -> bool:
-        return True
 
     def read(self, n: int = -1) -> bytes:
         if n is None or n < 0:
@@ -70,39 +79,26 @@ class HashingReader(io.RawIOBase):
             self.eof = True
         return data
 
-    def readinto(self, b) -> int:
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
-
     def hexdigest(self) -> str:
         if self._hash is None:
             raise ValueError("this reader was not asked to hash")
         return self._hash.hexdigest()
 
 
-class NonClosing(io.RawIOBase):
+class NonClosing(_ReadInto, io.RawIOBase):
     """Proxy that ignores close(): boto3's upload_fileobj closes what it is given."""
 
     def __init__(self, src):
         self._src = src
 
-    def readable(self) -> bool:
-        return True
-
     def read(self, n: int = -1) -> bytes:
         return self._src.read(n)
-
-    def readinto(self, b) -> int:
-        data = self._src.read(len(b))
-        b[: len(data)] = data
-        return len(data)
 
     def close(self) -> None:  # noqa: D401 - deliberately does nothing
         pass
 
 
-class CompressingReader(io.RawIOBase):
+class CompressingReader(_ReadInto, io.RawIOBase):
     """read() returns zstd-compressed bytes of `src`, hashing raw and stored bytes as they pass."""
 
     def __init__(self, src: BinaryIO, level: int = 3, threads: int = 0,
@@ -114,16 +110,8 @@ class CompressingReader(io.RawIOBase):
         cctx = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
         self.stored = HashingReader(cctx.stream_reader(self.raw, read_size=CHUNK, closefd=False))
 
-    def readable(self) -> bool:
-        return True
-
     def read(self, n: int = -1) -> bytes:
         return self.stored.read(CHUNK if n is None or n < 0 else n)
-
-    def readinto(self, b) -> int:
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
 
     def info(self, key: str) -> ObjectInfo:
         if self._raw_hasher is False:
@@ -133,7 +121,7 @@ class CompressingReader(io.RawIOBase):
         return ObjectInfo(key, self.raw.size, raw_sha, self.stored.size, self.stored.hexdigest())
 
 
-class VerifyingReader(io.RawIOBase):
+class VerifyingReader(_ReadInto, io.RawIOBase):
     """Decompresses a stored object and checks size and SHA-256 of stored and raw bytes at EOF."""
 
     def __init__(self, stored_src: BinaryIO, expected: ObjectInfo):
@@ -147,9 +135,6 @@ class VerifyingReader(io.RawIOBase):
                                                                             closefd=False))
         self._checked = False
 
-    def readable(self) -> bool:
-        return True
-
     def read(self, n: int = -1) -> bytes:
         if n == 0:
             return b""
@@ -161,11 +146,6 @@ class VerifyingReader(io.RawIOBase):
         if not data:
             self._check()
         return data
-
-    def readinto(self, b) -> int:
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
 
     def drain(self) -> None:
         """Read to the end (tar readers stop at the end-of-archive marker) so checksums get checked."""
@@ -207,7 +187,7 @@ def decompress_bytes(data: bytes, what: str = "object") -> bytes:
     return out
 
 
-class PipeReader(io.RawIOBase):
+class PipeReader(_ReadInto, io.RawIOBase):
     """Drains a pipe in a background thread into a bounded queue, so the producer (pg_basebackup)
     never waits while we compress and hash. `on_chunk` runs in that thread (tar scanning, raw
     hashing, progress). Memory: at most `depth` chunks of CHUNK bytes are queued."""
@@ -258,9 +238,6 @@ class PipeReader(io.RawIOBase):
         finally:
             self._put(None)
 
-    def readable(self) -> bool:
-        return True
-
     def read(self, n: int = -1) -> bytes:
         if n is None or n < 0:
             n = CHUNK
@@ -279,11 +256,6 @@ class PipeReader(io.RawIOBase):
         out = bytes(self._buf[:n])
         self._buf = self._buf[n:]
         return out
-
-    def readinto(self, b) -> int:
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
 
     def close(self) -> None:
         self._closing.set()

@@ -48,26 +48,29 @@ class PushResult:
     status: str            # 'stored' or 'exists' (identical content already archived)
     raw_size: int
     stored_size: int
-    raw_sha256: str
+    raw_sha256: str | None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
 
 def push_bytes(repo: Repository, cluster: str, name: str, data: bytes, *, level: int = 3,
-               segment_size: int | None = None) -> PushResult:
-    """Store one WAL file. Durable when this returns (local: fsync; S3: PUT acknowledged)."""
+               segment_size: int | None = None, checksum: bool = True) -> PushResult:
+    """Store one WAL file. Durable when this returns (local: fsync; S3: PUT acknowledged).
+    checksum=False skips the content SHA-256 unless it is needed (an object exists already): the
+    stored frame carries its own content checksum, and archive_command needs every millisecond."""
     kind = wal_name_kind(name)
     if kind == "segment" and segment_size and len(data) != segment_size:
         raise ConfigError(f"{name}: {len(data)} bytes, not a whole WAL segment of {segment_size} bytes; refusing to "
                           "archive it")
     key = wal_key(cluster, name)
-    sha = hashlib.sha256(data).hexdigest()
+    sha = hashlib.sha256(data).hexdigest() if checksum else None
     stored = compress_bytes(data, level)
     try:
         repo.put_bytes(key, stored, overwrite=False)
         return PushResult(name, "stored", len(data), len(stored), sha)
     except ObjectExists:
+        sha = sha or hashlib.sha256(data).hexdigest()
         existing = fetch_bytes(repo, cluster, name)
         if hashlib.sha256(existing).hexdigest() == sha:
             log.info("%s is archived already with identical content", name)
@@ -78,13 +81,14 @@ def push_bytes(repo: Repository, cluster: str, name: str, data: bytes, *, level:
                            "restored copy kept archive_mode on. Investigate before anything else.") from None
 
 
-def push_file(repo: Repository, cluster: str, path: str, *, name: str | None = None, level: int = 3) -> PushResult:
+def push_file(repo: Repository, cluster: str, path: str, *, name: str | None = None, level: int = 3,
+              checksum: bool = True) -> PushResult:
     name = name or os.path.basename(path)
     wal_name_kind(name)
     with open(path, "rb") as f:
         data = f.read()
     seg = len(data) if wal_name_kind(name) == "segment" else None
-    return push_bytes(repo, cluster, name, data, level=level, segment_size=seg)
+    return push_bytes(repo, cluster, name, data, level=level, segment_size=seg, checksum=checksum)
 
 
 def fetch_bytes(repo: Repository, cluster: str, name: str, segment_size: int | None = None) -> bytes:
