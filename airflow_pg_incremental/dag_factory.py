@@ -29,11 +29,12 @@ from typing import Any
 from airflow_pg_incremental.core.errors import ConfigError
 from airflow_pg_incremental.core.names import validate_cluster
 
-DEFAULT_SCHEDULES = {"weekly_full": "0 2 * * 0", "hourly_wal": "5 * * * *"}
+DEFAULT_SCHEDULES = {"weekly_full": "0 2 * * 0", "daily_incremental": "0 2 * * 1-6", "hourly_wal": "5 * * * *"}
 _CLUSTER_KEYS = {"name", "postgres_conn_id", "repository", "aws_conn_id", "catalog_conn_id", "catalog_schema",
                  "schedules", "compression_level", "compression_threads", "tags", "owner", "start_date",
                  "retries", "retry_delay_minutes", "cleanup_after_hours", "description", "wal_mode", "slot_name",
-                 "rpo_minutes", "max_slot_retained_gb", "wal_wait_minutes", "deferrable"}
+                 "rpo_minutes", "max_slot_retained_gb", "wal_wait_minutes", "deferrable", "incremental_kind",
+                 "max_chain_length"}
 
 
 @dataclass
@@ -60,6 +61,8 @@ class ClusterConfig:
     max_slot_retained_gb: float = 8   # warn when the slot holds more WAL on the server
     wal_wait_minutes: float = 30      # how long to wait for a segment to be archived
     deferrable: bool = True           # sensors defer to the triggerer instead of holding a worker slot
+    incremental_kind: str = "incremental"  # or "differential" (parent = the chain's full)
+    max_chain_length: int = 14        # a full is taken instead once the chain is this long
 
     @property
     def dag_prefix(self) -> str:
@@ -103,6 +106,12 @@ def parse_config(raw: dict) -> list[ClusterConfig]:
                 raise ConfigError(f"clusters[{i}].{key} must be a number")
         if not isinstance(merged.get("tags", []), list):
             raise ConfigError(f"clusters[{i}].tags must be a list")
+        if merged.get("incremental_kind", "incremental") not in ("incremental", "differential"):
+            raise ConfigError(f"clusters[{i}].incremental_kind must be 'incremental' or 'differential'")
+        if "max_chain_length" in merged and (not isinstance(merged["max_chain_length"], int)
+                                             or isinstance(merged["max_chain_length"], bool)
+                                             or merged["max_chain_length"] < 2):
+            raise ConfigError(f"clusters[{i}].max_chain_length must be an integer >= 2")
         if merged.get("wal_mode", "pull") not in ("pull", "push"):
             raise ConfigError(f"clusters[{i}].wal_mode must be 'pull' (replication slot) or 'push' (archive_command)")
         for key in ("rpo_minutes", "max_slot_retained_gb", "wal_wait_minutes"):
@@ -214,6 +223,36 @@ removed) → full backup (pg_basebackup streamed through zstd; metadata written 
     return dag
 
 
+def build_daily_incremental(cl: ClusterConfig):
+    from airflow_pg_incremental.operators.backup import PgBackupPreflightOperator, PgIncrementalBackupOperator
+
+    with _dag(
+        cl, "daily_incremental", f"Daily {cl.incremental_kind} backup of {cl.name}", ["backup", "incremental"],
+        f"""Block-level {cl.incremental_kind} backup of cluster **{cl.name}** (PostgreSQL 17+, summarize_wal = on).
+
+preflight → incremental: a preflight decides whether an {cl.incremental_kind} is possible (summarize_wal on
+and since before the parent, WAL summaries covering the parent's start, same timeline and system,
+same data-checksum setting, parent present and intact, chain shorter than {cl.max_chain_length}, parent
+younger than wal_summary_keep_time); if not, a **full** backup is taken and the reason is logged and
+returned in the XCom (`plan.reason`). **On PostgreSQL 16 and older no backup is taken: the WAL
+archive is the incremental** (the task logs so and succeeds). Then wal_switch → wal_capture (pull)
+→ wal_archived: the new backup counts only once its WAL is archived.""",
+    ) as dag:
+        common = cl.engine_kwargs()
+        pre = PgBackupPreflightOperator(task_id="preflight", cleanup_after_s=cl.cleanup_after_hours * 3600,
+                                        wal_mode=cl.wal_mode, slot_name=cl.slot_name, **common)
+        incr = PgIncrementalBackupOperator(task_id="incremental_backup", incremental_kind=cl.incremental_kind,
+                                           max_chain_length=cl.max_chain_length,
+                                           compression_level=cl.compression_level,
+                                           compression_threads=cl.compression_threads, **common)
+        # wait for the switch's segment: it lies after the backup's end (and exists on PG <= 16 too)
+        wal = _wal_tasks(cl, segment_template="{{ ti.xcom_pull(task_ids='wal_switch')['segment'] }}",
+                         upto_template="{{ ti.xcom_pull(task_ids='wal_switch')['lsn'] }}",
+                         outlets=[backups_asset(cl.name)])
+        pre >> incr >> wal[0]
+    return dag
+
+
 def build_hourly_wal(cl: ClusterConfig):
     from airflow_pg_incremental.operators.wal import PgWalContinuityOperator
     from airflow_pg_incremental.sensors.wal import WalFreshnessSensor
@@ -247,7 +286,7 @@ archived WAL is older than {cl.rpo_minutes} minutes: the RPO is breached).""",
 def build_dags(clusters: list[ClusterConfig]) -> dict[str, Any]:
     dags = {}
     for cl in clusters:
-        for builder in (build_weekly_full, build_hourly_wal):
+        for builder in (build_weekly_full, build_daily_incremental, build_hourly_wal):
             dag = builder(cl)
             dags[dag.dag_id] = dag
     return dags

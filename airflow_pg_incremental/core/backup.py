@@ -104,15 +104,27 @@ def _manifest_facts(manifest: bytes | None, label: bytes | None) -> dict:
     return out
 
 
-def take_full_backup(conn: ConnInfo, repo: Repository, cluster: str, *, compression_level: int = 3,
-                     threads: int = 1, content_sha256: bool = False, catalog=None, airflow: dict | None = None,
-                     progress_interval: float = 10.0, fast_checkpoint: bool = True) -> dict:
-    """Take a full base backup of the server at `conn` into `repo` under `cluster`.
+def take_full_backup(conn: ConnInfo, repo: Repository, cluster: str, **kwargs) -> dict:
+    """Take a full base backup of the server at `conn` into `repo` under `cluster`."""
+    return take_backup(conn, repo, cluster, kind="full", **kwargs)
+
+
+def take_backup(conn: ConnInfo, repo: Repository, cluster: str, *, kind: str = "full", parent: dict | None = None,
+                compression_level: int = 3, threads: int = 1, content_sha256: bool = False, catalog=None,
+                airflow: dict | None = None, progress_interval: float = 10.0, fast_checkpoint: bool = True,
+                reason: str | None = None) -> dict:
+    """Take a base backup: `kind` full, or incremental/differential on top of `parent` (the
+    metadata of the backup whose manifest pg_basebackup --incremental compares against; see
+    core.incremental.plan_backup for choosing it).
 
     Returns the backup metadata (a JSON-able dict without secrets). Nothing is published unless
     the whole backup succeeded: backup.json is written last.
     """
     validate_cluster(cluster)
+    if kind not in ("full", "incremental", "differential"):
+        raise ConfigError(f"unknown backup kind {kind!r}")
+    if (kind == "full") != (parent is None):
+        raise ConfigError("an incremental or differential backup needs its parent; a full backup has none")
     if not 1 <= compression_level <= 22:
         raise ConfigError(f"compression level {compression_level} out of range 1..22")
     # 1. everything that can fail without side effects first
@@ -122,16 +134,22 @@ def take_full_backup(conn: ConnInfo, repo: Repository, cluster: str, *, compress
     repo.check_writable()
 
     started = utcnow()
-    backup_id = new_backup_id(repo, cluster, "full", started)
+    if parent is not None and facts["major"] < 17:
+        raise ConfigError(f"block-level incremental backups need PostgreSQL 17+; the server runs {facts['major']}. "
+                          "Take full backups; the WAL archive carries the changes in between")
+    backup_id = new_backup_id(repo, cluster, kind, started)
     prefix = backup_prefix(cluster, backup_id)
-    log.info("full backup %s of %s (PostgreSQL %s) into %s/%s", backup_id, conn.describe(), facts["major"],
-             repo.url, prefix)
+    log.info("%s backup %s of %s (PostgreSQL %s) into %s/%s%s", kind, backup_id, conn.describe(), facts["major"],
+             repo.url, prefix, f" on top of {parent['backup_id']}" if parent else "")
     repo.put_bytes(f"{prefix}/{INPROGRESS_NAME}", json.dumps(
-        {"backup_id": backup_id, "kind": "full", "started_at": iso(started), "host": socket.gethostname(),
+        {"backup_id": backup_id, "kind": kind, "started_at": iso(started), "host": socket.gethostname(),
          "pid": os.getpid()}).encode())
     meta = {
-        "format": 1, "cluster": cluster, "backup_id": backup_id, "kind": "full", "parent_id": None,
-        "chain_root_id": backup_id, "status": "running", "started_at": iso(started),
+        "format": 1, "cluster": cluster, "backup_id": backup_id, "kind": kind,
+        "parent_id": parent["backup_id"] if parent else None,
+        "chain_root_id": parent.get("chain_root_id") or parent["backup_id"] if parent else backup_id,
+        "chain_length": (parent.get("chain_length") or 1) + 1 if parent else 1, "reason": reason,
+        "status": "running", "started_at": iso(started),
         "pg_version_num": facts["version_num"], "pg_major": facts["major"],
         "system_identifier": facts["system_identifier"], "data_checksums": facts["data_checksums"],
         "wal_segment_size": facts["wal_segment_size"], "bootstrap_superuser": facts["bootstrap_superuser"],
@@ -146,11 +164,15 @@ def take_full_backup(conn: ConnInfo, repo: Repository, cluster: str, *, compress
     stderr_file = tempfile.TemporaryFile()
     cmd = [pg_basebackup, "-D", "-", "-Ft", "-X", "fetch", "-w", "--manifest-checksums=CRC32C",
            "-l", f"pgincr {cluster} {backup_id}", "-c", "fast" if fast_checkpoint else "spread"]
+    parent_manifest = None
+    if parent is not None:
+        parent_manifest = _fetch_parent_manifest(repo, parent)
+        cmd.append(f"--incremental={parent_manifest.name}")
     log.info("running: %s", " ".join(cmd))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr_file, env={**os.environ, **conn.env()},
                             cwd="/")
     scanner = TarScanner()
-    progress = Progress(f"full backup {backup_id}", facts["size_estimate"], log, progress_interval)
+    progress = Progress(f"{kind} backup {backup_id}", facts["size_estimate"], log, progress_interval)
 
     raw_hash = hashlib.sha256() if content_sha256 else None
 
@@ -173,7 +195,12 @@ def take_full_backup(conn: ConnInfo, repo: Repository, cluster: str, *, compress
             low = err.lower()
             if any(s in low for s in ("could not connect", "password", "pg_hba", "replication", "connection")):
                 raise classify_connect_error(conn, err)
-            raise BackupFailed(f"pg_basebackup failed (exit {rc}): {err}")
+            hint = ""
+            if "copy stream ended" in low or "has already been removed" in low:
+                hint = (" (if the server log says 'requested WAL segment ... has already been removed', the server "
+                        "recycled WAL the backup still needed: keep WAL with a replication slot (pull mode creates "
+                        "one) or a larger wal_keep_size)")
+            raise BackupFailed(f"pg_basebackup failed (exit {rc}): {err}{hint}")
         base_info = reader.info(base_key)
         progress.extra = f"stored {human_bytes(base_info.stored_size)}"
         progress.finish()
@@ -222,15 +249,37 @@ def take_full_backup(conn: ConnInfo, repo: Repository, cluster: str, *, compress
     finally:
         pipe.close()
         stderr_file.close()
+        if parent_manifest is not None:
+            parent_manifest.close()
         if proc.stdout:
             proc.stdout.close()
     if catalog is not None:
         catalog.record_backup(meta)
     ratio = base_info.raw_size / max(base_info.stored_size, 1)
-    log.info("full backup %s complete: %s read, %s stored (%.1fx), LSN %s..%s timeline %s, %.1f s",
+    log.info("%s backup %s complete: %s read, %s stored (%.1fx), LSN %s..%s timeline %s, %.1f s", kind,
              backup_id, human_bytes(meta["raw_bytes"]), human_bytes(meta["stored_bytes"]), ratio, meta["start_lsn"],
              meta["stop_lsn"], meta["timeline"], meta["duration_s"])
     return meta
+
+
+def _fetch_parent_manifest(repo: Repository, parent: dict):
+    """The parent's backup_manifest in a temporary file (checksums verified) for --incremental."""
+    from .codec import ObjectInfo, VerifyingReader
+
+    info = next((ObjectInfo.from_dict(o) for o in parent.get("objects", []) if o["key"].endswith("backup_manifest.zst")),
+                None)
+    if info is None:
+        raise BackupFailed(f"parent backup {parent['backup_id']} has no backup_manifest object; take a full backup")
+    f = tempfile.NamedTemporaryFile(prefix="pgincr-parent-manifest-", suffix=".json")
+    with repo.open(info.key) as stored:
+        reader = VerifyingReader(stored, info)
+        while True:
+            chunk = reader.read(1 << 20)
+            if not chunk:
+                break
+            f.write(chunk)
+    f.flush()
+    return f
 
 
 def _next_xid(conn: ConnInfo) -> int | None:
@@ -258,7 +307,8 @@ def _discard(repo: Repository, prefix: str) -> None:
 
 def summary(meta: dict) -> dict:
     """Small JSON dict for XCom / CLI output."""
-    keys = ("cluster", "backup_id", "kind", "parent_id", "chain_root_id", "status", "start_lsn", "stop_lsn",
+    keys = ("cluster", "backup_id", "kind", "parent_id", "chain_root_id", "chain_length", "reason", "status",
+            "start_lsn", "stop_lsn",
             "timeline", "system_identifier", "pg_major", "raw_bytes", "stored_bytes", "duration_s", "started_at",
             "finished_at", "start_wal_file", "stop_wal_file", "repository")
     return {k: meta.get(k) for k in keys}

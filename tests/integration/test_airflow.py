@@ -162,3 +162,17 @@ def test_hourly_wal_dag(airflow_clusters, pg, cluster):
     cont = x[("wal_continuity", "return_value")]
     assert cont["ok"] is True and cont["problems"] == []
     assert x[("wal_fresh", "return_value")]["age_s"] < 600
+
+
+def test_daily_incremental_dag(airflow_clusters, pg):
+    """weekly full, then the daily DAG takes a block-level incremental on it and waits for its WAL."""
+    dags = _dags()
+    assert dags["pgincr_it_local_weekly_full"].test().state == "success"
+    pg.pgbench_run(200)
+    dag = dags["pgincr_it_local_daily_incremental"]
+    dr = dag.test()
+    assert dr.state == "success"
+    x = _xcoms(dag.dag_id, dr.run_id)
+    out = x[("incremental_backup", "return_value")]
+    assert out["kind"] == "incremental" and out["parent_id"] and out["plan"]["reason"] is None
+    assert x[("wal_archived", "return_value")]["segment"] == x[("wal_switch", "return_value")]["segment"]

@@ -1,0 +1,173 @@
+"""Incremental chains: deciding whether a block-level incremental (PostgreSQL 17+) can be taken,
+and resolving a backup's chain for restore.
+
+`decide()` is a pure function of the facts, so every case is testable on its own; `plan_backup()`
+gathers the facts from the server and the repository. When an incremental is not possible the
+plan is a full backup, with the reason (logged, returned as XCom, recorded in backup.json).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+from .errors import ConfigError, RestoreError
+from .lsn import format_lsn, parse_lsn
+from .metadata import list_backups, load_backup
+from .names import validate_cluster
+from .pgconn import ConnInfo, connect
+from .repository import Repository
+
+log = logging.getLogger(__name__)
+
+KINDS = ("incremental", "differential")
+
+
+def current_chain(backups: list[dict]) -> list[dict]:
+    """The newest chain: the newest full backup and the backups built on it, oldest first."""
+    fulls = [b for b in backups if b["kind"] == "full"]
+    if not fulls:
+        return []
+    root = fulls[-1]
+    return [b for b in backups if b.get("chain_root_id") == root["backup_id"]]
+
+
+def decide(kind: str, facts: dict, chain: list[dict], *, max_chain_length: int = 14,
+           summaries: list[tuple[int, int, int]] | None = None, summarized_lsn: int | None = None,
+           keep_time_s: float | None = None, now: dt.datetime | None = None, parent_ok: bool = True,
+           parent_problem: str | None = None) -> dict:
+    """What to take. Returns {"kind": full|incremental|differential|none, "parent_id", "reason"}.
+
+    facts: server facts (major, summarize_wal, system_identifier, timeline, data_checksums).
+    summaries: (timeline, start_lsn, end_lsn) of pg_available_wal_summaries()."""
+    if kind not in KINDS:
+        raise ConfigError(f"unknown incremental kind {kind!r}; use 'incremental' (parent = newest backup of the "
+                          "chain) or 'differential' (parent = the chain's full)")
+    now = now or dt.datetime.now(dt.timezone.utc)
+
+    def full(reason: str) -> dict:
+        return {"kind": "full", "parent_id": None, "reason": reason, "requested": kind}
+
+    if facts["major"] < 17:
+        return {"kind": "none", "parent_id": None, "requested": kind,
+                "reason": f"PostgreSQL {facts['major']} has no block-level incremental backup (17+): the WAL archive "
+                          "is the incremental between full backups; nothing to do"}
+    if not chain:
+        return full("no full backup to build on yet")
+    parent = chain[-1] if kind == "incremental" else chain[0]
+    pid = parent["backup_id"]
+    if not facts.get("summarize_wal"):
+        return full("summarize_wal is off on the server: incrementals need it on (ALTER SYSTEM SET summarize_wal = on; "
+                    "SELECT pg_reload_conf();), and on since before the parent backup")
+    if str(parent.get("system_identifier")) != str(facts.get("system_identifier")):
+        return full(f"the server's database system identifier {facts.get('system_identifier')} differs from the "
+                    f"parent {pid}'s {parent.get('system_identifier')}: it is another cluster")
+    if parent.get("timeline") != facts.get("timeline"):
+        return full(f"the timeline changed since the parent {pid} (timeline {parent.get('timeline')} -> "
+                    f"{facts.get('timeline')}, a promotion or PITR): WAL summaries are per timeline")
+    if bool(parent.get("data_checksums")) != bool(facts.get("data_checksums")):
+        return full(f"data checksums were switched {'on' if facts.get('data_checksums') else 'off'} since the parent "
+                    f"{pid}: every page changed")
+    if not parent_ok:
+        return full(f"the parent {pid} cannot be used: {parent_problem or 'missing or damaged'}")
+    if kind == "incremental" and len(chain) >= max_chain_length:
+        return full(f"the chain of {len(chain)} backups from {chain[0]['backup_id']} reached the limit of "
+                    f"{max_chain_length}: restores would combine too many backups")
+    if keep_time_s is not None and parent.get("finished_at"):
+        age = (now - dt.datetime.fromisoformat(parent["finished_at"])).total_seconds()
+        if age > keep_time_s:
+            return full(f"the parent {pid} is {age / 86400:.1f} days old, older than wal_summary_keep_time "
+                        f"({keep_time_s / 86400:.1f} days): the summaries it needs may be gone")
+    start = parse_lsn(parent["start_lsn"])
+    tli = facts.get("timeline")
+    if summaries is not None:
+        ranges = sorted((s, e) for t, s, e in summaries if t == tli)
+        if not ranges or ranges[0][0] > start:
+            first = format_lsn(ranges[0][0]) if ranges else "none"
+            return full(f"WAL summaries do not cover the parent {pid}'s start {parent['start_lsn']} (oldest summary "
+                        f"on timeline {tli} starts at {first}): summarize_wal was off then, or the summaries were "
+                        "removed (wal_summary_keep_time)")
+        covered = ranges[0][0]
+        for s, e in ranges:
+            if s > covered:
+                return full(f"WAL summaries have a hole from {format_lsn(covered)} to {format_lsn(s)} after the parent "
+                            f"{pid}'s start")
+            covered = max(covered, e)
+    return {"kind": kind, "parent_id": pid, "reason": None, "requested": kind,
+            "chain_length": len(chain) + 1 if kind == "incremental" else 2}
+
+
+def plan_backup(conn: ConnInfo, repo: Repository, cluster: str, *, kind: str = "incremental",
+                max_chain_length: int = 14) -> dict:
+    """Gather the facts and decide. The returned dict has the decision plus what it was based on."""
+    from .backup import server_facts
+
+    validate_cluster(cluster)
+    facts = server_facts(conn)
+    with connect(conn) as c, c.cursor() as cur:
+        cur.execute("SELECT timeline_id FROM pg_control_checkpoint()")
+        facts["timeline"] = cur.fetchone()[0]
+        summaries, summarized, keep_s = None, None, None
+        if facts["major"] >= 17:
+            cur.execute("SELECT tli, start_lsn::text, end_lsn::text FROM pg_available_wal_summaries()")
+            summaries = [(t, parse_lsn(s), parse_lsn(e)) for t, s, e in cur.fetchall()]
+            cur.execute("SELECT summarized_lsn::text FROM pg_get_wal_summarizer_state()")
+            row = cur.fetchone()
+            summarized = parse_lsn(row[0]) if row and row[0] else None
+            cur.execute("SELECT setting::bigint * 60 FROM pg_settings WHERE name = 'wal_summary_keep_time'")
+            keep_s = float(cur.fetchone()[0]) or None  # 0 = keep forever
+    chain = current_chain(list_backups(repo, cluster))
+    parent_ok, problem = True, None
+    if chain:
+        parent = chain[-1] if kind == "incremental" else chain[0]
+        try:
+            meta = load_backup(repo, cluster, parent["backup_id"])
+            missing = [o["key"] for o in meta.get("objects", []) if not repo.exists(o["key"])]
+            if missing:
+                parent_ok, problem = False, f"objects missing from the repository: {', '.join(missing)}"
+        except Exception as e:
+            parent_ok, problem = False, str(e)
+    d = decide(kind, facts, chain, max_chain_length=max_chain_length, summaries=summaries,
+               summarized_lsn=summarized, keep_time_s=keep_s, parent_ok=parent_ok, parent_problem=problem)
+    d.update({"cluster": cluster, "pg_major": facts["major"], "timeline": facts["timeline"],
+              "chain": [b["backup_id"] for b in chain]})
+    if d["reason"]:
+        log.warning("taking %s instead of %s: %s", d["kind"] if d["kind"] != "none" else "no backup", kind, d["reason"])
+    else:
+        log.info("%s backup possible on top of %s (chain of %d)", kind, d["parent_id"], len(chain))
+    return d
+
+
+def take_planned_backup(conn: ConnInfo, repo: Repository, cluster: str, *, kind: str = "incremental",
+                        max_chain_length: int = 14, **backup_kwargs) -> dict:
+    """Plan, then take what the plan says (incremental / differential, or a full with the reason)."""
+    from .backup import take_backup
+
+    plan = plan_backup(conn, repo, cluster, kind=kind, max_chain_length=max_chain_length)
+    if plan["kind"] == "none":
+        return {"cluster": cluster, "kind": "none", "backup_id": None, "reason": plan["reason"], "plan": plan}
+    parent = load_backup(repo, cluster, plan["parent_id"]) if plan["parent_id"] else None
+    meta = take_backup(conn, repo, cluster, kind=plan["kind"], parent=parent, reason=plan["reason"], **backup_kwargs)
+    meta["plan"] = {k: plan[k] for k in ("requested", "kind", "reason", "parent_id", "chain")}
+    return meta
+
+
+def resolve_chain(repo: Repository, cluster: str, meta: dict) -> list[dict]:
+    """[full, ..., meta]: the backups a restore of `meta` combines, oldest first. A missing link
+    is refused with a message naming it."""
+    chain = [meta]
+    seen = {meta["backup_id"]}
+    while chain[0].get("parent_id"):
+        pid = chain[0]["parent_id"]
+        if pid in seen:
+            raise RestoreError(f"backup chain of {meta['backup_id']} loops at {pid}")
+        try:
+            parent = load_backup(repo, cluster, pid)
+        except Exception as e:
+            raise RestoreError(f"backup {meta['backup_id']} cannot be restored: its chain is broken at {pid} "
+                               f"(parent of {chain[0]['backup_id']}): {e}") from None
+        chain.insert(0, parent)
+        seen.add(pid)
+    if chain[0]["kind"] != "full":
+        raise RestoreError(f"the chain of {meta['backup_id']} does not start with a full backup")
+    return chain

@@ -1,0 +1,94 @@
+"""The older-server path, for real on PostgreSQL 15 from Debian: no block-level incrementals, the
+WAL archive is the incremental; pull capture with pg_receivewal 15; PITR with PostgreSQL 15
+binaries; the daily DAG says so and succeeds."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from airflow_pg_incremental.core.backup import take_full_backup
+from airflow_pg_incremental.core.capture import capture_wal_pull, switch_wal
+from airflow_pg_incremental.core.errors import ConfigError
+from airflow_pg_incremental.core.incremental import take_planned_backup
+from airflow_pg_incremental.core.pgconn import query
+from airflow_pg_incremental.core.pitr import parse_target, restore_pitr
+from airflow_pg_incremental.core.repository import LocalRepository
+from airflow_pg_incremental.core.sandbox import SandboxPostgres, data_fingerprint
+
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(
+    not os.path.exists("/usr/lib/postgresql/15/bin/postgres"),
+    reason="PostgreSQL 15 is not installed (apt-get install postgresql-15; .ci/setup does it as root)")]
+
+
+@pytest.fixture(scope="module")
+def pg15(workdir):
+    pg = SandboxPostgres(workdir / "pg15", major=15).start()
+    try:
+        pg.pgbench_init(1)
+        yield pg
+    finally:
+        pg.stop()
+
+
+def test_full_wal_and_pitr_with_postgresql_15(pg15, workdir, scratch):
+    repo = LocalRepository(workdir / f"pg15-repo-{uuid.uuid4().hex[:6]}")
+    capture_wal_pull(pg15.conninfo(), repo, "old")
+    full = take_full_backup(pg15.conninfo(), repo, "old")
+    assert full["pg_major"] == 15
+    plan = take_planned_backup(pg15.conninfo(), repo, "old", kind="incremental")
+    assert plan["kind"] == "none" and "WAL archive is the incremental" in plan["reason"]
+    pg15.pgbench_run(300)
+    pg15.psql("CREATE TABLE t15 (id int)")
+    pg15.psql("INSERT INTO t15 VALUES (1)")
+    target = pg15.psql("SELECT clock_timestamp()").strip()
+    at_target = data_fingerprint(pg15.superuser())
+    time.sleep(0.2)
+    pg15.psql("INSERT INTO t15 VALUES (2)")
+    cap = capture_wal_pull(pg15.conninfo(), repo, "old", upto_lsn=switch_wal(pg15.conninfo())["lsn"])
+    assert cap["segments"] >= 1
+    rep = restore_pitr(repo, "old", parse_target("time", target), scratch / "d", os_user=pg15.os_user,
+                       keep_running=True)
+    srv = rep.pop("server")
+    try:
+        assert srv.major == 15
+        assert query(srv.local_conninfo(), "SHOW server_version_num")[0][0].startswith("15")
+        assert data_fingerprint(srv.local_conninfo()) == at_target
+    finally:
+        srv.stop()
+
+
+def test_incremental_refused_on_15_with_a_clear_message(pg15, workdir):
+    from airflow_pg_incremental.core.backup import take_backup
+
+    repo = LocalRepository(workdir / f"pg15-r2-{uuid.uuid4().hex[:6]}")
+    full = take_full_backup(pg15.conninfo(), repo, "old2")
+    with pytest.raises(ConfigError, match="need PostgreSQL 17"):
+        take_backup(pg15.conninfo(), repo, "old2", kind="incremental", parent=full)
+
+
+def test_daily_dag_on_15_succeeds_and_says_why(airflow_clusters, pg15, workdir):
+    """The daily DAG on PostgreSQL 15: no backup, the log and XCom say the WAL archive is the
+    incremental, the WAL part runs, the run succeeds."""
+    from tests.integration.test_airflow import _dags, _xcoms
+    from tests.conftest import conn_json
+
+    cfg_path = Path(os.environ["PGINCR_CONFIG"])
+    cfg = json.loads(cfg_path.read_text())
+    if not any(c["name"] == "it_pg15" for c in cfg["clusters"]):
+        cfg["clusters"].append({"name": "it_pg15", "postgres_conn_id": "pgincr_it_pg15",
+                                "repository": str(workdir / "af-repo-15")})
+        cfg_path.write_text(json.dumps(cfg))
+    os.environ["AIRFLOW_CONN_PGINCR_IT_PG15"] = conn_json(pg15.conninfo())
+    dags = _dags()
+    assert dags["pgincr_it_pg15_weekly_full"].test().state == "success"
+    dag = dags["pgincr_it_pg15_daily_incremental"]
+    dr = dag.test()
+    assert dr.state == "success"
+    out = _xcoms(dag.dag_id, dr.run_id)[("incremental_backup", "return_value")]
+    assert out["kind"] == "none" and "PostgreSQL 15" in out["reason"]
