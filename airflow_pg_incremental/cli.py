@@ -55,9 +55,21 @@ def _print(obj, as_json: bool) -> None:
 def cmd_backup(args) -> int:
     from .core.backup import summary, take_full_backup
 
-    meta = take_full_backup(_conninfo(args), _repo(args), args.cluster, compression_level=args.level,
-                            threads=args.threads, catalog=_catalog(args))
-    _print(summary(meta), True)
+    kw = {"compression_level": args.level, "threads": args.threads, "catalog": _catalog(args)}
+    if args.kind == "full":
+        meta = take_full_backup(_conninfo(args), _repo(args), args.cluster, **kw)
+    else:
+        from .core.incremental import take_planned_backup
+
+        meta = take_planned_backup(_conninfo(args), _repo(args), args.cluster, kind=args.kind,
+                                   max_chain_length=args.max_chain, **kw)
+        if meta["kind"] == "none":
+            _print({"cluster": args.cluster, "kind": "none", "reason": meta["reason"]}, True)
+            return 0
+    out = summary(meta)
+    if meta.get("plan"):
+        out["plan"] = meta["plan"]
+    _print(out, True)
     return 0
 
 
@@ -260,7 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     repo_args(sp)
     conn_args(sp)
     sp.add_argument("--level", type=int, default=3, help="zstd level (default 3)")
-    sp.add_argument("--threads", type=int, default=0, help="zstd worker threads (default 0: single-threaded)")
+    sp.add_argument("--threads", type=int, default=1, help="zstd worker threads (default 1: compress beside I/O)")
+    sp.add_argument("--kind", choices=("full", "incremental", "differential"), default="full",
+                    help="incremental/differential need PostgreSQL 17+ and summarize_wal; a full is taken (and the "
+                         "reason printed) when not possible")
+    sp.add_argument("--max-chain", type=int, default=14, help="take a full once the chain is this long")
     sp.set_defaults(func=cmd_backup)
 
     sp = sub.add_parser("info", help="list backups of a cluster (or of every cluster)")

@@ -20,5 +20,6 @@ def test_demo_passes(flags, tmp_path):
     assert "found in logs/repository/restored copies: nowhere" in r.stdout
     assert "PITR restored == source at the target time: YES" in r.stdout
     assert "continuous: yes" in r.stdout
+    assert "restored == source at the incremental: YES" in r.stdout
     assert "RESULT: PASS" in r.stdout
     assert "pgincr_demo_weekly_full" in r.stdout  # it went through Airflow
