@@ -92,6 +92,71 @@ MIGRATIONS: list[str] = [
            now() - n.archived_at AS wal_age
     FROM oldest o LEFT JOIN newest n USING (cluster) LEFT JOIN gaps g USING (cluster);
     """,
+    # 4: evidence: verifications, restore tests, alerts; metrics view
+    """
+    CREATE TABLE {s}.verifications (
+        id           bigserial PRIMARY KEY,
+        cluster      text NOT NULL,
+        backup_id    text NOT NULL,
+        ok           boolean NOT NULL,
+        started_at   timestamptz NOT NULL DEFAULT now(),
+        duration_s   double precision,
+        checks       jsonb NOT NULL DEFAULT '[]',
+        error        text,
+        dag_id       text,
+        run_id       text
+    );
+    CREATE INDEX ON {s}.verifications (cluster, backup_id, started_at DESC);
+    CREATE TABLE {s}.restore_tests (
+        id               bigserial PRIMARY KEY,
+        cluster          text NOT NULL,
+        ok               boolean NOT NULL,
+        target_kind      text,
+        target_value     text,
+        backup_id        text,
+        chain            jsonb,
+        started_at       timestamptz NOT NULL DEFAULT now(),
+        restore_seconds  double precision,
+        reached_lsn      text,
+        stopped_at       text,
+        checks           jsonb NOT NULL DEFAULT '[]',
+        error            text,
+        dag_id           text,
+        run_id           text
+    );
+    CREATE INDEX ON {s}.restore_tests (cluster, started_at DESC);
+    CREATE TABLE {s}.alerts (
+        id          bigserial PRIMARY KEY,
+        cluster     text,
+        dag_id      text,
+        task_id     text,
+        run_id      text,
+        kind        text NOT NULL,
+        message     text,
+        created_at  timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE VIEW {s}.cluster_metrics AS
+    SELECT c.cluster,
+           (SELECT max(finished_at) FROM {s}.backups b WHERE b.cluster = c.cluster AND status = 'complete'
+                                                      AND kind = 'full') AS last_full_at,
+           (SELECT max(finished_at) FROM {s}.backups b WHERE b.cluster = c.cluster AND status = 'complete')
+               AS last_backup_at,
+           now() - (SELECT max(finished_at) FROM {s}.backups b WHERE b.cluster = c.cluster AND status = 'complete')
+               AS backup_age,
+           (SELECT sum(stored_bytes) FROM {s}.backups b WHERE b.cluster = c.cluster AND status = 'complete')
+               AS stored_bytes,
+           (SELECT max(archived_at) FROM {s}.wal_segments w WHERE w.cluster = c.cluster) AS last_wal_at,
+           now() - (SELECT max(archived_at) FROM {s}.wal_segments w WHERE w.cluster = c.cluster) AS wal_age,
+           (SELECT max(started_at) FROM {s}.verifications v WHERE v.cluster = c.cluster AND ok) AS last_verified_at,
+           (SELECT count(*) FROM {s}.verifications v WHERE v.cluster = c.cluster AND NOT ok) AS failed_verifications,
+           (SELECT started_at FROM {s}.restore_tests r WHERE r.cluster = c.cluster ORDER BY started_at DESC LIMIT 1)
+               AS last_restore_test_at,
+           (SELECT ok FROM {s}.restore_tests r WHERE r.cluster = c.cluster ORDER BY started_at DESC LIMIT 1)
+               AS last_restore_test_ok,
+           (SELECT restore_seconds FROM {s}.restore_tests r WHERE r.cluster = c.cluster AND ok
+             ORDER BY started_at DESC LIMIT 1) AS last_rto_seconds
+    FROM (SELECT DISTINCT cluster FROM {s}.backups) c;
+    """,
 ]
 
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -195,6 +260,69 @@ class Catalog:
                         f"FROM {self.schema}.recoverable_window WHERE cluster = %s", (cluster,))
             row = cur.fetchone()
             return dict(zip([d.name for d in cur.description], row)) if row else None
+
+    def _insert(self, table: str, row: dict) -> int:
+        row = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in row.items()}
+        cols = list(row)
+        with self._connect() as c, c.cursor() as cur:
+            cur.execute(f"INSERT INTO {self.schema}.{table} ({', '.join(cols)}) VALUES "
+                        f"({', '.join('%(' + k + ')s' for k in cols)}) RETURNING id", row)
+            rid = cur.fetchone()[0]
+            c.commit()
+            return rid
+
+    def _select(self, sql: str, params=()) -> list[dict]:
+        with self._connect() as c, c.cursor() as cur:
+            cur.execute(sql.format(s=self.schema), params)
+            names = [d.name for d in cur.description]
+            return [dict(zip(names, r)) for r in cur.fetchall()]
+
+    def record_verification(self, *, cluster: str, backup_id: str, ok: bool, duration_s: float | None = None,
+                            checks: list | None = None, error: str | None = None, dag_id: str | None = None,
+                            run_id: str | None = None) -> int:
+        return self._insert("verifications", {"cluster": cluster, "backup_id": backup_id, "ok": ok,
+                                              "duration_s": duration_s, "checks": checks or [], "error": error,
+                                              "dag_id": dag_id, "run_id": run_id})
+
+    def last_verification(self, cluster: str, backup_id: str) -> dict | None:
+        rows = self._select("SELECT * FROM {s}.verifications WHERE cluster = %s AND backup_id = %s "
+                            "ORDER BY started_at DESC, id DESC LIMIT 1", (cluster, backup_id))
+        return rows[0] if rows else None
+
+    def record_restore_test(self, **row) -> int:
+        allowed = {"cluster", "ok", "target_kind", "target_value", "backup_id", "chain", "restore_seconds",
+                   "reached_lsn", "stopped_at", "checks", "error", "dag_id", "run_id"}
+        return self._insert("restore_tests", {k: v for k, v in row.items() if k in allowed})
+
+    def restore_tests(self, cluster: str, limit: int = 20) -> list[dict]:
+        return self._select("SELECT * FROM {s}.restore_tests WHERE cluster = %s ORDER BY started_at DESC, id DESC "
+                            "LIMIT %s", (cluster, limit))
+
+    def record_alert(self, *, kind: str, message: str, cluster: str | None = None, dag_id: str | None = None,
+                     task_id: str | None = None, run_id: str | None = None) -> int:
+        return self._insert("alerts", {"cluster": cluster, "dag_id": dag_id, "task_id": task_id, "run_id": run_id,
+                                       "kind": kind, "message": message[:4000]})
+
+    def alerts(self, cluster: str | None = None, limit: int = 50) -> list[dict]:
+        if cluster:
+            return self._select("SELECT * FROM {s}.alerts WHERE cluster = %s ORDER BY id DESC LIMIT %s",
+                                (cluster, limit))
+        return self._select("SELECT * FROM {s}.alerts ORDER BY id DESC LIMIT %s", (limit,))
+
+    def metrics(self, cluster: str) -> dict | None:
+        rows = self._select("SELECT * FROM {s}.cluster_metrics WHERE cluster = %s", (cluster,))
+        return rows[0] if rows else None
+
+    def delete_backup_row(self, cluster: str, backup_id: str) -> None:
+        with self._connect() as c, c.cursor() as cur:
+            cur.execute(f"DELETE FROM {self.schema}.backups WHERE cluster = %s AND backup_id = %s", (cluster, backup_id))
+            c.commit()
+
+    def delete_wal_rows(self, cluster: str, segments: list[str]) -> None:
+        with self._connect() as c, c.cursor() as cur:
+            cur.execute(f"DELETE FROM {self.schema}.wal_segments WHERE cluster = %s AND segment = ANY(%s)",
+                        (cluster, segments))
+            c.commit()
 
     def backups(self, cluster: str | None = None, status: str | None = None) -> list[dict]:
         where, params = [], []
