@@ -29,12 +29,14 @@ from typing import Any
 from airflow_pg_incremental.core.errors import ConfigError
 from airflow_pg_incremental.core.names import validate_cluster
 
-DEFAULT_SCHEDULES = {"weekly_full": "0 2 * * 0", "daily_incremental": "0 2 * * 1-6", "hourly_wal": "5 * * * *"}
+DEFAULT_SCHEDULES = {"weekly_full": "0 2 * * 0", "daily_incremental": "0 2 * * 1-6", "hourly_wal": "5 * * * *",
+                     "restore_test": "30 6 * * *", "retention": "0 5 * * *"}
 _CLUSTER_KEYS = {"name", "postgres_conn_id", "repository", "aws_conn_id", "catalog_conn_id", "catalog_schema",
                  "schedules", "compression_level", "compression_threads", "tags", "owner", "start_date",
                  "retries", "retry_delay_minutes", "cleanup_after_hours", "description", "wal_mode", "slot_name",
                  "rpo_minutes", "max_slot_retained_gb", "wal_wait_minutes", "deferrable", "incremental_kind",
-                 "max_chain_length"}
+                 "max_chain_length", "notifiers", "restore_test_checks", "restore_test_databases", "retention",
+                 "scratch_dir"}
 
 
 @dataclass
@@ -63,6 +65,11 @@ class ClusterConfig:
     deferrable: bool = True           # sensors defer to the triggerer instead of holding a worker slot
     incremental_kind: str = "incremental"  # or "differential" (parent = the chain's full)
     max_chain_length: int = 14        # a full is taken instead once the chain is this long
+    notifiers: list = field(default_factory=list)  # [{"class": "...SmtpNotifier", "kwargs": {...}}]
+    restore_test_checks: list = field(default_factory=lambda: ["SELECT count(*) FROM pg_class"])
+    restore_test_databases: list = field(default_factory=lambda: ["postgres"])
+    retention: dict = field(default_factory=dict)   # keep_full_chains, recovery_window_days, min_redundancy, pinned
+    scratch_dir: str | None = None    # where restore tests build their scratch copies (default: temp dir)
 
     @property
     def dag_prefix(self) -> str:
@@ -112,6 +119,15 @@ def parse_config(raw: dict) -> list[ClusterConfig]:
                                              or isinstance(merged["max_chain_length"], bool)
                                              or merged["max_chain_length"] < 2):
             raise ConfigError(f"clusters[{i}].max_chain_length must be an integer >= 2")
+        if not isinstance(merged.get("notifiers", []), list) or any(
+                not isinstance(n, dict) or not isinstance(n.get("class"), str) for n in merged.get("notifiers", [])):
+            raise ConfigError(f"clusters[{i}].notifiers must be a list of {{class: 'dotted.path', kwargs: {{...}}}}")
+        for key in ("restore_test_checks", "restore_test_databases"):
+            if key in merged and (not isinstance(merged[key], list) or
+                                  not all(isinstance(x, str) for x in merged[key])):
+                raise ConfigError(f"clusters[{i}].{key} must be a list of strings")
+        if not isinstance(merged.get("retention", {}), dict):
+            raise ConfigError(f"clusters[{i}].retention must be a mapping")
         if merged.get("wal_mode", "pull") not in ("pull", "push"):
             raise ConfigError(f"clusters[{i}].wal_mode must be 'pull' (replication slot) or 'push' (archive_command)")
         for key in ("rpo_minutes", "max_slot_retained_gb", "wal_wait_minutes"):
@@ -156,7 +172,25 @@ def load_config(path: str | os.PathLike) -> list[ClusterConfig]:
 
 
 def _default_args(cl: ClusterConfig) -> dict:
-    return {"owner": cl.owner, "retries": cl.retries, "retry_delay": dt.timedelta(minutes=cl.retry_delay_minutes)}
+    from airflow_pg_incremental.callbacks import build_notifiers, record_failure
+
+    return {"owner": cl.owner, "retries": cl.retries, "retry_delay": dt.timedelta(minutes=cl.retry_delay_minutes),
+            # alerts: recorded in the catalog, then every configured notifier (SMTP, Slack, ...)
+            "on_failure_callback": [record_failure(cl.name, cl.catalog_conn_id, cl.catalog_schema),
+                                    *build_notifiers(cl.notifiers)]}
+
+
+def _interval_timetable(spec: str):
+    """A schedule whose runs have a data interval: a cron expression, or PT<n>S/M/H."""
+    import re
+
+    from airflow.sdk import CronDataIntervalTimetable, DeltaDataIntervalTimetable
+
+    m = re.fullmatch(r"PT(\d+)([SMH])", spec.strip())
+    if m:
+        unit = {"S": "seconds", "M": "minutes", "H": "hours"}[m.group(2)]
+        return DeltaDataIntervalTimetable(dt.timedelta(**{unit: int(m.group(1))}))
+    return CronDataIntervalTimetable(spec, timezone="UTC")
 
 
 def _start(cl: ClusterConfig) -> dt.datetime:
@@ -170,11 +204,13 @@ def backups_asset(cluster: str):
     return Asset(name=f"pgincr_{cluster}_backups", uri=f"pgincr://{cluster}/backups")
 
 
-def _dag(cl: ClusterConfig, kind: str, description: str, tags: list[str], doc_md: str):
+def _dag(cl: ClusterConfig, kind: str, description: str, tags: list[str], doc_md: str, schedule: Any = "config",
+         dag_id: str | None = None):
     """A DAG of `cl` with the settings every pgincr DAG shares."""
     from airflow.sdk import DAG
 
-    return DAG(dag_id=f"{cl.dag_prefix}_{kind}", description=description, schedule=cl.schedules.get(kind),
+    return DAG(dag_id=dag_id or f"{cl.dag_prefix}_{kind}", description=description,
+               schedule=cl.schedules.get(kind) if schedule == "config" else schedule,
                start_date=_start(cl), catchup=False, max_active_runs=1, default_args=_default_args(cl),
                tags=["pgincr", *tags, cl.name, *cl.tags], doc_md=doc_md)
 
@@ -283,12 +319,83 @@ archived WAL is older than {cl.rpo_minutes} minutes: the RPO is breached).""",
     return dag
 
 
+def build_restore_tests(cl: ClusterConfig):
+    """Two DAGs: on a schedule with data intervals (a backfill proves PITR for every past
+    interval end), and on every backup's Asset event (a fresh backup is proven at once)."""
+    from airflow_pg_incremental.operators.restore import PgRestoreTestOperator
+
+    doc = f"""Restore test of cluster **{cl.name}**: restores to the end of the run's data interval on a
+scratch copy (own directory and port, private socket, archive_mode=off, removed afterwards),
+runs {cl.restore_test_checks} and amcheck, records the measured restore time (RTO), the point
+reached and the outcome in the catalog; fails (and alerts) when anything does not hold.
+Backfill it over past intervals to prove point-in-time recovery for each of them."""
+    out = []
+    for kind, schedule, dag_id in (
+            ("restore_test", _interval_timetable(cl.schedules.get("restore_test")), None),
+            ("restore_test", [backups_asset(cl.name)], f"{cl.dag_prefix}_restore_test_on_backup")):
+        with _dag(cl, kind, f"Restore test of {cl.name}", ["restore-test"], doc, schedule=schedule,
+                  dag_id=dag_id) as dag:
+            PgRestoreTestOperator(task_id="restore_test", cluster=cl.name, repository=cl.repository,
+                                  aws_conn_id=cl.aws_conn_id, catalog_conn_id=cl.catalog_conn_id,
+                                  catalog_schema=cl.catalog_schema, checks=list(cl.restore_test_checks),
+                                  databases=list(cl.restore_test_databases), scratch_dir=cl.scratch_dir)
+        out.append(dag)
+    return out
+
+
+def build_restore(clusters: list[ClusterConfig]):
+    """The on-demand restore DAG: triggered from the UI with a params form."""
+    from airflow.sdk import DAG, Param
+
+    from airflow_pg_incremental.operators.restore import PgRestoreOperator
+
+    names = [c.name for c in clusters]
+    with DAG(
+        dag_id="pgincr_restore",
+        description="On-demand restore of a cluster to a point in time (params form)",
+        schedule=None,
+        start_date=_start(clusters[0]),
+        catchup=False,
+        max_active_runs=1,
+        tags=["pgincr", "restore"],
+        default_args={"owner": clusters[0].owner, "retries": 0},
+        params={
+            "cluster": Param(names[0], enum=names, description="cluster to restore"),
+            "target_type": Param("latest", enum=["latest", "time", "lsn", "xid", "name", "backup"],
+                                 description="time: ISO 8601 with a time zone; lsn: 0/3000060; xid; name: a "
+                                             "restore point; backup: a backup id (its consistency point)"),
+            "target_value": Param("", type="string", description="the time / LSN / xid / name / backup id"),
+            "destination": Param("", type="string", description="an absolute, empty or new directory on the "
+                                                                "worker (never inside a data directory)"),
+            "action": Param("promote", enum=["promote", "pause", "shutdown"],
+                            description="what the server does at the target"),
+            "dry_run": Param(True, type="boolean", description="only print the chain and WAL range it would use"),
+        },
+        doc_md="""Restore a cluster into a directory on the worker. Every value is validated, and the
+backup, chain, WAL range and window are checked, before anything is touched. Start with a dry run:
+it prints the chain and the WAL range. The restored copy is left stopped at the target with
+archive_mode=off.""",
+    ) as dag:
+        PgRestoreOperator(task_id="restore",
+                          clusters={c.name: {"repository": c.repository, "aws_conn_id": c.aws_conn_id}
+                                    for c in clusters},
+                          cluster="{{ params.cluster }}", target_type="{{ params.target_type }}",
+                          target_value="{{ params.target_value }}", destination="{{ params.destination }}",
+                          action="{{ params.action }}", dry_run="{{ params.dry_run }}")
+    return dag
+
+
 def build_dags(clusters: list[ClusterConfig]) -> dict[str, Any]:
     dags = {}
     for cl in clusters:
         for builder in (build_weekly_full, build_daily_incremental, build_hourly_wal):
             dag = builder(cl)
             dags[dag.dag_id] = dag
+        for dag in build_restore_tests(cl):
+            dags[dag.dag_id] = dag
+    if clusters:
+        dag = build_restore(clusters)
+        dags[dag.dag_id] = dag
     return dags
 
 

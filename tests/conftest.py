@@ -118,7 +118,11 @@ def airflow_clusters(airflow_db, pg, s3, workdir):
     cfg = {"defaults": {"catalog_conn_id": "pgincr_it_catalog", "catalog_schema": "af_catalog",
                         "retries": 0},
            "clusters": [
-               {"name": "it_local", "postgres_conn_id": "pgincr_it_pg", "repository": str(local_repo)},
+               {"name": "it_local", "postgres_conn_id": "pgincr_it_pg", "repository": str(local_repo),
+                "schedules": {"restore_test": "PT1H"},  # data interval end = the run's logical date
+                "restore_test_checks": ["SELECT count(*) FROM it_markers"],
+                "notifiers": [{"class": "tests.integration.notifier_fixture.RecordingNotifier",
+                               "kwargs": {"path": str(workdir / "notified.jsonl")}}]},
                {"name": "it_s3", "postgres_conn_id": "pgincr_it_pg", "repository": f"s3://{s3.bucket}/airflow",
                 "aws_conn_id": "pgincr_it_s3"},
            ]}
@@ -127,4 +131,5 @@ def airflow_clusters(airflow_db, pg, s3, workdir):
     os.environ["AIRFLOW_CONN_PGINCR_IT_PG"] = conn_json(pg.conninfo())
     os.environ["AIRFLOW_CONN_PGINCR_IT_CATALOG"] = conn_json(pg.conninfo(), "pgincr_catalog")
     os.environ["AIRFLOW_CONN_PGINCR_IT_S3"] = s3.airflow_conn_uri()
-    return {"local_repo": local_repo, "config": cfg}
+    pg.psql("CREATE TABLE IF NOT EXISTS it_markers (id int PRIMARY KEY, at timestamptz)")
+    return {"local_repo": local_repo, "config": cfg, "notified": workdir / "notified.jsonl"}

