@@ -45,6 +45,13 @@ def _catalog(args):
                             dbname=args.catalog_db), schema=args.catalog_schema)
 
 
+def _jsonable(row):
+    if row is None:
+        return None
+    return {k: (str(v) if not isinstance(v, (str, int, float, bool, list, dict, type(None))) else v)
+            for k, v in row.items()}
+
+
 def _print(obj, as_json: bool) -> None:
     if as_json:
         print(json.dumps(obj, indent=2, default=str))
@@ -101,6 +108,14 @@ def cmd_info(args) -> int:
             "continuous": cont["ok"],
             "window": {"from_backup": bl[0]["backup_id"], "start_lsn": bl[0]["stop_lsn"],
                        "start_time": bl[0]["finished_at"], "end_lsn": cont["end_lsn"]} if bl else None}
+    cat = _catalog(args)
+    if cat is not None:
+        for cl, d in out["clusters"].items():
+            d["last_verification"] = {b["backup_id"]: _jsonable(cat.last_verification(cl, b["backup_id"]))
+                                      for b in d["backups"]}
+            tests = cat.restore_tests(cl, limit=1)
+            d["last_restore_test"] = _jsonable(tests[0]) if tests else None
+            d["metrics"] = _jsonable(cat.metrics(cl))
     if args.json:
         _print(out, True)
         return 0
@@ -121,6 +136,14 @@ def cmd_info(args) -> int:
             w = wal["window"]
             print(f"  recoverable window: {w['start_time']} (LSN {w['start_lsn']}) .. LSN {w['end_lsn'] or '?'}"
                   f"{'' if wal['continuous'] else '  (GAPS: ' + ', '.join(wal['gaps'][:3]) + ')'}")
+        if d.get("last_restore_test"):
+            t = d["last_restore_test"]
+            print(f"  last restore test: {t['started_at']} {'PASSED' if t['ok'] else 'FAILED'} to {t['target_kind']} "
+                  f"{t['target_value'] or ''} in {t['restore_seconds']} s (backup {t['backup_id']})")
+        if d.get("last_verification"):
+            ver = {k: v for k, v in d["last_verification"].items() if v}
+            bad = [k for k, v in ver.items() if not v["ok"]]
+            print(f"  verified: {len(ver)} of {len(d['backups'])} backup(s)" + (f"; FAILED: {', '.join(bad)}" if bad else ""))
         if d["incomplete"]:
             print(f"  incomplete (interrupted, not restorable; removed by 'pgincr cleanup'): {', '.join(d['incomplete'])}")
     return 0
@@ -228,6 +251,30 @@ def cmd_check_wal(args) -> int:
     return 0 if rep["ok"] else 4
 
 
+def cmd_verify(args) -> int:
+    from .core.verify import verify_backup
+
+    rep = verify_backup(_repo(args), args.cluster, None if args.all else args.backup_id, catalog=_catalog(args),
+                        chain=not args.no_chain, check_wal=not args.no_wal, only_unverified=not args.again)
+    _print(rep, True)
+    return 5 if rep.get("failed") else 0
+
+
+def cmd_retention(args) -> int:
+    from .core.retention import RetentionPolicy, apply_retention, format_plan, plan_retention, summary
+
+    policy = RetentionPolicy(keep_full_chains=args.keep_full_chains, recovery_window_days=args.window_days,
+                             min_redundancy=args.min_redundancy, pinned=args.pin or [])
+    repo = _repo(args)
+    plan = plan_retention(repo, args.cluster, policy)
+    print(format_plan(plan), file=sys.stderr)
+    if not args.apply:
+        _print(summary(plan) | {"dry_run": True}, True)
+        return 0
+    _print(summary(apply_retention(repo, args.cluster, plan, catalog=_catalog(args))), True)
+    return 0
+
+
 def cmd_cleanup(args) -> int:
     from .core.metadata import cleanup_incomplete
 
@@ -279,8 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-chain", type=int, default=14, help="take a full once the chain is this long")
     sp.set_defaults(func=cmd_backup)
 
-    sp = sub.add_parser("info", help="list backups of a cluster (or of every cluster)")
+    sp = sub.add_parser("info", help="backups, chains, WAL window, last verification and restore test")
     repo_args(sp, cluster_required=False)
+    conn_args(sp)
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_info)
 
@@ -339,6 +387,28 @@ def build_parser() -> argparse.ArgumentParser:
     repo_args(sp)
     conn_args(sp)
     sp.set_defaults(func=cmd_check_wal)
+
+    sp = sub.add_parser("verify", help="re-read and check backups (checksums, pg_verifybackup, WAL); exit 5 on failure")
+    repo_args(sp)
+    conn_args(sp)
+    sp.add_argument("--backup-id", default="latest")
+    sp.add_argument("--all", action="store_true", help="every backup of the cluster")
+    sp.add_argument("--again", action="store_true", help="also backups verified before")
+    sp.add_argument("--no-chain", action="store_true")
+    sp.add_argument("--no-wal", action="store_true")
+    sp.set_defaults(func=cmd_verify)
+
+    sp = sub.add_parser("retention", help="plan (--dry-run, default) or --apply a retention policy")
+    repo_args(sp)
+    conn_args(sp)
+    sp.add_argument("--keep-full-chains", type=int)
+    sp.add_argument("--window-days", type=float, help="keep every point of the last D days restorable")
+    sp.add_argument("--min-redundancy", type=int, default=1, help="full chains never removed (default 1)")
+    sp.add_argument("--pin", action="append", help="backup id never removed (repeatable)")
+    g = sp.add_mutually_exclusive_group()
+    g.add_argument("--dry-run", action="store_true", help="print the plan only (the default)")
+    g.add_argument("--apply", action="store_true", help="delete what the plan says")
+    sp.set_defaults(func=cmd_retention)
 
     sp = sub.add_parser("cleanup", help="remove leftovers of interrupted backups")
     repo_args(sp)

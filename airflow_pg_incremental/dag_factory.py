@@ -215,6 +215,14 @@ def _dag(cl: ClusterConfig, kind: str, description: str, tags: list[str], doc_md
                tags=["pgincr", *tags, cl.name, *cl.tags], doc_md=doc_md)
 
 
+def _verify_task(cl: ClusterConfig, backup_template: str, outlets):
+    from airflow_pg_incremental.operators.verify import PgBackupVerifyOperator
+
+    return PgBackupVerifyOperator(task_id="verify", cluster=cl.name, repository=cl.repository,
+                                  aws_conn_id=cl.aws_conn_id, catalog_conn_id=cl.catalog_conn_id,
+                                  catalog_schema=cl.catalog_schema, backup_id=backup_template, outlets=outlets)
+
+
 def _wal_tasks(cl: ClusterConfig, segment_template: str, upto_template: str, outlets=None):
     """switch → (pull: capture up to the switch) → wait until `segment` is archived."""
     from airflow_pg_incremental.operators.wal import PgWalCaptureOperator, PgWalSwitchOperator
@@ -253,9 +261,11 @@ removed) → full backup (pg_basebackup streamed through zstd; metadata written 
                                     compression_threads=cl.compression_threads, **common)
         # a backup counts as complete only once the WAL that makes it consistent is archived
         wal = _wal_tasks(cl, segment_template="{{ ti.xcom_pull(task_ids='full_backup')['stop_wal_file'] }}",
-                         upto_template="{{ ti.xcom_pull(task_ids='wal_switch')['lsn'] }}",
-                         outlets=[backups_asset(cl.name)])
+                         upto_template="{{ ti.xcom_pull(task_ids='wal_switch')['lsn'] }}")
+        # verified, then announced: the Asset event triggers the restore test
+        ver = _verify_task(cl, "{{ ti.xcom_pull(task_ids='full_backup')['backup_id'] }}", [backups_asset(cl.name)])
         pre >> full >> wal[0]
+        wal[-1] >> ver
     return dag
 
 
@@ -283,9 +293,12 @@ archive is the incremental** (the task logs so and succeeds). Then wal_switch �
                                            compression_threads=cl.compression_threads, **common)
         # wait for the switch's segment: it lies after the backup's end (and exists on PG <= 16 too)
         wal = _wal_tasks(cl, segment_template="{{ ti.xcom_pull(task_ids='wal_switch')['segment'] }}",
-                         upto_template="{{ ti.xcom_pull(task_ids='wal_switch')['lsn'] }}",
-                         outlets=[backups_asset(cl.name)])
+                         upto_template="{{ ti.xcom_pull(task_ids='wal_switch')['lsn'] }}")
+        # on PostgreSQL <= 16 there is no new backup: verify then checks nothing new (only unverified ones)
+        ver = _verify_task(cl, "{{ (ti.xcom_pull(task_ids='incremental_backup') or {}).get('backup_id') or '' }}",
+                           [backups_asset(cl.name)])
         pre >> incr >> wal[0]
+        wal[-1] >> ver
     return dag
 
 
@@ -343,6 +356,26 @@ Backfill it over past intervals to prove point-in-time recovery for each of them
     return out
 
 
+def build_retention(cl: ClusterConfig):
+    from airflow_pg_incremental.operators.retention import PgRetentionOperator
+
+    r = cl.retention or {}
+    policy = {"keep_full_chains": r.get("keep_full_chains"), "recovery_window_days": r.get("recovery_window_days"),
+              "min_redundancy": r.get("min_redundancy", 1), "pinned": list(r.get("pinned", []))}
+    with _dag(cl, "retention", f"Retention of {cl.name}", ["retention"],
+              f"""Retention of cluster **{cl.name}**: policy {policy}. plan (logged, nothing deleted: read it
+in the task log) → apply (backup.json first, then the objects, then old WAL, then catalog rows;
+safe to re-run after a crash). Never removes a backup a kept backup depends on, nor WAL needed to
+make a kept backup consistent or to reach any point of the window; a policy that would delete
+everything or undercut min_redundancy is refused.""") as dag:
+        common = {"cluster": cl.name, "repository": cl.repository, "aws_conn_id": cl.aws_conn_id,
+                  "catalog_conn_id": cl.catalog_conn_id, "catalog_schema": cl.catalog_schema, **policy}
+        plan = PgRetentionOperator(task_id="plan", dry_run=True, **common)
+        apply = PgRetentionOperator(task_id="apply", dry_run=False, **common)
+        plan >> apply
+    return dag
+
+
 def build_restore(clusters: list[ClusterConfig]):
     """The on-demand restore DAG: triggered from the UI with a params form."""
     from airflow.sdk import DAG, Param
@@ -392,6 +425,9 @@ def build_dags(clusters: list[ClusterConfig]) -> dict[str, Any]:
             dag = builder(cl)
             dags[dag.dag_id] = dag
         for dag in build_restore_tests(cl):
+            dags[dag.dag_id] = dag
+        if cl.retention:
+            dag = build_retention(cl)
             dags[dag.dag_id] = dag
     if clusters:
         dag = build_restore(clusters)

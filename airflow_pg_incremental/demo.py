@@ -10,6 +10,7 @@ everything it started.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import os
@@ -57,9 +58,9 @@ def _airflow(args: list[str], env: dict, logfile: Path) -> subprocess.CompletedP
                               cwd=logfile.parent)
 
 
-def _run_dag(dag_id: str, env: dict, w: Path) -> None:
+def _run_dag(dag_id: str, env: dict, w: Path, logical_date: str | None = None) -> None:
     logfile = w / f"{dag_id}.log"
-    r = _airflow(["dags", "test", dag_id], env, logfile)
+    r = _airflow(["dags", "test", dag_id, *([logical_date] if logical_date else [])], env, logfile)
     text = logfile.read_text(errors="replace")
     ok = any(f"Marking run <DagRun {dag_id} @" in line and "successful" in line for line in text.splitlines())
     if r.returncode != 0 or not ok:
@@ -117,7 +118,10 @@ def run_demo(*, s3: bool = False, scale: int = 1, keep: bool = False, workdir: s
             (dags / "pgincr_demo_dags.py").write_text(DAG_FILE)
             config = w / "clusters.json"
             cfg = {"name": cluster, "postgres_conn_id": "pgincr_demo_pg", "repository": repo_url,
-                   "catalog_conn_id": "pgincr_demo_catalog"}
+                   "catalog_conn_id": "pgincr_demo_catalog", "retries": 0,
+                   "schedules": {"restore_test": "PT1H"},  # a run's data interval ends at its logical date
+                   "restore_test_checks": ["SELECT count(*) FROM pgbench_accounts",
+                                           "SELECT count(*) FROM random_bytes"]}
             conns = {"pgincr_demo_pg": {"conn_type": "postgres", "host": src.host, "port": src.port, "login": src.user,
                                         "password": src.password, "schema": "postgres"},
                      "pgincr_demo_catalog": {"conn_type": "postgres", "host": src.host, "port": src.port,
@@ -227,6 +231,36 @@ def run_demo(*, s3: bool = False, scale: int = 1, keep: bool = False, workdir: s
         pitr_rto = time.monotonic() - t
         step("point-in-time restore", t, f"to {target_time}: {rep['stopped_at'] or rep['state']}, reached LSN "
                                          f"{rep['reached_lsn']} in {pitr_rto:.1f} s")
+        restored_srv.stop()
+        restored_srv = None
+
+        # the evidence: verifications (run inside the backup DAGs), a restore test, a retention plan
+        t = time.monotonic()
+        from .core.restoretest import run_restore_test
+        from .core.retention import RetentionPolicy, plan_retention
+        from .core.verify import verify_backup
+
+        if use_airflow:
+            _run_dag(f"pgincr_{cluster}_restore_test", env, w,
+                     logical_date=dt.datetime.fromisoformat(target_time.replace(" ", "T")).isoformat())
+            rt = catalog.restore_tests(cluster, limit=1)[0]
+        else:
+            verify_backup(repo, cluster, None, catalog=catalog)
+            rt = run_restore_test(repo, cluster, parse_target("time", target_time), catalog=catalog,
+                                  checks=["SELECT count(*) FROM pgbench_accounts"])
+        rt_rows = {c["sql"]: c.get("rows") for c in (rt["checks"] or [])}
+        rt_ok = bool(rt["ok"]) and rt_rows.get("SELECT count(*) FROM pgbench_accounts", [[None]])[0][0] == \
+            str(at_target["public.pgbench_accounts"]["rows"])
+        verified = {b["backup_id"]: catalog.last_verification(cluster, b["backup_id"]) for b in list_backups(repo, cluster)}
+        all_verified = all(v and v["ok"] for v in verified.values())
+        step("restore test" + (f" (airflow dags test pgincr_{cluster}_restore_test)" if use_airflow else ""), t,
+             f"to {rt['target_kind']} {rt['target_value'] or ''}: {'PASSED' if rt['ok'] else 'FAILED'}, RTO "
+             f"{rt['restore_seconds']:.1f} s, checks {', '.join(f'{k} = {v[0][0]}' for k, v in rt_rows.items() if v)}")
+        t = time.monotonic()
+        ret = plan_retention(repo, cluster, RetentionPolicy(keep_full_chains=1, min_redundancy=1))
+        step("retention dry run", t, f"keep {len(ret['keep'])} backup(s), would delete {len(ret['delete_backups'])} "
+                                     f"backup(s) and {len(ret['delete_wal'])} WAL segment(s); nothing deleted")
+        window = catalog.recoverable_window(cluster) or {}
 
         match = got == before
         incr_match = got_incr == at_incr and inc["kind"] == "incremental"
@@ -236,7 +270,8 @@ def run_demo(*, s3: bool = False, scale: int = 1, keep: bool = False, workdir: s
         if weed:
             leaks += _s3_password_leaks(repo, src.password)
             leaks += [f"S3 secret key in {p}" for p in _password_leaks(w, weed.secret_key, None)]
-        ok = match and incr_match and pitr_match and differs_from_now and not leaks and cont["ok"]
+        ok = match and incr_match and pitr_match and differs_from_now and not leaks and cont["ok"] and rt_ok \
+            and all_verified
         print("\n==== pgincr demo report ====")
         print(f"repository      {repo.url}")
         print(f"backup          {b['backup_id']} (full, PostgreSQL {b['pg_major']}, timeline {b['timeline']}, "
@@ -258,6 +293,14 @@ def run_demo(*, s3: bool = False, scale: int = 1, keep: bool = False, workdir: s
         print(f"WAL archive     {len(wal_rows)} segments, continuous: {'yes' if cont['ok'] else 'NO: ' + str(cont['problems'])}")
         print(f"PITR            target {target_time}; {rep['stopped_at'] or rep['state']}; {pitr_rto:.2f} s")
         print(f"PITR restored == source at the target time: {'YES' if pitr_match else 'NO'}")
+        print(f"verification    {sum(1 for v in verified.values() if v and v['ok'])} of {len(verified)} backups verified "
+              f"(objects re-read with checksums, pg_verifybackup, WAL continuity)")
+        print(f"restore test    {rt['target_kind']} {rt['target_value'] or ''}: {'PASSED' if rt['ok'] else 'FAILED'}; "
+              f"RTO {rt['restore_seconds']:.2f} s; data as at the target: {'YES' if rt_ok else 'NO'}")
+        print(f"window          {window.get('window_start_time')} (LSN {window.get('window_start_lsn')}) .. LSN "
+              f"{window.get('window_end_lsn')}, gaps {window.get('gaps')}")
+        print(f"retention plan  keep {[k['backup_id'] if isinstance(k, dict) else k for k in ret['keep']]}; delete "
+              f"{ret['delete_backups'] or 'nothing'} (dry run)")
         print(f"password{' / S3 secret' if weed else ''} found in logs/repository/restored copies: "
               f"{', '.join(leaks) if leaks else 'nowhere'}")
         print(f"total           {time.monotonic() - t_start:.1f} s")

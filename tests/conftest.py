@@ -121,6 +121,7 @@ def airflow_clusters(airflow_db, pg, s3, workdir):
                {"name": "it_local", "postgres_conn_id": "pgincr_it_pg", "repository": str(local_repo),
                 "schedules": {"restore_test": "PT1H"},  # data interval end = the run's logical date
                 "restore_test_checks": ["SELECT count(*) FROM it_markers"],
+                "retention": {"keep_full_chains": 50, "min_redundancy": 1},  # wiring only: deletes nothing here
                 "notifiers": [{"class": "tests.integration.notifier_fixture.RecordingNotifier",
                                "kwargs": {"path": str(workdir / "notified.jsonl")}}]},
                {"name": "it_s3", "postgres_conn_id": "pgincr_it_pg", "repository": f"s3://{s3.bucket}/airflow",

@@ -165,8 +165,9 @@ class VerifyingReader(_ReadInto, io.RawIOBase):
             problems.append(f"stored bytes: expected {e.stored_size} B sha256 {e.stored_sha256[:16]}..., "
                             f"read {self.stored.size} B sha256 {self.stored.hexdigest()[:16]}...")
         if self.raw.size != e.raw_size or (e.raw_sha256 is not None and self.raw.hexdigest() != e.raw_sha256):
-            problems.append(f"content: expected {e.raw_size} B sha256 {e.raw_sha256[:16]}..., "
-                            f"read {self.raw.size} B sha256 {self.raw.hexdigest()[:16]}...")
+            want = f" sha256 {e.raw_sha256[:16]}..." if e.raw_sha256 else ""
+            got = f" sha256 {self.raw.hexdigest()[:16]}..." if e.raw_sha256 else ""
+            problems.append(f"content: expected {e.raw_size} B{want}, read {self.raw.size} B{got}")
         if problems:
             raise ChecksumMismatch(f"checksum mismatch for {e.key}: " + "; ".join(problems))
 

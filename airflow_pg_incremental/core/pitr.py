@@ -127,7 +127,9 @@ def archive_window(repo: Repository, cluster: str, meta: dict) -> dict:
     """What this backup can reach: continuous WAL from its start segment on, with the time of the
     last commit in the archive (read with pg_waldump) when it can be determined."""
     seg = meta.get("wal_segment_size") or 16 * 1024 * 1024
-    start = parse_lsn(meta["start_lsn"])
+    # a backup taken with -X fetch carries its own WAL from start to stop: the archive is needed
+    # from its stop on (without that WAL, from its start)
+    start = parse_lsn(meta["stop_lsn"] if meta.get("wal_included", True) else meta["start_lsn"])
     tli = meta.get("timeline") or 1
     segs = list_segments(repo, cluster)
     newest_tli = max(segs) if segs else tli
@@ -163,7 +165,7 @@ def _last_commit_time(repo, cluster, meta, last_segment, seg) -> str | None:
                 (Path(d) / name).write_bytes(fetch_bytes(repo, cluster, name, seg))
             except Exception:
                 return None
-            r = subprocess.run([waldump, "--quiet" if False else "-p", d, name], capture_output=True, text=True)
+            r = subprocess.run([waldump, "-p", d, name], capture_output=True, text=True)
             times = _COMMIT_RE.findall(r.stdout)
             if times:
                 ts, zone = times[-1]
@@ -179,9 +181,9 @@ def _last_commit_time(repo, cluster, meta, last_segment, seg) -> str | None:
 def check_window(target: RecoveryTarget, win: dict) -> None:
     where = (f"recoverable window with backup {win['backup_id']}: from {win['start_time']} (LSN {win['start_lsn']}) "
              f"to {win['end_time'] or 'the end of the archive'} (LSN {win['end_lsn']})")
-    if win["end_lsn"] is None:
-        raise WalGap(f"the archive has no WAL from backup {win['backup_id']}'s start on (first missing segment "
-                     f"{win['gap_after']}); it cannot even be made consistent. {where}")
+    if win["end_lsn"] is None and target.kind != "immediate":
+        raise WalGap(f"the archive has no WAL after backup {win['backup_id']}'s end (first missing segment "
+                     f"{win['gap_after']}): only its own end point (target 'immediate') is restorable. {where}")
     if target.kind == "lsn" and parse_lsn(target.value) > parse_lsn(win["end_lsn"]):
         gap = f"; segment {win['gap_after']} is missing from the archive" if win["gap_after"] else ""
         raise RestoreError(f"target LSN {target.value} lies outside the {where}{gap}")

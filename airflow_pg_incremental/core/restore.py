@@ -143,7 +143,7 @@ def _combine_chain(repo, chain, target: Path, combine: str, verifybackup: str | 
         mode = ["--link"] if major >= 18 else ["--copy-file-range"]
         t0 = time.monotonic()
         r = _run([combine, *mode, "-o", str(target), *dirs])
-        if r.returncode != 0 and mode != ["--copy"]:
+        if r.returncode != 0:
             log.info("pg_combinebackup %s failed (%s); retrying with plain copies", mode[0], r.stderr.strip()[:200])
             if target.exists():
                 shutil.rmtree(target)

@@ -46,7 +46,9 @@ def test_dag_file_parses_every_cluster(airflow_clusters):
     assert {"pgincr_it_local_weekly_full", "pgincr_it_s3_weekly_full"} <= set(bag.dag_ids)
     dag = bag.get_dag("pgincr_it_local_weekly_full")
     assert [t.task_id for t in dag.topological_sort()] == ["preflight", "full_backup", "wal_switch", "wal_capture",
-                                                           "wal_archived"]
+                                                           "wal_archived", "verify"]
+    assert {"pgincr_it_local_daily_incremental", "pgincr_it_local_retention", "pgincr_it_local_restore_test",
+            "pgincr_it_local_restore_test_on_backup", "pgincr_restore"} <= set(bag.dag_ids)
     hourly = bag.get_dag("pgincr_it_local_hourly_wal")
     assert [t.task_id for t in hourly.topological_sort()] == ["wal_switch", "wal_capture", "wal_archived",
                                                               "wal_continuity", "wal_fresh"]
@@ -256,3 +258,13 @@ def test_on_demand_restore_dag(airflow_clusters, pg, scratch, workdir):
     assert dr.state == "success"
     out = _xcoms(dag.dag_id, dr.run_id)[("restore", "return_value")]
     assert out["state"] == "promoted" and (scratch / "real" / "PG_VERSION").exists()
+
+
+def test_retention_dag_plans_then_applies(airflow_clusters, pg):
+    dags = _dags()
+    assert dags["pgincr_it_local_weekly_full"].test().state == "success"
+    dag = dags["pgincr_it_local_retention"]
+    dr = dag.test()
+    assert dr.state == "success"
+    x = _xcoms(dag.dag_id, dr.run_id)
+    assert ("plan", "return_value") in x and ("apply", "return_value") in x

@@ -1,0 +1,228 @@
+"""Backup verification on real PostgreSQL 18 backups, in a local repository and SeaweedFS: a good
+chain verifies (every member) and is recorded, a second run skips it; a flipped byte fails naming
+the object; missing WAL fails the 'wal' check; PgBackupVerifyOperator in real Airflow runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from airflow_pg_incremental.core.backup import take_full_backup
+from airflow_pg_incremental.core.capture import capture_wal_pull, default_slot_name, switch_wal
+from airflow_pg_incremental.core.incremental import take_planned_backup
+from airflow_pg_incremental.core.lsn import segment_name, segno_of
+from airflow_pg_incremental.core.metadata import backup_prefix
+from airflow_pg_incremental.core.repository import LocalRepository
+from airflow_pg_incremental.core.verify import verify_backup
+from airflow_pg_incremental.core.wal import list_segments, wal_key
+
+pytestmark = pytest.mark.integration
+
+
+def _cluster(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:8]}"
+
+
+@contextmanager
+def _slot(pg, cluster):
+    """WAL capture for `cluster`: the first capture creates its slot (before the first backup)."""
+    try:
+        yield
+    finally:
+        pg.psql(f"SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                f"WHERE slot_name = '{default_slot_name(cluster)}'")
+
+
+def _capture(pg, repo, cluster):
+    return capture_wal_pull(pg.conninfo(), repo, cluster, upto_lsn=switch_wal(pg.conninfo())["lsn"])
+
+
+def _flip(repo, key):
+    data = bytearray(repo.get_bytes(key))
+    data[len(data) // 2] ^= 0x55
+    repo.put_bytes(key, bytes(data))
+
+
+def _checks(res, bid):
+    r = next(r for r in res["results"] if r["backup_id"] == bid)
+    return {c["name"]: c for c in r["checks"]}
+
+
+def test_good_chain_verifies_every_member_is_recorded_then_skipped(pg, repo, catalog, scratch):
+    cl = _cluster("vgood")
+    with _slot(pg, cl):
+        capture_wal_pull(pg.conninfo(), repo, cl)
+        f = take_full_backup(pg.conninfo(), repo, cl)
+        pg.pgbench_run(50)
+        i1 = take_planned_backup(pg.conninfo(), repo, cl, kind="incremental")
+        pg.pgbench_run(50)
+        i2 = take_planned_backup(pg.conninfo(), repo, cl, kind="incremental")
+        _capture(pg, repo, cl)
+    ids = [f["backup_id"], i1["backup_id"], i2["backup_id"]]
+    assert [i1["kind"], i2["kind"]] == ["incremental", "incremental"]
+
+    res = verify_backup(repo, cl, i2["backup_id"], catalog=catalog, staging_parent=scratch,
+                        airflow={"dag_id": "it_dag", "run_id": "it_run"})
+    assert res["failed"] == [] and res["skipped"] == []
+    assert res["verified"] == ids  # the whole chain, oldest first
+    for b in (f, i1, i2):
+        checks = _checks(res, b["backup_id"])
+        assert all(c["ok"] for c in checks.values()), checks
+        assert set(checks) == {"objects", "pg_verifybackup", "wal"} | ({"chain"} if b is not f else set())
+        assert checks["pg_verifybackup"]["detail"].startswith("passed (files and WAL)")
+        assert len(checks["objects"]["objects"]) == 2
+    assert _checks(res, ids[1])["chain"]["detail"] == f"{ids[0]} -> {ids[1]}"
+    assert "continuous from its stop" in _checks(res, ids[2])["wal"]["detail"]  # the newest: up to the archive end
+    assert "continuous" not in _checks(res, ids[0])["wal"]["detail"]
+    assert list(scratch.iterdir()) == []  # staging removed
+    for bid in ids:
+        row = catalog.last_verification(cl, bid)
+        assert row["ok"] is True and row["error"] is None
+        assert (row["dag_id"], row["run_id"]) == ("it_dag", "it_run")
+        assert {c["name"] for c in row["checks"]} >= {"objects", "pg_verifybackup", "wal"}
+
+    again = verify_backup(repo, cl, i2["backup_id"], catalog=catalog, staging_parent=scratch)
+    assert again["skipped"] == ids and again["verified"] == [] and again["failed"] == []
+    every = verify_backup(repo, cl, None, catalog=catalog, staging_parent=scratch)
+    assert every["skipped"] == ids and every["verified"] == []
+
+
+def test_flipped_byte_fails_naming_the_object_and_is_recorded(pg, repo, catalog, scratch):
+    cl = _cluster("vflip")
+    f = take_full_backup(pg.conninfo(), repo, cl)
+    pg.pgbench_run(30)
+    i = take_planned_backup(pg.conninfo(), repo, cl, kind="incremental")
+    key = f"{backup_prefix(cl, i['backup_id'])}/base.tar.zst"
+    _flip(repo, key)
+
+    res = verify_backup(repo, cl, i["backup_id"], catalog=catalog, check_wal=False, staging_parent=scratch)
+    assert res["verified"] == [f["backup_id"]]  # the chain's full is fine
+    assert [(x["backup_id"], x["check"]) for x in res["failed"]] == [(i["backup_id"], "objects")]
+    msg = res["failed"][0]["message"]
+    assert key in msg and i["backup_id"] in msg
+    assert _checks(res, i["backup_id"])["pg_verifybackup"]["ok"] is None  # not run on damaged data
+    assert list(scratch.iterdir()) == []
+    row = catalog.last_verification(cl, i["backup_id"])
+    assert row["ok"] is False and key in row["error"]
+    assert catalog.last_verification(cl, f["backup_id"])["ok"] is True
+    # not skipped next time: its last verification failed (the full is)
+    again = verify_backup(repo, cl, None, catalog=catalog, check_wal=False, staging_parent=scratch)
+    assert again["skipped"] == [f["backup_id"]] and again["failed"][0]["backup_id"] == i["backup_id"]
+
+
+def test_missing_wal_fails_the_wal_check(pg, tmp_path, scratch):
+    repo = LocalRepository(tmp_path / "repo")
+    cl = _cluster("vwal")
+    with _slot(pg, cl):
+        capture_wal_pull(pg.conninfo(), repo, cl)
+        f = take_full_backup(pg.conninfo(), repo, cl)
+        for _ in range(3):  # a few segments after the backup's stop
+            pg.pgbench_run(10)
+            switch_wal(pg.conninfo())
+        _capture(pg, repo, cl)
+    bid = f["backup_id"]
+    segs = list_segments(repo, cl)[1]
+    start, stop = segno_of(f["start_wal_file"]), segno_of(f["stop_wal_file"])
+    assert f["start_wal_file"] in segs and segno_of(segs[-1]) >= stop + 2
+
+    # a gap after the stop, newer WAL archived: PITR from the backup stops short
+    after = segment_name(1, stop + 1)
+    repo.delete(wal_key(cl, after))
+    res = verify_backup(repo, cl, bid, staging_parent=scratch)
+    assert [(x["backup_id"], x["check"]) for x in res["failed"]] == [(bid, "wal")]
+    assert f"WAL segment {after} after its stop {f['stop_lsn']} is missing" in res["failed"][0]["message"]
+    checks = _checks(res, bid)
+    assert checks["objects"]["ok"] and checks["pg_verifybackup"]["ok"]  # the backup itself is fine
+
+    # a segment of the backup's own range
+    repo.delete(wal_key(cl, f["start_wal_file"]))
+    res = verify_backup(repo, cl, bid, staging_parent=scratch)
+    msg = res["failed"][0]["message"]
+    assert res["failed"][0]["check"] == "wal" and f"WAL segment(s) {segment_name(1, start)}" in msg
+    assert f"between its start {f['start_lsn']} and stop {f['stop_lsn']}" in msg
+    assert "restores on its own" in msg and "point-in-time recovery from this backup is refused" in msg
+
+
+# ------------------------------------------------------------------------------------------
+DAG_FILE = "pgincr_verify_it.py"
+PARAMS_FILE = "pgincr_verify_it.json"
+DAG_SOURCE = '''\
+"""Verify DAGs of tests/integration/test_verify.py; parameters in the JSON file beside this file.
+Without that file this module defines no DAG."""
+
+import json
+from pathlib import Path
+
+from airflow.sdk import DAG, task
+
+from airflow_pg_incremental.operators.verify import PgBackupVerifyOperator
+
+_PARAMS = Path(__file__).with_name("pgincr_verify_it.json")
+
+
+def _build(spec):
+    with DAG(dag_id=spec["dag_id"], schedule=None, catchup=False, tags=["pgincr-it"]) as dag:
+        @task(task_id="full_backup")
+        def full_backup():
+            return {"backup_id": spec["backup_id"]}
+
+        full_backup() >> PgBackupVerifyOperator(
+            task_id="verify", cluster=spec["cluster"], repository=spec["repository"],
+            catalog_conn_id="pgincr_verify_catalog", catalog_schema=spec["schema"], check_wal=False, retries=0,
+            backup_id="{{ ti.xcom_pull(task_ids='full_backup')['backup_id'] }}")
+    return dag
+
+
+if _PARAMS.exists():
+    for _spec in json.loads(_PARAMS.read_text()):
+        globals()[_spec["dag_id"]] = _build(_spec)
+'''
+
+
+def test_operator_in_airflow_fails_on_a_corrupted_backup(airflow_db, pg, tmp_path, catalog, capfd):
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.utils.session import create_session
+
+    from tests.conftest import conn_json
+
+    cl = _cluster("vaf")
+    good = LocalRepository(tmp_path / "good")
+    meta = take_full_backup(pg.conninfo(), good, cl)
+    bad = LocalRepository(tmp_path / "bad")
+    shutil.copytree(good.root, bad.root)
+    key = f"{backup_prefix(cl, meta['backup_id'])}/base.tar.zst"
+    _flip(bad, key)
+
+    os.environ["AIRFLOW_CONN_PGINCR_VERIFY_CATALOG"] = conn_json(pg.conninfo(), "pgincr_catalog")
+    dags_dir = Path(os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
+    specs = [{"dag_id": f"pgincr_it_verify_{name}", "cluster": cl, "repository": str(r.root),
+              "schema": catalog.schema, "backup_id": meta["backup_id"]} for name, r in (("good", good), ("bad", bad))]
+    (dags_dir / PARAMS_FILE).write_text(json.dumps(specs))
+    (dags_dir / DAG_FILE).write_text(DAG_SOURCE)
+    try:
+        bag = DagBag(dag_folder=str(dags_dir / DAG_FILE))
+        assert bag.import_errors == {}
+        dr = bag.get_dag("pgincr_it_verify_bad").test()
+        with create_session() as s:
+            states = {ti.task_id: ti.state for ti in dr.get_task_instances(session=s)}
+        assert dr.state == "failed" and states == {"full_backup": "success", "verify": "failed"}
+        row = catalog.last_verification(cl, meta["backup_id"])
+        assert row["ok"] is False and key in row["error"]
+        assert (row["dag_id"], row["run_id"]) == ("pgincr_it_verify_bad", dr.run_id)
+        logged = "".join(capfd.readouterr())
+        assert f"verification of cluster '{cl}' FAILED" in logged and key in logged
+
+        dr = bag.get_dag("pgincr_it_verify_good").test()
+        assert dr.state == "success"
+        row = catalog.last_verification(cl, meta["backup_id"])
+        assert row["ok"] is True and (row["dag_id"], row["run_id"]) == ("pgincr_it_verify_good", dr.run_id)
+    finally:
+        (dags_dir / DAG_FILE).unlink(missing_ok=True)
+        (dags_dir / PARAMS_FILE).unlink(missing_ok=True)
+        os.environ.pop("AIRFLOW_CONN_PGINCR_VERIFY_CATALOG", None)
