@@ -55,3 +55,28 @@ def test_wal_push_path_imports_no_airflow():
     code = "import sys, airflow_pg_incremental.cli; print('airflow' in sys.modules, 'boto3' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.stdout.split() == ["False", "False"]
+
+
+def test_verify_retention_and_info_with_catalog(pg, workdir):
+    import uuid
+
+    ci = pg.conninfo()
+    repo = str(workdir / f"cli-repo-{uuid.uuid4().hex[:6]}")
+    env = {"PGPASSWORD": ci.password}
+    conn = ["--host", ci.host, "--port", str(ci.port), "--user", ci.user, "--catalog-db", "pgincr_catalog",
+            "--catalog-schema", "cli_" + uuid.uuid4().hex[:6]]
+    for kind in ("full", "incremental"):
+        r = pgincr("backup", "--repo", repo, "--cluster", "cv", "--kind", kind, *conn, env=env)
+        assert r.returncode == 0, r.stderr
+    r = pgincr("verify", "--repo", repo, "--cluster", "cv", "--all", "--no-wal", *conn, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(json.loads(r.stdout)["verified"]) == 2
+    r = pgincr("retention", "--repo", repo, "--cluster", "cv", "--keep-full-chains", "1", *conn, env=env)
+    assert r.returncode == 0 and json.loads(r.stdout)["dry_run"] is True, r.stderr[-2000:]
+    r = pgincr("retention", "--repo", repo, "--cluster", "cv", "--keep-full-chains", "0", *conn, env=env)
+    assert r.returncode == 2 and "keep_full_chains" in r.stderr
+    r = pgincr("info", "--repo", repo, "--cluster", "cv", "--json", *conn, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    info = json.loads(r.stdout)["clusters"]["cv"]
+    assert all(v and v["ok"] for v in info["last_verification"].values())
+    assert ci.password not in r.stdout + r.stderr

@@ -21,5 +21,7 @@ def test_demo_passes(flags, tmp_path):
     assert "PITR restored == source at the target time: YES" in r.stdout
     assert "continuous: yes" in r.stdout
     assert "restored == source at the incremental: YES" in r.stdout
+    assert "data as at the target: YES" in r.stdout and "2 of 2 backups verified" in r.stdout
+    assert "(dry run)" in r.stdout
     assert "RESULT: PASS" in r.stdout
     assert "pgincr_demo_weekly_full" in r.stdout  # it went through Airflow
