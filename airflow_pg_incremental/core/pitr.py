@@ -31,7 +31,7 @@ from .names import _check, validate_cluster
 from .repository import LocalRepository, Repository, S3Repository
 from .restore import SCRATCH_SETTINGS, check_target_dir, restore_backup
 from .server import PgServer, chown_tree, python_usable_by, repository_readable_by
-from .wal import WalGap, continuity, fetch_bytes, list_segments, load_restore_point
+from .wal import WalGap, continuity, fetch_bytes, list_segments, load_restore_point, read_history
 
 log = logging.getLogger(__name__)
 
@@ -134,12 +134,33 @@ def archive_window(repo: Repository, cluster: str, meta: dict) -> dict:
     segs = list_segments(repo, cluster)
     newest_tli = max(segs) if segs else tli
     cont = continuity(repo, cluster, from_lsn=start, timeline=tli, segment_size=seg)
+    # follow the timeline history (failover, earlier PITR): recovery_target_timeline='latest' goes
+    # from the backup's timeline to the newest one through each switch point
+    path = [tli]
+    if newest_tli > tli and cont["end_lsn"]:
+        try:
+            history = read_history(repo, cluster, newest_tli)
+        except Exception:
+            history = []
+        cur, cur_end = tli, parse_lsn(cont["end_lsn"])
+        for parent, switch in history:
+            if parent != cur or switch < start:
+                continue
+            if cur_end < (switch // seg) * seg:  # the parent timeline's WAL does not reach the switch
+                break
+            nxt = next((t for t, _ in history if t > cur), newest_tli)
+            c2 = continuity(repo, cluster, from_lsn=switch, timeline=nxt, segment_size=seg)
+            if not c2["end_lsn"]:
+                break
+            cont, cur, cur_end = c2, nxt, parse_lsn(c2["end_lsn"])
+            path.append(nxt)
+    end_tli = path[-1]
     win = {"backup_id": meta["backup_id"], "start_lsn": meta["stop_lsn"], "start_time": meta.get("finished_at"),
            "end_lsn": cont["end_lsn"], "end_segment": cont["end_segment"], "end_time": None, "gap_after": None,
-           "timeline": tli, "newest_timeline": newest_tli}
+           "timeline": tli, "timelines": path, "newest_timeline": newest_tli}
     if cont["end_segment"]:
-        nxt = segment_name(tli, segno_of(cont["end_segment"], seg) + 1, seg)
-        later = [n for n in segs.get(tli, []) if n > nxt]
+        nxt = segment_name(end_tli, segno_of(cont["end_segment"], seg) + 1, seg)
+        later = [n for n in segs.get(end_tli, []) if n > nxt]
         if later:
             win["gap_after"] = nxt  # missing, while newer segments exist
         win["end_time"] = _last_commit_time(repo, cluster, meta, cont["end_segment"], seg)

@@ -23,7 +23,9 @@ above its start. A per-timeline horizon (the oldest kept backup *on that timelin
 beginning of a newer timeline that an older kept backup crosses on its way to the present. Timeline
 history files are always kept. Segments at or above the horizon on an abandoned branch are kept (a
 restore with an explicit recovery_target_timeline may want them); they go once the horizon passes
-them.
+them. The newest archived segment always stays (pull capture resumes after it, the freshness sensor
+reads its age), even when capture lags behind the newest backup. Restore points below the horizon
+(unreachable: no backup ends before them) go.
 
 Order of deletion (apply_retention), each step safe to interrupt and re-run:
   1. backups, newest first (children before parents: a crash never leaves an orphan): backup.json
@@ -666,14 +668,15 @@ def apply_retention(repo: Repository, cluster: str, plan_or_policy, *, catalog=N
 
 def _catalog_cleanup(repo: Repository, cluster: str, plan: dict, catalog) -> dict:
     """Remove the catalog rows of what is gone. Like Catalog.rebuild_from_repository, a 'complete'
-    row whose backup has no directory in the repository any more is stale (deleted by an earlier
+    row whose backup.json is no longer in the repository is stale (deleted by an earlier
     run interrupted before this step, or by hand); WAL rows below the horizon whose object is gone
     likewise. Rows of failed or running backups are history and stay."""
     gone = set(plan["delete_backups"])
-    present = set(list_backup_ids(repo, cluster))
+    staying = {k["backup_id"] for k in plan["keep"]} | {u["backup_id"] for u in plan["untouched"]}
     for row in catalog.backups(cluster, status="complete"):
-        if row["backup_id"] not in present:
-            gone.add(row["backup_id"])
+        bid = row["backup_id"]
+        if bid not in gone and bid not in staying and not repo.exists(f"{backup_prefix(cluster, bid)}/{META_NAME}"):
+            gone.add(bid)
     for bid in sorted(gone):
         catalog.delete_backup_row(cluster, bid)
     wal_gone = [n for n in plan["delete_wal"] if len(n) == 24]

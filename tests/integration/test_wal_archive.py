@@ -260,6 +260,9 @@ def test_timeline_switch_is_captured_with_its_history(workdir, scratch):
         conn_new = conn_old.__class__(host="127.0.0.1", port=new.port, user=conn_old.user,
                                       password=conn_old.password, dbname="postgres")
         new.psql("INSERT INTO t VALUES (2, 'new primary')")
+        on_tl2 = new.psql("SELECT clock_timestamp()").strip()
+        time.sleep(0.2)
+        new.psql("INSERT INTO t VALUES (3, 'later')")
         assert query(conn_new, "SELECT timeline_id FROM pg_control_checkpoint()")[0][0] >= 1
         cap = capture_wal_pull(conn_new, repo, "tl", upto_lsn=switch_wal(conn_new)["lsn"])
         assert cap["history_files"] >= 1 and cap["segments"] >= 1
@@ -275,10 +278,20 @@ def test_timeline_switch_is_captured_with_its_history(workdir, scratch):
         srv = rep2.pop("server")
         try:
             rows = query(srv.local_conninfo(), "SELECT array_agg(tl ORDER BY id) FROM t")[0][0]
-            assert rows == ["old primary", "new primary"]
+            assert rows == ["old primary", "new primary", "later"]
         finally:
             srv.stop()
         assert rep2["backup_id"] == b["backup_id"]
+        # a point in time on timeline 2, from the backup taken on timeline 1
+        rep3 = restore_pitr(repo, "tl", parse_target("time", on_tl2), scratch / "t2", os_user=old.os_user,
+                            keep_running=True)
+        srv = rep3.pop("server")
+        try:
+            rows = query(srv.local_conninfo(), "SELECT array_agg(tl ORDER BY id) FROM t")[0][0]
+            assert rows == ["old primary", "new primary"]
+        finally:
+            srv.stop()
+        assert rep3["window"]["timelines"] == [1, 2]
     finally:
         if new is not None:
             new.stop("immediate")
