@@ -61,7 +61,7 @@ def extract_object(repo: Repository, info: ObjectInfo, dest: Path, what: str, in
                 progress.add(len(d))
                 return d
 
-        with tarfile.open(fileobj=_Counting(), mode="r|") as tf:
+        with tarfile.open(fileobj=_Counting(), mode="r|", bufsize=1 << 20) as tf:
             tf.extractall(dest, filter="data")
         reader.drain()
     progress.finish()
