@@ -50,6 +50,17 @@ def _object(meta: dict, name: str) -> ObjectInfo:
     raise RestoreError(f"backup {meta['backup_id']} has no object {name} in its metadata; it cannot be restored")
 
 
+def _base_backup_filter(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo:
+    """tarfile's 'tar' filter (no absolute paths, nothing outside the destination, no setuid bits)
+    plus: no links at all. A base backup of a cluster without tablespaces has none, so a link can
+    only come from a tampered archive; refusing them is as safe as the 'data' filter and avoids
+    its two realpath() calls per member."""
+    if member.issym() or member.islnk():
+        raise RestoreError(f"unexpected link {member.name!r} -> {member.linkname!r} in a base backup archive; "
+                           "refusing to extract it")
+    return tarfile.tar_filter(member, path)
+
+
 def extract_object(repo: Repository, info: ObjectInfo, dest: Path, what: str, interval: float = 10.0) -> None:
     progress = Progress(f"restore {what}", info.raw_size, log, interval)
     with repo.open(info.key) as stored:
@@ -62,7 +73,7 @@ def extract_object(repo: Repository, info: ObjectInfo, dest: Path, what: str, in
                 return d
 
         with tarfile.open(fileobj=_Counting(), mode="r|", bufsize=1 << 20) as tf:
-            tf.extractall(dest, filter="data")
+            tf.extractall(dest, filter=_base_backup_filter)
         reader.drain()
     progress.finish()
 
@@ -123,21 +134,28 @@ def _combine_chain(repo, chain, target: Path, combine: str, verifybackup: str | 
         shutil.rmtree(staging)
     staging.mkdir(mode=0o700)
     try:
-        dirs = []
-        for b in chain:
+        from concurrent.futures import ThreadPoolExecutor
+
+        def stage(i_b):
+            i, b = i_b
             d = staging / b["backup_id"]
             d.mkdir(mode=0o700)
             try:
                 extract_object(repo, _object(b, "base.tar.zst"), d, b["backup_id"], progress_interval)
             except Exception as e:
-                raise RestoreError(f"backup {b['backup_id']} ({b['kind']}, part {len(dirs) + 1} of the chain of "
+                raise RestoreError(f"backup {b['backup_id']} ({b['kind']}, part {i + 1} of the chain of "
                                    f"{chain[-1]['backup_id']}) cannot be read: {e}") from e
             if verifybackup:
                 r = _run([verifybackup, "--quiet", "--no-parse-wal", str(d)])
                 if r.returncode != 0:
                     raise RestoreError(f"backup {b['backup_id']} of the chain fails pg_verifybackup: "
                                        f"{r.stderr.strip() or r.stdout.strip()}")
-            dirs.append(str(d))
+            return str(d)
+
+        # the parts are independent until pg_combinebackup: extract them side by side (zstd and
+        # the file writes release the GIL), two at a time
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            dirs = list(pool.map(stage, enumerate(chain)))
         # the target must be empty for pg_combinebackup -o
         target.rmdir()
         mode = ["--link"] if major >= 18 else ["--copy-file-range"]

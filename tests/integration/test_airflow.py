@@ -268,3 +268,15 @@ def test_retention_dag_plans_then_applies(airflow_clusters, pg):
     assert dr.state == "success"
     x = _xcoms(dag.dag_id, dr.run_id)
     assert ("plan", "return_value") in x and ("apply", "return_value") in x
+
+
+def test_restore_test_on_backup_dag(airflow_clusters, pg):
+    """The Asset-triggered restore test: a run without a data interval tests the end of the archive."""
+    dags = _dags()
+    dag = dags["pgincr_it_local_restore_test_on_backup"]
+    assert "pgincr_it_local_backups" in repr(dag.timetable.asset_condition)
+    assert dags["pgincr_it_local_weekly_full"].test().state == "success"  # emits the Asset event
+    dr = dag.test()
+    assert dr.state == "success"
+    out = _xcoms(dag.dag_id, dr.run_id)[("restore_test", "return_value")]
+    assert out["ok"] and out["scratch_removed"]
