@@ -19,8 +19,9 @@ def _parse_size(field: bytes) -> int:
 
 
 class TarScanner:
-    def __init__(self, capture: tuple[str, ...] = ("backup_manifest", "backup_label")):
+    def __init__(self, capture: tuple[str, ...] = ("backup_manifest", "backup_label"), on_member=None):
         self.capture = set(capture)
+        self.on_member = on_member  # called with (name, typeflag) for every member, may raise
         self.captured: dict[str, tempfile.SpooledTemporaryFile] = {}
         self.members = 0
         self.content_bytes = 0
@@ -78,6 +79,8 @@ class TarScanner:
                 name, self._next_name = self._next_name, None
             self.members += 1
             self.content_bytes += size
+            if self.on_member is not None:
+                self.on_member(name, typeflag)
             if name in self.capture and typeflag in (b"0", b"\0"):
                 f = tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024)
                 self.captured[name] = f
