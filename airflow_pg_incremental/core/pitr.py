@@ -328,15 +328,20 @@ def _run_recovery(srv: PgServer, settings: dict, target: RecoveryTarget, env: di
     deadline = time.monotonic() + timeout_s
     conn = srv.local_conninfo()
     state = None
+    seen_running = False  # pg_ctl start -W returns before postmaster.pid exists
     while time.monotonic() < deadline:
         alive = (srv.data_dir / "postmaster.pid").exists()
+        seen_running = seen_running or alive
         logtext = srv.log_file.read_text(errors="replace") if srv.log_file.exists() else ""
         if "FATAL" in logtext and ("recovery ended before configured recovery target was reached" in logtext
                                    or "could not locate" in logtext or "database system is shut down" in logtext
                                    and target.action != "shutdown"):
             raise RestoreError("recovery failed: " + _fatal_lines(logtext))
         if target.action == "shutdown":
-            if not alive:
+            shut = "database system is shut down" in logtext and "recovery stopping" in logtext
+            if not alive and (seen_running or shut):
+                if not shut and "FATAL" in logtext:
+                    raise RestoreError("recovery failed: " + _fatal_lines(logtext))
                 state = "shut down at target"
                 break
         else:
