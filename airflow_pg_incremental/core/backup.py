@@ -14,7 +14,7 @@ import time
 
 from .. import __version__
 from .binaries import find_program, major_from_version_num
-from .codec import CompressingReader, ObjectInfo, PipeReader
+from .codec import CompressingReader, PipeReader
 from .errors import BackupFailed, ConfigError, PgIncrError, ServerError
 from .lsn import DEFAULT_SEGMENT_SIZE, parse_lsn, wal_file_name, wal_file_name_ending
 from .metadata import (INPROGRESS_NAME, backup_prefix, iso, new_backup_id, utcnow, write_meta)
@@ -264,10 +264,10 @@ def take_backup(conn: ConnInfo, repo: Repository, cluster: str, *, kind: str = "
 
 def _fetch_parent_manifest(repo: Repository, parent: dict):
     """The parent's backup_manifest in a temporary file (checksums verified) for --incremental."""
-    from .codec import ObjectInfo, VerifyingReader
+    from .codec import VerifyingReader
+    from .metadata import object_info
 
-    info = next((ObjectInfo.from_dict(o) for o in parent.get("objects", []) if o["key"].endswith("backup_manifest.zst")),
-                None)
+    info = object_info(parent, "backup_manifest.zst")
     if info is None:
         raise BackupFailed(f"parent backup {parent['backup_id']} has no backup_manifest object; take a full backup")
     f = tempfile.NamedTemporaryFile(prefix="pgincr-parent-manifest-", suffix=".json")

@@ -27,6 +27,16 @@ META_NAME = "backup.json"
 INPROGRESS_NAME = "in_progress.json"
 
 
+def object_info(meta: dict, name: str):
+    """The recorded ObjectInfo of the backup's object named `name` (e.g. 'base.tar.zst'), or None."""
+    from .codec import ObjectInfo
+
+    for o in meta.get("objects", []):
+        if o["key"].rsplit("/", 1)[-1] == name:
+            return ObjectInfo.from_dict(o)
+    return None
+
+
 def backups_prefix(cluster: str) -> str:
     return f"{validate_cluster(cluster)}/backups"
 

@@ -51,3 +51,16 @@ class Progress:
         el = time.monotonic() - self.t0
         self.log.info("%s (done in %.1f s)", self.line(), el)
         return el
+
+
+class CountingReader:
+    """Passes read() through to `reader`, adding what it returns to `progress`."""
+
+    def __init__(self, reader, progress: Progress):
+        self._reader = reader
+        self._progress = progress
+
+    def read(self, n: int = -1) -> bytes:
+        d = self._reader.read(n)
+        self._progress.add(len(d))
+        return d

@@ -20,9 +20,9 @@ from pathlib import Path
 from .binaries import find_program
 from .codec import ObjectInfo, VerifyingReader
 from .errors import ConfigError, RestoreError, ServerError
-from .metadata import backup_prefix, resolve_backup
+from .metadata import object_info, resolve_backup
 from .names import validate_cluster
-from .progress import Progress
+from .progress import CountingReader, Progress
 from .repository import Repository
 from .server import PgServer, chown_tree, ensure_traversable
 
@@ -45,9 +45,9 @@ def check_target_dir(target_dir: str | os.PathLike) -> Path:
 
 
 def _object(meta: dict, name: str) -> ObjectInfo:
-    for o in meta.get("objects", []):
-        if o["key"].rsplit("/", 1)[-1] == name:
-            return ObjectInfo.from_dict(o)
+    info = object_info(meta, name)
+    if info is not None:
+        return info
     raise RestoreError(f"backup {meta['backup_id']} has no object {name} in its metadata; it cannot be restored")
 
 
@@ -56,9 +56,7 @@ def _base_backup_filter(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo:
     plus: no links at all. A base backup of a cluster without tablespaces has none, so a link can
     only come from a tampered archive; refusing them is as safe as the 'data' filter and avoids
     its two realpath() calls per member."""
-    if member.issym() or member.islnk():
-        raise RestoreError(f"unexpected link {member.name!r} -> {member.linkname!r} in a base backup archive; "
-                           "refusing to extract it")
+    _guard(member.name, member.type)
     return tarfile.tar_filter(member, path)
 
 
@@ -113,14 +111,7 @@ def _extract_with_tarfile(repo: Repository, info: ObjectInfo, dest: Path, what: 
     progress = Progress(f"restore {what}", info.raw_size, log, interval)
     with repo.open(info.key) as stored:
         reader = VerifyingReader(stored, info)
-
-        class _Counting:
-            def read(self, n=-1):
-                d = reader.read(n)
-                progress.add(len(d))
-                return d
-
-        with tarfile.open(fileobj=_Counting(), mode="r|", bufsize=1 << 20) as tf:
+        with tarfile.open(fileobj=CountingReader(reader, progress), mode="r|", bufsize=1 << 20) as tf:
             tf.extractall(dest, filter=_base_backup_filter)
         reader.drain()
     progress.finish()

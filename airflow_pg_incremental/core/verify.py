@@ -41,7 +41,7 @@ from .errors import ChecksumMismatch, ConfigError, ObjectNotFound, RepositoryErr
 from .lsn import DEFAULT_SEGMENT_SIZE, parse_lsn, segment_name, segno_of, wal_file_name, wal_file_name_ending
 from .metadata import META_NAME, backups_prefix, list_backup_ids, load_backup, resolve_backup, unseal
 from .names import validate_cluster
-from .progress import Progress, human_bytes
+from .progress import CountingReader, Progress, human_bytes
 from .repository import Repository
 
 log = logging.getLogger(__name__)
@@ -230,33 +230,6 @@ def _chain_check(repo: Repository, cluster: str, meta: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------
-class _Reader(VerifyingReader):
-    """VerifyingReader whose end-of-stream check also reports a size mismatch of an object stored
-    without a content SHA-256 (the default): core.codec formats the absent checksum as a string
-    there and raises TypeError instead of ChecksumMismatch (e.g. for a truncated object)."""
-
-    def _check(self) -> None:
-        try:
-            super()._check()
-        except TypeError:
-            e = self.expected
-            raise ChecksumMismatch(
-                f"checksum mismatch for {e.key}: stored bytes: expected {e.stored_size} B sha256 "
-                f"{e.stored_sha256[:16]}..., read {self.stored.size} B sha256 {self.stored.hexdigest()[:16]}...; "
-                f"content: expected {e.raw_size} B, read {self.raw.size} B") from None
-
-
-class _Counting:
-    def __init__(self, reader: VerifyingReader, progress: Progress):
-        self._reader = reader
-        self._progress = progress
-
-    def read(self, n: int = -1) -> bytes:
-        d = self._reader.read(n)
-        self._progress.add(len(d))
-        return d
-
-
 def _read_object(repo: Repository, info: ObjectInfo, dest: Path | None, what: str,
                  progress_interval: float) -> tuple[str | None, str | None]:
     """Read one object to its end through VerifyingReader, extracting it (a tar) into `dest` when
@@ -266,8 +239,8 @@ def _read_object(repo: Repository, info: ObjectInfo, dest: Path | None, what: st
     extract_error = None
     try:
         with repo.open(info.key) as stored:
-            reader = _Reader(stored, info)
-            counting = _Counting(reader, progress)
+            reader = VerifyingReader(stored, info)
+            counting = CountingReader(reader, progress)
             if dest is not None:
                 try:
                     with tarfile.open(fileobj=counting, mode="r|") as tf:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from .codec import compress_bytes, decompress_bytes
 from .errors import ChecksumMismatch, ConfigError, ObjectExists, ObjectNotFound, PgIncrError
-from .lsn import (DEFAULT_SEGMENT_SIZE, format_lsn, segment_name, segno_of, timeline_of, wal_name_kind)
+from .lsn import DEFAULT_SEGMENT_SIZE, format_lsn, segment_name, segno_of, wal_name_kind
 from .names import validate_cluster
 from .repository import Repository
 
