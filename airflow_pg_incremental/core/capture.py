@@ -21,7 +21,7 @@ import time
 
 from .binaries import find_program, major_from_version_num
 from .errors import ConfigError, ServerError, WalCaptureError
-from .lsn import format_lsn, parse_lsn, segment_name, segno_of, timeline_of
+from .lsn import format_lsn, parse_lsn, segment_name, segno_of
 from .names import validate_cluster
 from .pgconn import ConnInfo, classify_connect_error, connect
 from .progress import human_bytes
@@ -119,6 +119,46 @@ def timeline_at(history: list[tuple[int, int]], current: int, lsn: int, from_tli
     return tli
 
 
+def resume_point(archived: dict[int, list[str]], history: list[tuple[int, int]], server_tli: int,
+                 seg: int) -> tuple[int, int, str | None]:
+    """(timeline, segment number) where capture resumes, and a note when the archive holds WAL the
+    server's history abandoned.
+
+    The archive is followed along the server's own history (its timeline and the ancestors in its
+    history file, each left at a switch point), not just by its newest segment: after a
+    point-in-time restore that rewound the cluster and promoted it, the archive's old timeline goes
+    on past the switch point (the abandoned future) and the new timeline starts *before* the
+    archive's end. Resuming after the newest archived segment would then skip the new timeline's
+    beginning, and capture would find nothing to do until the server passed the old end."""
+    leaves = {}  # ancestor timeline -> switch LSN where the server's history leaves it
+    for t, switch in history:
+        leaves.setdefault(t, switch)
+    on_path = [t for t in archived if t == server_tli or t in leaves]
+    if not on_path:
+        # nothing archived on this server's history (a new cluster in an old archive, or a
+        # history file the server no longer has): go on after the newest archived segment
+        last_tli = max(archived)
+        return last_tli, segno_of(archived[last_tli][-1], seg) + 1, None
+    tli = max(on_path)
+    end_segno = segno_of(archived[tli][-1], seg) + 1
+    note = None
+    if tli != server_tli:
+        switch = leaves[tli]
+        if end_segno * seg > switch:
+            # the archive holds this timeline past the point where the server left it: resume in
+            # the segment of the switch point, on the timeline that starts there
+            later = [t for t, _ in history if t > tli]
+            child = later[0] if later else server_tli
+            note = (f"the archive's timeline {tli} goes on past the server's switch point {format_lsn(switch)} "
+                    f"(to segment {archived[tli][-1]}): that WAL belongs to an abandoned branch. Capture resumes "
+                    f"at {segment_name(child, switch // seg, seg)} on timeline {child}")
+            return child, switch // seg, note
+        # the archive ends before the switch: go on from there on the timeline that holds that
+        # position (pg_receivewal follows the history onto the newer timelines and stores .history)
+        return timeline_at(history, server_tli, end_segno * seg, tli), end_segno, None
+    return tli, end_segno, None
+
+
 def capture_wal_pull(conn: ConnInfo, repo: Repository, cluster: str, *, slot: str | None = None,
                      upto_lsn: str | int | None = None, max_retained_bytes: int = 8 << 30, level: int = 3,
                      timeout_s: float = 3600, catalog=None, staging_parent: str | None = None) -> dict:
@@ -133,11 +173,11 @@ def capture_wal_pull(conn: ConnInfo, repo: Repository, cluster: str, *, slot: st
     repo.check_writable()
 
     archived = list_segments(repo, cluster)
+    history = server_timeline_history(conn, pos["timeline"]) if pos["timeline"] > 1 else []
     if archived:
-        last_tli = max(archived)
-        last = archived[last_tli][-1]
-        start_segno = segno_of(last, seg) + 1
-        start_tli = timeline_of(last)
+        start_tli, start_segno, note = resume_point(archived, history, pos["timeline"], seg)
+        if note:
+            log.warning("%s", note)
     else:
         start_tli = pos["timeline"]
         start_segno = parse_lsn(slot_info["restart_lsn"]) // seg if slot_info["restart_lsn"] else \
@@ -151,11 +191,6 @@ def capture_wal_pull(conn: ConnInfo, repo: Repository, cluster: str, *, slot: st
     else:
         target = (target // seg) * seg
     start_lsn = start_segno * seg
-    if pos["timeline"] > start_tli:
-        # the server moved on to a newer timeline (failover / PITR): start on the timeline that
-        # holds start_lsn; pg_receivewal follows the history from there and stores the .history
-        start_tli = timeline_at(server_timeline_history(conn, pos["timeline"]), pos["timeline"], start_lsn,
-                                start_tli)
     result = {"cluster": cluster, "slot": slot, "slot_created": slot_info["created"], "segments": 0,
               "history_files": 0, "raw_bytes": 0, "stored_bytes": 0, "first_segment": None, "last_segment": None,
               "start_lsn": format_lsn(start_lsn), "end_lsn": format_lsn(max(target, start_lsn)),

@@ -24,14 +24,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .binaries import find_program
-from .errors import ConfigError, RestoreError
+from .errors import ConfigError, ObjectNotFound, RestoreError
 from .lsn import format_lsn, parse_lsn, segment_name, segno_of
 from .metadata import list_backups, load_backup
 from .names import _check, validate_cluster
 from .repository import LocalRepository, Repository, S3Repository
 from .restore import SCRATCH_SETTINGS, check_target_dir, restore_backup
 from .server import PgServer, chown_tree, python_usable_by, repository_readable_by
-from .wal import WalGap, continuity, fetch_bytes, list_segments, load_restore_point, read_history
+from .wal import (WalGap, continuity, fetch_bytes, list_segments, load_restore_point, on_timeline_path, read_history,
+                  timeline_path)
 
 log = logging.getLogger(__name__)
 
@@ -86,25 +87,58 @@ def parse_target(kind: str, value=None, *, inclusive: bool = True, action: str =
     return RecoveryTarget(kind, value, bool(inclusive), action, str(timeline))
 
 
+def recovery_timelines(repo: Repository, cluster: str, target: RecoveryTarget) -> dict[int, int | None] | None:
+    """The timelines recovery to `target` follows (see wal.timeline_path); None for 'current'."""
+    if target.timeline == "current":
+        return None
+    try:
+        return timeline_path(repo, cluster, target.timeline)
+    except ObjectNotFound as e:
+        raise RestoreError(f"{e}: recovery cannot follow that timeline. Archive the history file (capture stores "
+                           "it; archive_command pushes it after a promotion) or choose target timeline 'current'")
+
+
+def _describe_path(path: dict[int, int | None]) -> str:
+    parts = [f"timeline {t} up to {format_lsn(e)}" if e is not None else f"timeline {t}" for t, e in sorted(path.items())]
+    return ", then ".join(parts)
+
+
 def choose_backup(repo: Repository, cluster: str, target: RecoveryTarget, backup_id: str | None = None) -> dict:
-    """The newest backup whose stop point lies before the target (or the given one, checked)."""
+    """The newest backup whose stop point lies before the target and on the timeline path recovery
+    follows (or the given one, checked)."""
     backups = list_backups(repo, cluster)
     if not backups:
         raise RestoreError(f"cluster {cluster!r} has no complete backup in {repo.url}")
+    path = recovery_timelines(repo, cluster, target)
     if backup_id and backup_id != "latest":
         meta = load_backup(repo, cluster, backup_id)
+        if not on_timeline_path(meta, path, latest=target.timeline == "latest"):
+            raise RestoreError(
+                f"backup {backup_id} (timeline {meta.get('timeline') or 1}, ends at LSN {meta.get('stop_lsn')}) is not "
+                f"on the history of the timeline recovery follows ({_describe_path(path)}): it belongs to an "
+                "abandoned branch. Omit the backup id to let the restore choose, or set the target timeline to "
+                f"{meta.get('timeline') or 1}")
         if not _before(meta, target, repo, cluster):
             raise RestoreError(f"backup {backup_id} ends ({meta.get('finished_at')}, LSN {meta.get('stop_lsn')}) after "
                                f"the target {target.kind} {target.value}: choose an older backup or omit the backup id")
         return meta
+    usable = [b for b in backups if on_timeline_path(b, path, latest=target.timeline == "latest")]
+    if not usable:
+        raise RestoreError(f"no backup of {cluster!r} lies on the history of the timeline recovery follows "
+                           f"({_describe_path(path)}); the newest backup, {backups[-1]['backup_id']}, is on timeline "
+                           f"{backups[-1].get('timeline') or 1}. Take a new full backup, or set the target timeline")
+    skipped = [b["backup_id"] for b in backups if b not in usable]
+    if skipped:
+        log.info("backups on an abandoned timeline branch, not usable for this target: %s", ", ".join(skipped))
     if target.kind in ("latest", "immediate"):
-        return backups[-1]
-    fits = [b for b in backups if _before(b, target, repo, cluster)]
+        return usable[-1]
+    fits = [b for b in usable if _before(b, target, repo, cluster)]
     if not fits:
-        oldest = backups[0]
+        oldest = usable[0]
         raise RestoreError(
             f"target {target.kind} {target.value} lies before the oldest backup's end "
-            f"({oldest['backup_id']}: {oldest.get('finished_at')}, LSN {oldest.get('stop_lsn')}); the recoverable "
+            f"({oldest['backup_id']}: {oldest.get('finished_at')}, LSN {oldest.get('stop_lsn')})"
+            f"{' among those on the timeline path' if skipped else ''}; the recoverable "
             f"window starts there")
     return fits[-1]
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from .codec import compress_bytes, decompress_bytes
 from .errors import ChecksumMismatch, ConfigError, ObjectExists, ObjectNotFound, PgIncrError
-from .lsn import DEFAULT_SEGMENT_SIZE, format_lsn, segment_name, segno_of, wal_name_kind
+from .lsn import DEFAULT_SEGMENT_SIZE, format_lsn, parse_lsn, segment_name, segno_of, wal_name_kind
 from .names import validate_cluster
 from .repository import Repository
 
@@ -143,10 +143,42 @@ def read_history(repo: Repository, cluster: str, timeline: int) -> list[tuple[in
     for line in data.splitlines():
         parts = line.split()
         if len(parts) >= 2 and not line.startswith("#"):
-            from .lsn import parse_lsn
-
             out.append((int(parts[0]), parse_lsn(parts[1])))
     return out
+
+
+def timeline_path(repo: Repository, cluster: str, timeline: str | int = "latest") -> dict[int, int | None]:
+    """The timelines recovery follows, each with the LSN where the path leaves it (None for the
+    target timeline itself, open-ended). As in PostgreSQL, 'latest' is the newest timeline whose
+    history file is archived (1 when none is). ObjectNotFound when a needed history file is missing."""
+    tli = max(list_history(repo, cluster), default=1) if timeline == "latest" else int(timeline)
+    path: dict[int, int | None] = {tli: None}
+    if tli > 1:
+        try:
+            history = read_history(repo, cluster, tli)
+        except ObjectNotFound:
+            raise ObjectNotFound(f"timeline {tli}'s history file {tli:08X}.history is not in the archive of "
+                                 f"{cluster!r}") from None
+        for parent, switch in history:
+            path.setdefault(parent, switch)
+    return path
+
+
+def on_timeline_path(meta: dict, path: dict[int, int | None] | None, *, latest: bool = True) -> bool:
+    """Whether recovery from this backup can follow `path`: its timeline is on it and the backup
+    ends before the path leaves that timeline (else PostgreSQL stops with 'requested timeline is
+    not a child of this server's history': the backup lies on an abandoned branch). With `latest`
+    (recovery_target_timeline='latest'), a backup on a timeline newer than every archived history
+    file is on its own, newest timeline."""
+    if path is None:
+        return True
+    tli = int(meta.get("timeline") or 1)
+    if latest and tli > max(path):
+        return True
+    if tli not in path:
+        return False
+    end = path[tli]
+    return end is None or parse_lsn(meta["stop_lsn"]) <= end
 
 
 def continuity(repo: Repository, cluster: str, *, from_lsn: int | None = None, timeline: int | None = None,

@@ -296,3 +296,78 @@ def test_timeline_switch_is_captured_with_its_history(workdir, scratch):
         if new is not None:
             new.stop("immediate")
         old.stop()
+
+
+def test_restore_after_a_pitr_branch_never_uses_the_abandoned_backup(workdir, scratch):
+    """A PITR rewinds the cluster to before a mistake and promotes it (timeline 2 branches off
+    timeline 1). A backup taken on timeline 1 after that point (the abandoned future) is the newest
+    backup of timeline 1's past, but recovery along timeline 2 cannot start from it: PostgreSQL
+    would stop with 'requested timeline 2 is not a child of this server's history'. The restore
+    chooses the older backup on the path instead, and refuses the abandoned one by name."""
+    from airflow_pg_incremental.core.pitr import plan_restore
+    from airflow_pg_incremental.core.server import PgServer
+
+    base = workdir / f"br-{uuid.uuid4().hex[:6]}"
+    base.mkdir()
+    os.chmod(base, 0o755)
+    repo = LocalRepository(base / "repo")
+    old = SandboxPostgres(base / "old").start()
+    new = None
+    try:
+        capture_wal_pull(old.conninfo(), repo, "br")
+        old.psql("CREATE TABLE t (id int, what text)")
+        good = take_full_backup(old.conninfo(), repo, "br")
+        old.psql("INSERT INTO t VALUES (1, 'before the mistake')")
+        split = old.psql("SELECT pg_current_wal_insert_lsn()").strip()
+        old.psql("INSERT INTO t VALUES (2, 'the mistake')")
+        capture_wal_pull(old.conninfo(), repo, "br", upto_lsn=switch_wal(old.conninfo())["lsn"])
+        abandoned = take_full_backup(old.conninfo(), repo, "br")  # timeline 1, after the split point
+        capture_wal_pull(old.conninfo(), repo, "br", upto_lsn=switch_wal(old.conninfo())["lsn"])
+        conn_old = old.conninfo()
+        old.stop()
+
+        # rewind to the split point and promote: timeline 2
+        rep = restore_pitr(repo, "br", parse_target("lsn", split), base / "new" / "data", os_user=old.os_user)
+        assert rep["state"] == "promoted" and rep["backup_id"] == good["backup_id"]
+        new = PgServer(base / "new" / "data", major=18, os_user=old.os_user)
+        new.start({"archive_mode": "off", "listen_addresses": "127.0.0.1"})
+        conn_new = conn_old.__class__(host="127.0.0.1", port=new.port, user=conn_old.user,
+                                      password=conn_old.password, dbname="postgres")
+        new.psql("INSERT INTO t VALUES (3, 'on timeline 2')")
+        # capture resumes at the switch point on timeline 2, not after timeline 1's (abandoned) end
+        cap = capture_wal_pull(conn_new, repo, "br", upto_lsn=switch_wal(conn_new)["lsn"])
+        assert cap["segments"] >= 1 and cap["history_files"] >= 1, cap
+        assert 2 in list_segments(repo, "br")
+        new.stop()
+        new = None
+
+        # 'latest' follows timeline 2: the abandoned backup (the newest one) is skipped
+        plan = plan_restore(repo, "br", parse_target("latest"))
+        assert plan["backup_id"] == good["backup_id"], plan
+        rep2 = restore_pitr(repo, "br", parse_target("latest"), scratch / "d", os_user=old.os_user,
+                            keep_running=True)
+        srv = rep2.pop("server")
+        try:
+            rows = query(srv.local_conninfo(), "SELECT array_agg(what ORDER BY id) FROM t")[0][0]
+            assert rows == ["before the mistake", "on timeline 2"]
+        finally:
+            srv.stop()
+        # asked for by id, the abandoned backup is refused before anything is touched
+        with pytest.raises(RestoreError, match=f"backup {abandoned['backup_id']} .*abandoned branch"):
+            restore_pitr(repo, "br", parse_target("latest"), scratch / "e", backup_id=abandoned["backup_id"],
+                         os_user=old.os_user)
+        assert not (scratch / "e").exists()
+        # on timeline 1, asked for explicitly, it is the right backup: the mistake is there
+        rep3 = restore_pitr(repo, "br", parse_target("latest", timeline="1"), scratch / "f", os_user=old.os_user,
+                            keep_running=True)
+        srv = rep3.pop("server")
+        try:
+            rows = query(srv.local_conninfo(), "SELECT array_agg(what ORDER BY id) FROM t")[0][0]
+            assert rows == ["before the mistake", "the mistake"]
+        finally:
+            srv.stop()
+        assert rep3["backup_id"] == abandoned["backup_id"]
+    finally:
+        if new is not None:
+            new.stop("immediate")
+        old.stop()

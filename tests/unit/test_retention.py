@@ -13,59 +13,13 @@ import pytest
 from airflow_pg_incremental.core import metadata as md
 from airflow_pg_incremental.core.errors import ConfigError, InvalidName
 from airflow_pg_incremental.core.incremental import resolve_chain
-from airflow_pg_incremental.core.lsn import format_lsn, segment_name
+from airflow_pg_incremental.core.lsn import segment_name
 from airflow_pg_incremental.core.repository import LocalRepository
 from airflow_pg_incremental.core.retention import (RetentionPolicy, RetentionRefused, apply_retention, format_plan,
                                                     plan_retention, summary)
-from airflow_pg_incremental.core.wal import list_history, list_segments, push_bytes, wal_key
+from airflow_pg_incremental.core.wal import list_history, list_segments, wal_key
 
-UTC = dt.timezone.utc
-SEG = 16 * 1024 * 1024
-ZERO = bytes(SEG)
-C = "main"
-NOW = dt.datetime(2026, 11, 29, 0, 0, tzinfo=UTC)
-DAY = dt.timedelta(days=1)
-
-
-def lsn(segno: int, off: int = 0x28) -> str:
-    return format_lsn(segno * SEG + off)
-
-
-class Fake:
-    """A repository filled with fake backups and WAL."""
-
-    def __init__(self, repo, cluster=C):
-        self.repo, self.cluster = repo, cluster
-        self.metas: dict[str, dict] = {}
-
-    def backup(self, bid, start_seg, finished, kind="full", parent=None, timeline=1, size=1000):
-        p = self.metas[parent] if parent else None
-        prefix = md.backup_prefix(self.cluster, bid)
-        objects = []
-        for name, n in (("base.tar.zst", size), ("backup_manifest.zst", 10)):
-            self.repo.put_bytes(f"{prefix}/{name}", b"x" * n)
-            objects.append({"key": f"{prefix}/{name}", "stored_size": n})
-        meta = {"format": 1, "cluster": self.cluster, "backup_id": bid, "kind": kind, "status": "complete",
-                "parent_id": parent, "chain_root_id": (p.get("chain_root_id") or p["backup_id"]) if p else bid,
-                "chain_length": (p["chain_length"] + 1) if p else 1,
-                "started_at": md.iso(finished - dt.timedelta(minutes=5)), "finished_at": md.iso(finished),
-                "start_lsn": lsn(start_seg), "stop_lsn": lsn(start_seg, 0x2000), "timeline": timeline,
-                "wal_segment_size": SEG, "pg_major": 18, "stored_bytes": size + 10, "objects": objects}
-        md.write_meta(self.repo, meta)
-        self.metas[bid] = meta
-        return meta
-
-    def wal(self, tli, segnos):
-        for s in segnos:
-            push_bytes(self.repo, self.cluster, segment_name(tli, s), ZERO, segment_size=SEG, checksum=False)
-
-    def small(self, name, data=b"x"):
-        push_bytes(self.repo, self.cluster, name, data)
-
-    def restore_point(self, name, segno, tli=1):
-        self.repo.put_bytes(f"{self.cluster}/restore_points/{name}.json",
-                            json.dumps({"name": name, "lsn": lsn(segno), "timeline": tli,
-                                        "created_at": "2026-11-01T00:00:00+00:00"}).encode())
+from .fakes import C, DAY, NOW, Fake
 
 
 def weekly(repo) -> Fake:
