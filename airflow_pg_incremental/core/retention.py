@@ -12,6 +12,11 @@ A policy keeps the union of
   - the newest `min_redundancy` full chains, whatever else the policy says,
   - the pinned backups and their ancestors.
 Every other complete backup is deleted (a parent of a kept backup is kept, by construction).
+Only backups on the newest timeline's history count toward these rules. A backup on an abandoned
+branch (after a point-in-time restore rewound the cluster and promoted it, the old timeline's
+backups past the switch point) can start no recovery along the newest timeline: it is kept while it
+ended inside the period the kept backups span (restorable with an explicit recovery timeline), and
+deleted with the older ones.
 
 WAL: the horizon is the start LSN of the oldest backup that stays (kept, or left alone because its
 chain is broken). Every archived segment, backup history file and partial segment *below the
@@ -56,7 +61,7 @@ from .metadata import (INPROGRESS_NAME, META_NAME, backup_prefix, backups_prefix
 from .names import validate_backup_id, validate_cluster
 from .progress import human_bytes
 from .repository import LocalRepository, Repository
-from .wal import wal_key
+from .wal import on_timeline_path, timeline_path, wal_key
 
 log = logging.getLogger(__name__)
 
@@ -287,14 +292,29 @@ def _plan(repo: Repository, cluster: str, policy: RetentionPolicy, now: dt.datet
             warnings.append(f"{bid}: chain_root_id {b.get('chain_root_id')} differs from the full its parents lead "
                             f"to ({cur['backup_id']}); the parents are what a restore follows")
     restorable = [b for b in backups if root_of[b["backup_id"]] is not None]
-    fulls = [b for b in restorable if b["kind"] == "full"]
+    # -- timelines: a backup on an abandoned branch (its timeline went on past the point where the
+    # newest timeline's history left it) cannot start a recovery along the newest timeline: it
+    # never counts toward a keep rule or anchors the window ---------------------------------------
+    try:
+        path = timeline_path(repo, cluster)
+    except ObjectNotFound as e:
+        path = None
+        warnings.append(f"{e}: the timeline path is unknown, every backup counts as on it")
+    off_path = {b["backup_id"] for b in restorable if not on_timeline_path(b, path)}
+    current = [b for b in restorable if b["backup_id"] not in off_path]
+    fulls = [b for b in current if b["kind"] == "full"]
+    if not fulls and off_path:
+        raise RetentionRefused(f"no restorable full backup of {cluster!r} lies on the newest timeline's history "
+                               f"(backups {', '.join(sorted(off_path))} are on an abandoned branch): take a full "
+                               "backup of the current server first; nothing was deleted")
     if not fulls:
         raise RetentionRefused(f"cluster {cluster!r} has no restorable full backup in {repo.url} (every backup's "
                                "chain is broken): the policy would delete everything or keep nothing useful; "
                                "nothing was deleted")
     members: dict[str, list[str]] = {f["backup_id"]: [] for f in fulls}
     for b in restorable:
-        members[root_of[b["backup_id"]]].append(b["backup_id"])
+        if root_of[b["backup_id"]] in members:  # an abandoned backup on a current full goes with its chain
+            members[root_of[b["backup_id"]]].append(b["backup_id"])
     chain_rank = {f["backup_id"]: len(fulls) - n for n, f in enumerate(fulls)}  # 1 = newest
 
     unknown = [p for p in policy.pinned if p not in by_id]
@@ -330,7 +350,7 @@ def _plan(repo: Repository, cluster: str, policy: RetentionPolicy, now: dt.datet
     window = None
     if policy.recovery_window_days is not None:
         start = now - dt.timedelta(days=policy.recovery_window_days)
-        ended = [(_finished(b), order[b["backup_id"]], b) for b in restorable]
+        ended = [(_finished(b), order[b["backup_id"]], b) for b in current]
         before = [e for e in ended if e[0] is not None and e[0] <= start]
         window = {"days": policy.recovery_window_days, "start": start.isoformat(), "end": now.isoformat(),
                   "anchor": None,
@@ -356,6 +376,18 @@ def _plan(repo: Repository, cluster: str, policy: RetentionPolicy, now: dt.datet
         if p in broken:
             warnings.append(f"pinned backup {p} cannot be restored: {broken[p]}")
         add(p, "pinned")
+    if off_path:
+        # abandoned-branch backups stay while they are inside the period the kept backups span
+        # (restorable with an explicit recovery timeline), and go with the older ones
+        kept_t = [t for t in (_finished(by_id[k]) for k in keep if k not in off_path) if t is not None]
+        oldest_kept = min(kept_t, default=None)
+        for b in restorable:
+            bid, t = b["backup_id"], _finished(b)
+            if bid in off_path and bid not in keep and oldest_kept is not None and t is not None and t >= oldest_kept:
+                add(bid, f"abandoned timeline branch (timeline {b.get('timeline') or 1}): ended inside the retained "
+                         "period; not counted, restorable with that recovery timeline")
+        warnings.append(f"backup(s) {', '.join(sorted(off_path))} lie on an abandoned timeline branch (the newest "
+                        "timeline's history left their timeline before they ended): they count toward no rule")
 
     # -- delete / untouched ------------------------------------------------------------------------
     untouched = [{"backup_id": bid, "reason": f"left alone, not restorable: {why}"} for bid, why in broken.items()
@@ -382,6 +414,9 @@ def _plan(repo: Repository, cluster: str, policy: RetentionPolicy, now: dt.datet
                         "every chain is kept")
 
     def why_deleted(b: dict) -> str:
+        if b["backup_id"] in off_path:
+            return (f"on an abandoned timeline branch (timeline {b.get('timeline') or 1}, ended {b.get('finished_at')}), "
+                    "older than every backup kept; not pinned")
         root = root_of[b["backup_id"]]
         parts = [f"chain of {root} is #{chain_rank[root]} newest"]
         if window and window["anchor"]:
@@ -486,6 +521,7 @@ def _plan(repo: Repository, cluster: str, policy: RetentionPolicy, now: dt.datet
         "leftovers": leftovers,
         "restore_points": restore_points,
         "untouched": untouched,
+        "abandoned_branch": sorted(off_path),
         "window": window,
         "wal_horizon": horizon,
         "wal_timelines": {f"{t:08X}": v for t, v in sorted(timelines.items())},

@@ -293,6 +293,65 @@ def test_timelines_older_timeline_goes_when_nothing_needs_it(repo):
     assert repo.exists(wal_key(C, segment_name(2, 25) + ".00000028.backup"))
 
 
+def branched(repo) -> Fake:
+    """A PITR rewound the cluster to segment 20 of TL1 and promoted it (TL2). The old primary had
+    gone on: A1 (TL1, segment 24) lies on the abandoned branch. B1, B2 (TL1, before the switch),
+    B3, B4 (TL2)."""
+    f = Fake(repo)
+    f.backup("B1", 2, NOW - 20 * DAY)
+    f.backup("B2", 12, NOW - 15 * DAY)
+    f.backup("A1", 24, NOW - 12 * DAY)
+    f.backup("B3", 25, NOW - 8 * DAY, timeline=2)
+    f.backup("B4", 35, NOW - 1 * DAY, timeline=2)
+    f.wal(1, range(1, 27))
+    f.wal(2, range(20, 41))
+    f.small("00000002.history", b"1\t0/14000000\tbefore 2026-11-14 00:00:00+00\n")
+    return f
+
+
+def test_abandoned_branch_backup_counts_toward_no_rule(repo):
+    branched(repo)
+    # 3 newest full chains on the newest timeline's history: B2, B3, B4 (not A1, which a restore
+    # along timeline 2 cannot start from); A1 ended inside the kept period: kept, not counted
+    plan = plan_retention(repo, C, RetentionPolicy(keep_full_chains=3), now=NOW)
+    assert keep_ids(plan) == ["B2", "A1", "B3", "B4"]
+    assert "abandoned timeline branch" in reasons(plan, "A1")[0]
+    assert plan["abandoned_branch"] == ["A1"] and plan["delete_backups"] == ["B1"]
+    assert any("abandoned timeline branch" in w for w in plan["warnings"])
+    # with 2 chains, A1 is older than everything kept: it goes, with the reason
+    plan = plan_retention(repo, C, RetentionPolicy(keep_full_chains=2), now=NOW)
+    assert keep_ids(plan) == ["B3", "B4"]
+    assert plan["delete_backups"] == ["A1", "B2", "B1"]
+    why = {d["backup_id"]: d["why"] for d in plan["delete_backup_details"]}
+    assert "abandoned timeline branch" in why["A1"]
+
+
+def test_abandoned_branch_backup_never_anchors_the_window(repo):
+    branched(repo)
+    # window of 10 days: a restore to its first instant (along timeline 2) starts from B2, not from
+    # A1 although A1 is the newest backup that ended before it
+    plan = plan_retention(repo, C, RetentionPolicy(recovery_window_days=10), now=NOW)
+    assert plan["window"]["anchor"] == "B2"
+    assert keep_ids(plan) == ["B2", "A1", "B3", "B4"] and plan["delete_backups"] == ["B1"]
+    apply_retention(repo, C, RetentionPolicy(recovery_window_days=10), now=NOW)
+    from airflow_pg_incremental.core.pitr import choose_backup, parse_target
+
+    # the window's first instant is still restorable along timeline 2
+    target = parse_target("time", (NOW - 10 * DAY).isoformat())
+    assert choose_backup(repo, C, target)["backup_id"] == "B2"
+
+
+def test_only_abandoned_fulls_refuses(repo):
+    f = Fake(repo)
+    f.backup("A1", 24, NOW - 2 * DAY)
+    f.wal(1, range(20, 27))
+    f.wal(2, range(20, 30))
+    f.small("00000002.history", b"1\t0/14000000\tno recovery target specified\n")
+    with pytest.raises(RetentionRefused, match=r"no restorable full backup .* newest timeline's history.*A1"):
+        plan_retention(repo, C, RetentionPolicy(keep_full_chains=1), now=NOW)
+    assert f.repo.exists(md.backup_prefix(C, "A1") + "/backup.json")
+
+
 def test_newest_archived_segment_always_stays(repo):
     f = Fake(repo)
     f.backup("F1", 3, NOW - 9 * DAY)
