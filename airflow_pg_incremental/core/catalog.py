@@ -324,6 +324,43 @@ class Catalog:
                         (cluster, segments))
             c.commit()
 
+    def settle_running(self, repo: Repository, cluster: str, *, older_than_s: float = 6 * 3600) -> list[dict]:
+        """Rows left 'running' by a backup that was killed (worker lost, OOM, SIGKILL: no code ran to
+        record the failure), started more than `older_than_s` ago: 'complete' when the repository
+        holds its sealed backup.json, 'failed' when neither backup.json nor its in-progress marker
+        is left (cleanup removed the leftovers). A row whose marker is still there is left alone:
+        the backup may still be running. Returns what changed."""
+        from .errors import BackupNotFound
+        from .metadata import INPROGRESS_NAME, backup_prefix, load_backup
+
+        rows = self._select("SELECT backup_id, started_at FROM {s}.backups WHERE cluster = %s AND status = 'running' "
+                            "AND started_at < now() - make_interval(secs => %s) ORDER BY backup_id",
+                            (cluster, float(older_than_s)))
+        changed = []
+        for r in rows:
+            bid = r["backup_id"]
+            try:
+                meta = load_backup(repo, cluster, bid)
+            except BackupNotFound:
+                meta = None
+            if meta is not None and meta.get("status") == "complete":
+                self.record_backup(meta)
+                changed.append({"backup_id": bid, "status": "complete"})
+                continue
+            if repo.exists(f"{backup_prefix(cluster, bid)}/{INPROGRESS_NAME}"):
+                continue
+            error = (f"interrupted: started {r['started_at']:%Y-%m-%d %H:%M:%S%z} and never finished (the task was "
+                     "killed, no failure could be recorded); no trace is left in the repository")
+            with self._connect() as c, c.cursor() as cur:
+                cur.execute(f"UPDATE {self.schema}.backups SET status = 'failed', error = %s, recorded_at = now() "
+                            "WHERE cluster = %s AND backup_id = %s AND status = 'running'", (error, cluster, bid))
+                c.commit()
+            changed.append({"backup_id": bid, "status": "failed"})
+        if changed:
+            log.warning("catalog: settled backup rows left 'running' by killed backups: %s",
+                        ", ".join(f"{c['backup_id']} -> {c['status']}" for c in changed))
+        return changed
+
     def backups(self, cluster: str | None = None, status: str | None = None) -> list[dict]:
         where, params = [], []
         if cluster:

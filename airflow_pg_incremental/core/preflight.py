@@ -15,9 +15,10 @@ log = logging.getLogger(__name__)
 
 
 def preflight_full(conn: ConnInfo, repo: Repository, cluster: str, *, cleanup_after_s: float = 6 * 3600,
-                   slot: str | None = None) -> dict:
+                   slot: str | None = None, catalog=None) -> dict:
     """`slot`: pull mode's replication slot, created here if missing so that it holds the WAL from
-    before the backup's start (a slot created after the backup could not capture its WAL)."""
+    before the backup's start (a slot created after the backup could not capture its WAL).
+    `catalog`: its rows of killed backups (left 'running') are settled, with the same age rule."""
     validate_cluster(cluster)
     facts = server_facts(conn)
     check_source(facts, conn)
@@ -29,10 +30,11 @@ def preflight_full(conn: ConnInfo, repo: Repository, cluster: str, *, cleanup_af
 
         slot_info = ensure_slot(conn, slot)
     removed = cleanup_incomplete(repo, cluster, older_than_s=cleanup_after_s)
+    settled = catalog.settle_running(repo, cluster, older_than_s=cleanup_after_s) if catalog is not None else []
     result = {"cluster": cluster, "pg_major": facts["major"], "system_identifier": facts["system_identifier"],
               "data_checksums": facts["data_checksums"], "summarize_wal": facts["summarize_wal"],
               "from_standby": facts["in_recovery"], "size_estimate": facts["size_estimate"],
-              "removed_incomplete": removed, "repository": repo.url,
+              "removed_incomplete": removed, "settled_catalog_rows": settled, "repository": repo.url,
               "slot": slot_info}
     log.info("preflight ok for %s: PostgreSQL %s, ~%s bytes, repository %s writable%s", cluster, facts["major"],
              facts["size_estimate"], repo.url, f"; removed leftovers {removed}" if removed else "")

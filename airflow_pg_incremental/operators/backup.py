@@ -68,7 +68,7 @@ class PgBackupPreflightOperator(_PgBackupBase):
 
         slot = (self.slot_name or default_slot_name(self.cluster)) if self.wal_mode == "pull" else None
         return preflight_full(self._conninfo(), self._repo(), self.cluster, cleanup_after_s=self.cleanup_after_s,
-                              slot=slot)
+                              slot=slot, catalog=self._catalog())
 
 
 class PgBaseBackupOperator(_PgBackupBase):

@@ -72,3 +72,41 @@ def test_recoverable_window_is_a_query(pg, repo, catalog):
         assert not check_continuity(repo, cluster, fail_on_gap=False)["ok"]
     finally:
         pg.psql(f"SELECT pg_drop_replication_slot('pgincr_{cluster}')")
+
+
+def test_rows_of_killed_backups_are_settled_by_preflight(pg, repo, catalog):
+    """A backup killed with SIGKILL leaves its catalog row 'running' (no code ran to record the
+    failure). The next preflight settles rows older than the cleanup age: 'complete' if the
+    repository holds the sealed backup, 'failed' once no trace is left; a row whose in-progress
+    marker is still there, or a recent one, stays 'running'."""
+    import datetime as dt
+    import uuid
+
+    from airflow_pg_incremental.core import metadata as md
+    from airflow_pg_incremental.core.preflight import preflight_full
+
+    cluster = "kill" + uuid.uuid4().hex[:6]
+    done = take_full_backup(pg.conninfo(), repo, cluster, catalog=catalog)
+    old = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=7)).isoformat()
+    recent = dt.datetime.now(dt.timezone.utc).isoformat()
+
+    def running(bid, started):
+        catalog.record_backup({"cluster": cluster, "backup_id": bid, "kind": "full", "status": "running",
+                               "started_at": started, "chain_root_id": bid})
+
+    running(done["backup_id"], old)  # finished, but its row was never updated (killed after sealing)
+    running("20261101T000000Z-F", old)  # killed long ago; cleanup removed its leftovers
+    running("20261101T010000Z-F", old)  # its in-progress marker is still there (cleanup age not reached)
+    repo.put_bytes(f"{md.backup_prefix(cluster, '20261101T010000Z-F')}/{md.INPROGRESS_NAME}",
+                   b'{"started_at": "%s"}' % recent.encode())
+    running("20261121T000000Z-F", recent)  # maybe still running
+    res = preflight_full(pg.conninfo(), repo, cluster, catalog=catalog)
+    assert sorted((c["backup_id"], c["status"]) for c in res["settled_catalog_rows"]) == [
+        ("20261101T000000Z-F", "failed"), (done["backup_id"], "complete")]
+    status = {r["backup_id"]: (r["status"], r["error"]) for r in catalog.backups(cluster)}
+    assert status[done["backup_id"]] == ("complete", None)
+    assert status["20261101T000000Z-F"][0] == "failed" and "interrupted" in status["20261101T000000Z-F"][1]
+    assert status["20261101T010000Z-F"] == ("running", None)
+    assert status["20261121T000000Z-F"] == ("running", None)
+    # idempotent
+    assert preflight_full(pg.conninfo(), repo, cluster, catalog=catalog)["settled_catalog_rows"] == []
