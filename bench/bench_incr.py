@@ -302,6 +302,74 @@ class LogCapture(logging.Handler):
         return None
 
 
+
+# -- where the bytes are: per relation ------------------------------------------------------------
+REL_SQL = ("SELECT c.relname, pg_relation_filepath(c.oid) FROM pg_class c "
+           "WHERE c.relname LIKE 'pgbench%' AND c.relkind IN ('r', 'i') ORDER BY 1")
+_FILE_RE = re.compile(r"^(?:pg_data/)?(base/\d+/)(?:INCREMENTAL\.)?(\d+)(?:_(?:fsm|vm|init))?(?:\.\d+)?$")
+
+
+def relation_files(pg) -> dict[str, str]:
+    """{'base/5/16403': 'pgbench_accounts', ...} for the pgbench tables and indexes."""
+    out = {}
+    for line in pg.psql(REL_SQL).strip().splitlines():
+        name, path = line.split("|", 1)
+        out[path] = name
+    return out
+
+
+def relation_of(path: str, rels: dict[str, str]) -> str:
+    m = _FILE_RE.match(path)
+    return rels.get(m.group(1) + m.group(2), "other") if m else "other"
+
+
+def ours_breakdown(tar_zst: Path, rels: dict[str, str], level: int) -> dict[str, dict]:
+    """Per relation: bytes in our incremental's tar, and each member compressed on its own at the
+    same level (an estimate of its share of the one-stream object: the sum comes within ~1%)."""
+    import tarfile
+
+    import zstandard
+
+    out: dict[str, dict] = {}
+    comp = zstandard.ZstdCompressor(level=level)
+    with open(tar_zst, "rb") as f, zstandard.ZstdDecompressor().stream_reader(f) as zr, \
+            tarfile.open(fileobj=zr, mode="r|") as tf:
+        for m in tf:
+            if not m.isfile():
+                continue
+            data = tf.extractfile(m).read()
+            d = out.setdefault(relation_of(m.name, rels), {"raw_bytes": 0, "stored_bytes": 0, "files": 0})
+            d["raw_bytes"] += len(data)
+            d["stored_bytes"] += len(comp.compress(data))
+            d["files"] += 1
+    return out
+
+
+def pgbr_breakdown(manifest: Path, rels: dict[str, str]) -> dict[str, dict]:
+    """Per relation: what this pgBackRest backup stored itself (files without a 'reference' to an
+    earlier backup), from its backup.manifest ('size' = bytes of the file, 'repo-size' = stored)."""
+    out: dict[str, dict] = {}
+    section = None
+    for line in manifest.read_text().splitlines():
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        if section != "target:file" or "=" not in line:
+            continue
+        key, val = line.split("=", 1)
+        try:
+            d = json.loads(val)
+        except ValueError:
+            continue
+        if "reference" in d:
+            continue
+        r = out.setdefault(relation_of(key, rels), {"raw_bytes": 0, "stored_bytes": 0, "files": 0})
+        r["raw_bytes"] += int(d.get("size", 0))
+        r["stored_bytes"] += int(d.get("repo-size", d.get("size", 0)))
+        r["files"] += 1
+    return out
+
+
 # =============================================================================================
 class Bench:
     def __init__(self, args, workdir: Path):
@@ -477,7 +545,7 @@ class Bench:
         self.log(f"PostgreSQL {version} started as OS user {pg.os_user or 'self'} on 127.0.0.1:{pg.port} "
                  f"({time.monotonic() - t:.1f} s); pgbench -i -s {a.scale} ...")
         t = time.monotonic()
-        pg.pgbench_init(a.scale)
+        pg.pgbench_init(a.scale, fillfactor=a.fillfactor)
         ck = self.checkpoint(pg)
         db = int(pg.psql("SELECT sum(pg_database_size(oid)) FROM pg_database").strip())
         self.info["pg18"] = {"postgresql": version, "cluster_bytes_after_init": db, "init_s": time.monotonic() - t,
@@ -550,6 +618,16 @@ class Bench:
                 r["tar_zstd_s"] = z["seconds"]
                 r["pg_wal_stored_bytes"] = wal_z
         self.log(f"raw incremental as tar | zstd -{a.level}: {z['stored_bytes'] / MB:.1f} MB ({z['seconds']:.1f} s)")
+        rels = relation_files(pg)
+        self.info["pg18"]["relation_files"] = rels
+        self.info["pg18"]["fillfactor_accounts"] = pg.psql(
+            "SELECT coalesce(array_to_string(reloptions, ','), 'fillfactor=100') FROM pg_class "
+            "WHERE relname = 'pgbench_accounts'").strip()
+        tz = next(Path(self.ours_incr["repo"]).rglob("base.tar.zst"))
+        for cand in Path(self.ours_incr["repo"]).rglob("base.tar.zst"):
+            if self.ours_incr["backup_id"] in str(cand):
+                tz = cand
+        self.info["breakdown_ours"] = ours_breakdown(tz, rels, a.level)
         self.pg18_os_user = pg.os_user
         pg.stop()  # not needed for the restores: takes no CPU during them
         self.pg18 = None
@@ -673,9 +751,15 @@ class Bench:
         cmd = as_user([self.pgbr_exe, f"--config={self.pgbr_cfg}", "--stanza=bench", *args], self.pgbr_user)
         return run_cmd(cmd, env=clean_env(), check=check, timeout=timeout, what=f"pgbackrest {args[-1]}")
 
-    def pgbr_info(self) -> list[dict]:
-        r = self.pgbr("--output=json", "info")
+    def pgbr_info(self, repo: int = 1) -> list[dict]:
+        r = self.pgbr(f"--repo={repo}", "--output=json", "info")
         return json.loads(r.stdout)[0].get("backup", [])
+
+    # the variants, each in its own repository of the same stanza (archive-push writes to all):
+    # 2 = block incremental (repo-bundle + repo-block, pgBackRest's opt-in block-level incr),
+    # 3 = pgBackRest's default compression (gz, its default level 6) instead of zst at our level
+    VARIANTS = {2: ("block incremental (beta in 2.45: repo-bundle=y repo-block=y, zst level L)", []),
+                3: ("default compression (gz level 6), file-level incr", ["--compress-type=gz", "--compress-level=6"])}
 
     def archive_files(self) -> dict[str, int]:
         root = self.pgbr_base / "repo" / "archive"
@@ -713,8 +797,8 @@ class Bench:
         base = self.pgbr_base = self.w / "pgbackrest"
         pg = SandboxPostgres(self.w / "pg15", major=15)
         self.pgbr_user = pg.os_user  # pgBackRest runs as the database's OS user, as in a normal deployment
-        for sub in ("", "repo", "log", "lock", "spool"):
-            (base / sub).mkdir(mode=0o750 if sub == "repo" else 0o755, exist_ok=True)
+        for sub in ("", "repo", "repo2", "repo3", "log", "lock", "spool"):
+            (base / sub).mkdir(mode=0o750 if sub.startswith("repo") else 0o755, exist_ok=True)
         self.pgbr_cfg = base / "pgbackrest.conf"
         srv = pg.server
         self.pgbr_cfg.write_text(
@@ -723,7 +807,11 @@ class Bench:
             "repo1-retention-full=9\n"
             "compress-type=zst\n"
             f"compress-level={a.level}\n"
-            "process-max=2\n"
+            + ("" if a.no_variants else
+               "beta=y\n"  # block incremental is a beta feature in 2.45
+               f"repo2-path={base / 'repo2'}\nrepo2-retention-full=9\nrepo2-bundle=y\nrepo2-block=y\n"
+               f"repo3-path={base / 'repo3'}\nrepo3-retention-full=9\n")
+            + "process-max=2\n"
             "start-fast=y\n"
             "archive-async=n\n"
             "log-level-console=warn\n"
@@ -748,7 +836,7 @@ class Bench:
                  f"{self.pgbr_version}: stanza 'bench' created (run as {self.pgbr_user or 'self'}); "
                  f"pgbench -i -s {a.scale} ...")
         t = time.monotonic()
-        pg.pgbench_init(a.scale)
+        pg.pgbench_init(a.scale, fillfactor=a.fillfactor)
         ck = self.checkpoint(pg)
         wa = self.wait_archived(pg)
         db = int(pg.psql("SELECT sum(pg_database_size(oid)) FROM pg_database").strip())
@@ -761,7 +849,7 @@ class Bench:
         server_pid = postmaster_pid(srv.data_dir)
         drop_dirty()
         m = Meter(server_pid)
-        self.pgbr("--type=full", "backup")
+        self.pgbr("--repo=1", "--type=full", "backup")
         met = m.stop()
         full = self.pgbr_info()[-1]
         self.record("pgbr-full", {"wall_s": met["wall_s"], "process_wall_s": met["wall_s"],
@@ -771,6 +859,15 @@ class Bench:
                                   "meter": met})
         self.log(f"pgBackRest full {full['label']}: {met['wall_s']:.2f} s, stored "
                  f"{full['info']['repository']['delta'] / MB:.1f} MB")
+
+        variant_fulls = {}
+        for n, (label, extra) in ({} if a.no_variants else self.VARIANTS).items():
+            t = time.monotonic()
+            self.pgbr(f"--repo={n}", *extra, "--type=full", "backup")
+            variant_fulls[n] = self.pgbr_info(n)[-1]
+            self.log(f"pgBackRest full in repo{n} ({label}): {time.monotonic() - t:.1f} s, stored "
+                     f"{variant_fulls[n]['info']['repository']['delta'] / MB:.1f} MB")
+        self.info["pg15"]["relation_files"] = relation_files(pg)
 
         self.info["pg15"]["workload"] = self.pgbench_workload(pg, f"PostgreSQL {version}")
         ck = self.checkpoint(pg)
@@ -782,7 +879,7 @@ class Bench:
             arch0 = self.archive_files()
             drop_dirty()
             m = Meter(server_pid)
-            self.pgbr("--type=incr", "backup")
+            self.pgbr("--repo=1", "--type=incr", "backup")
             met = m.stop()
             b = self.pgbr_info()[-1]
             if b["type"] != "incr" or b.get("prior") != full["label"]:
@@ -802,8 +899,26 @@ class Bench:
                      f"{b['info']['delta'] / MB:.1f} MB  stored {r['stored_bytes'] / MB:.1f} MB  "
                      f"CPU {met['cpu_s']:5.1f} s  "
                      f"other procs {met['other_cpu_pct']:3.0f}%")
+            if i == 0:
+                self.info["breakdown_pgbr"] = pgbr_breakdown(
+                    base / "repo" / "backup" / "bench" / b["label"] / "backup.manifest",
+                    self.info["pg15"]["relation_files"])
             if i + 1 < a.repeat:  # the next incr builds on the full again
-                self.pgbr(f"--set={b['label']}", "expire")
+                self.pgbr("--repo=1", f"--set={b['label']}", "expire")
+        self.info["pgbr_variants"] = {}
+        for n, (label, extra) in ({} if a.no_variants else self.VARIANTS).items():
+            t = time.monotonic()
+            self.pgbr(f"--repo={n}", *extra, "--type=incr", "backup")
+            wall = time.monotonic() - t
+            b = self.pgbr_info(n)[-1]
+            if b["type"] != "incr" or b.get("prior") != variant_fulls[n]["label"]:
+                raise RuntimeError(f"pgBackRest repo{n} took {b['type']} {b['label']}, not an incr on its full")
+            self.info["pgbr_variants"][str(n)] = {
+                "label": label.replace("level L", f"level {a.level}"), "wall_s": wall,
+                "full_stored_bytes": variant_fulls[n]["info"]["repository"]["delta"],
+                "incr_stored_bytes": b["info"]["repository"]["delta"], "incr_changed_bytes": b["info"]["delta"]}
+            self.log(f"pgBackRest incr in repo{n} ({label}): {wall:.2f} s, stored "
+                     f"{b['info']['repository']['delta'] / MB:.1f} MB")
         self.info["pg15"]["archiver"] = pg.psql(
             "SELECT archived_count, failed_count FROM pg_stat_archiver").strip()
         pg.stop()
@@ -831,7 +946,8 @@ class Bench:
             "benchmark": "incremental backup + chain restore: ours vs raw pg_basebackup --incremental / "
                          "pg_combinebackup (PostgreSQL 18), and vs pgBackRest incr (PostgreSQL 15)",
             "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "config": {"scale": a.scale, "transactions": a.transactions, "clients": a.clients, "jobs": a.jobs,
+            "config": {"scale": a.scale, "fillfactor": a.fillfactor or 100, "transactions": a.transactions,
+                       "clients": a.clients, "jobs": a.jobs,
                        "level": a.level, "threads": a.threads, "repeat": a.repeat,
                        "pgbackrest_options": "compress-type=zst compress-level=%d process-max=2 start-fast=y "
                                              "archive-check=y (archive_command = pgbackrest archive-push), "
@@ -906,6 +1022,10 @@ def _info_ratios(rep: dict) -> list[tuple[str, float | None, str]]:
         pi, pf = med["pgbr-incr"], med["pgbr-full"]
         out += [("pgBackRest incr / pgBackRest full, stored bytes", pi["stored_bytes"] / pf["stored_bytes"], ""),
                 ("ours incremental wall / pgBackRest incr wall", oi["wall_s"] / pi["wall_s"], "PG18 vs PG15")]
+        for v in rep["servers"].get("pgbr_variants", {}).values():
+            out.append((f"ours incremental / pgBackRest incr with {v['label']}, stored bytes",
+                        oi["stored_bytes"] / v["incr_stored_bytes"],
+                        f"{v['incr_stored_bytes'] / MB:.1f} MB; its full {v['full_stored_bytes'] / MB:.1f} MB"))
     o, r = med["ours-restore-verify"], med["raw-restore-verify"]
     out.append(("restore ours verify=True / raw (extraction + pg_verifybackup of both + combine --link + "
                 "pg_verifybackup)", o["wall_s"] / r["wall_s"], ""))
@@ -962,7 +1082,8 @@ def _print_report(rep: dict) -> None:
     print(f"Incremental backup benchmark - pgbench scale {cfg['scale']} "
           f"({srv['pg18']['cluster_bytes_after_init'] / MB:.0f} MB cluster), workload between full and incremental: "
           f"pgbench -n -c {cfg['clients']} -j {cfg['jobs']} -t {cfg['transactions']} "
-          f"({w18['transactions']} transactions), zstd level {cfg['level']}, {env['cpus']} CPUs")
+          f"({w18['transactions']} transactions), fillfactor {cfg.get('fillfactor', 100)}, zstd level {cfg['level']}, "
+          f"{env['cpus']} CPUs")
     line = (f"ours and raw: PostgreSQL {srv['pg18']['postgresql']}, the same server state (both fulls before the "
             "workload)")
     if pi:
@@ -1025,6 +1146,29 @@ def _print_report(rep: dict) -> None:
         print(f"ours at peak RSS: {', '.join(f'{k} {v:.1f}' for k, v in last['peak_breakdown_mb'].items())} MB; "
               f"python VmHWM {last['python_vm_hwm_mb']:.1f} MB")
     print()
+
+    bo, bp = srv.get("breakdown_ours"), srv.get("breakdown_pgbr")
+    if bo and bp:
+        names = sorted(set(bo) | set(bp), key=lambda k: (k == "other", -(bp.get(k, {}).get("stored_bytes", 0))))
+        rows = []
+        for k in names + ["total"]:
+            if k == "total":
+                o = {f: sum(d[f] for d in bo.values()) for f in ("raw_bytes", "stored_bytes")}
+                pb = {f: sum(d[f] for d in bp.values()) for f in ("raw_bytes", "stored_bytes")}
+            else:
+                o, pb = bo.get(k, {}), bp.get(k, {})
+            rows.append((k, [o.get("raw_bytes"), pb.get("raw_bytes"), o.get("stored_bytes"), pb.get("stored_bytes")],
+                         "mb", True))
+        _table("Where the incremental's bytes are (MB)", ["ours read", "pgBR read", "ours stored", "pgBR stored"],
+               rows, [("stored o/p", 2, 3)])
+        print()
+        print("per relation (all forks and segments): 'read' = bytes of its files in the backup (ours: PostgreSQL's "
+              "INCREMENTAL.* files hold\nonly the changed blocks; a file with more than 90% of its blocks changed is "
+              "sent whole; pgBackRest: every file changed\nsince the full, whole), 'stored' = ours: each tar member "
+              "compressed on its own at the same level (an estimate of its share\nof the one stream), pgBackRest: "
+              "repo-size in its backup.manifest. The two servers ran the same pgbench shape, not the same\n"
+              "transactions: per-relation figures compare roughly.")
+        print()
 
     o, ov, rr, rv = med["ours-restore"], med["ours-restore-verify"], med["raw-restore"], med["raw-restore-verify"]
     cl, cc = med["raw-combine-link"], med["raw-combine-copy"]
@@ -1105,7 +1249,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--transactions", "-t", type=int, default=20000, help="pgbench -t per client (default 20000)")
     ap.add_argument("--clients", "-c", type=int, default=4, help="pgbench -c (default 4)")
     ap.add_argument("--jobs", "-j", type=int, default=2, help="pgbench -j (default 2)")
+    ap.add_argument("--fillfactor", "-F", type=int, default=None,
+                    help="pgbench -i -F (table fillfactor; default pgbench's 100: every update of pgbench_accounts "
+                         "is then non-HOT and inserts into its primary key)")
     ap.add_argument("--level", type=int, default=3, help="zstd level for every side (default 3)")
+    ap.add_argument("--no-variants", action="store_true",
+                    help="skip the two extra pgBackRest incrs (block incremental; default gz compression)")
     ap.add_argument("--threads", type=int, default=1,
                     help="ours: zstd worker threads (default 1, the engine's default)")
     ap.add_argument("--repeat", type=int, default=1, help="measurements of each incremental and restore; medians "
@@ -1120,6 +1269,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if not 1 <= a.level <= 19:
         ap.error("--level must be 1..19 (pgBackRest's zst range)")
+    if a.fillfactor is not None and not 10 <= a.fillfactor <= 100:
+        ap.error("--fillfactor must be 10..100")
     if min(a.scale, a.transactions, a.clients, a.jobs, a.repeat) < 1 or a.threads < 0:
         ap.error("--scale, --transactions, --clients, --jobs, --repeat must be >= 1, --threads >= 0")
 

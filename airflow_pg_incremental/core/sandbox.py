@@ -93,8 +93,9 @@ class SandboxPostgres:
     def psql(self, sql: str, dbname: str = "postgres") -> str:
         return self.server.psql(sql, dbname)
 
-    def pgbench_init(self, scale: int = 1, dbname: str = "postgres") -> None:
-        r = subprocess.run([os.path.join(self.server.bindir, "pgbench"), "-i", "-q", "-s", str(scale), "-h",
+    def pgbench_init(self, scale: int = 1, dbname: str = "postgres", fillfactor: int | None = None) -> None:
+        ff = ["-F", str(fillfactor)] if fillfactor else []
+        r = subprocess.run([os.path.join(self.server.bindir, "pgbench"), "-i", "-q", "-s", str(scale), *ff, "-h",
                             str(self.server.socket_dir), "-p", str(self.port), "-U", "postgres", dbname],
                            capture_output=True, text=True)
         if r.returncode != 0:

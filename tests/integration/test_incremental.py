@@ -3,8 +3,6 @@ a workload between each; every backup and points between them restore to exactly
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import shutil
 import time
 import uuid
@@ -16,7 +14,6 @@ from airflow_pg_incremental.core.capture import capture_wal_pull, switch_wal
 from airflow_pg_incremental.core.errors import RestoreError
 from airflow_pg_incremental.core.incremental import plan_backup, take_planned_backup
 from airflow_pg_incremental.core.metadata import backup_prefix, list_backups
-from airflow_pg_incremental.core.pgconn import query
 from airflow_pg_incremental.core.pitr import parse_target, restore_pitr
 from airflow_pg_incremental.core.repository import LocalRepository, S3Repository
 from airflow_pg_incremental.core.restore import restore_backup, start_restored

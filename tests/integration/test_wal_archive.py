@@ -4,7 +4,6 @@ push mode end to end."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time

@@ -7,7 +7,6 @@ committed before the target."""
 from __future__ import annotations
 
 import datetime as dt
-import os
 import time
 import uuid
 

@@ -3,7 +3,7 @@ import io
 import boto3
 import pytest
 from botocore.response import StreamingBody
-from botocore.stub import ANY, Stubber
+from botocore.stub import Stubber
 
 from airflow_pg_incremental.core.errors import (ConfigError, InvalidName, ObjectExists, ObjectNotFound,
                                                 RepositoryError)
