@@ -698,11 +698,13 @@ class Bench:
                 "cpu_sys_s": m["cpu_sys_s"], "meter": m,
                 "output_bytes": dir_size(out)["apparent_bytes"]}
 
-    def combine_only(self, link: bool, out: Path) -> dict:
+    COMBINE_MODES = {"link": ["--link"], "copy": [], "cfr": ["--copy-file-range"], "clone": ["--clone"]}
+
+    def combine_only(self, mode: str, out: Path) -> dict:
         combine = self.pg_bin("pg_combinebackup")
         drop_dirty()
         meter = Meter()
-        run_cmd([combine, *(["--link"] if link else []), "-o", str(out), str(self.raw_full), str(self.raw_incr)],
+        run_cmd([combine, *self.COMBINE_MODES[mode], "-o", str(out), str(self.raw_full), str(self.raw_incr)],
                 what="pg_combinebackup")
         m = meter.stop()
         return {"wall_s": m["wall_s"], "combine_s": m["wall_s"], "cpu_s": m["cpu_s"], "cpu_sys_s": m["cpu_sys_s"],
@@ -723,8 +725,16 @@ class Bench:
 
         for prog in ("pg_combinebackup", "pg_verifybackup"):
             self.pg_bin(prog)
+        # --clone needs reflinks (XFS, Btrfs): tried once, reported as unsupported where the filesystem refuses
+        try:
+            r = self.combine_only("clone", rd / "clone-probe")
+            self.info["combine_clone"] = {"supported": True, "wall_s": r["wall_s"]}
+        except RuntimeError as e:
+            self.info["combine_clone"] = {"supported": False, "error": str(e)[-1000:]}
+        shutil.rmtree(rd / "clone-probe", ignore_errors=True)
+        self.info["filesystem"] = bash(f"stat -f -c %T {q(rd)}").stdout.strip()
         sides = ["ours-restore", "raw-restore", "ours-restore-verify", "raw-restore-verify", "raw-combine-link",
-                 "raw-combine-copy"]
+                 "raw-combine-copy", "raw-combine-cfr"]
         for i in range(a.repeat):
             order = sides if i % 2 == 0 else list(reversed(sides))
             for side in order:
@@ -734,7 +744,7 @@ class Bench:
                 elif side.startswith("raw-restore"):
                     r = self.restore_raw(side.endswith("verify"), rd / f".{side}-{i + 1}.stage", out)
                 else:
-                    r = self.combine_only(side.endswith("link"), out)
+                    r = self.combine_only(side.rsplit("-", 1)[1], out)
                 self.record(side, r, i + 1)
                 extra = "".join(f"  {k[:-2]} {v:.2f}" for k, v in r.items()
                                 if k.endswith("_s") and k not in ("wall_s", "cpu_s") and isinstance(v, float))
@@ -1186,6 +1196,11 @@ def _print_report(rep: dict) -> None:
          [None, rv["verify_parts_s"] + rv["verify_result_s"]], "{:.2f}", False),
         ("pg_combinebackup --link, plain dirs only (s)", [None, cl["wall_s"]], "{:.2f}", False),
         ("pg_combinebackup copy, plain dirs only (s)", [None, cc["wall_s"]], "{:.2f}", False),
+        *([("pg_combinebackup --copy-file-range, plain dirs (s)", [None, med["raw-combine-cfr"]["wall_s"]], "{:.2f}",
+            False)] if "raw-combine-cfr" in med else []),
+        ("pg_combinebackup --clone, plain dirs (s)",
+         [None, (srv.get("combine_clone") or {}).get("wall_s")
+          or "refused"], "{:.2f}", False),
         ("CPU, verify=False (s)", [o["cpu_s"], rr["cpu_s"]], "{:.2f}", True),
         ("  of which sys (s)", [o["cpu_sys_s"], rr["cpu_sys_s"]], "{:.2f}", True),
         ("other processes' CPU, verify=False (% of all)", [o["other_cpu_pct"], rr["other_cpu_pct"]], "{:.0f}", False),
@@ -1193,6 +1208,10 @@ def _print_report(rep: dict) -> None:
     ]
     _table("Restore of full + incremental (PG18)", ["ours", "raw"], rows, [("ours/raw", 0, 1)])
     print()
+    cc_ = srv.get("combine_clone") or {}
+    if cc_ and not cc_.get("supported"):
+        print(f"pg_combinebackup --clone: refused on this filesystem ({srv.get('filesystem')}, no reflinks): "
+              + next((ln.strip() for ln in (cc_.get("error") or "").splitlines() if "error" in ln), ""))
     print("ours = restore_backup(repo, cluster, <incremental>, target, os_user=...) in this process: stream each "
           "object (checksums\nchecked) into a staging dir beside the target, pg_combinebackup --link, remove the "
           "staging, chown; verify=True adds\npg_verifybackup --no-parse-wal of each part and pg_verifybackup of the "
