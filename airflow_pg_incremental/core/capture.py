@@ -383,12 +383,26 @@ def check_continuity(repo: Repository, cluster: str, *, catalog=None, fail_on_ga
         segs = list_segments(repo, cluster)
         catalog.record_wal(cluster, [{"name": n} for names in segs.values() for n in names], method="scan",
                            segment_size=seg)
+    # a gap older than the newest backup's start no longer breaks recovery to now (the advice below,
+    # a new full after the gap, has been followed): it only cuts the older part of the window, until
+    # retention drops the backups before it. It is reported, not failed on.
+    newest = backups[-1] if backups else None
+    newest_seg = parse_lsn(newest["start_lsn"]) // seg if newest and newest.get("start_lsn") else None
+    fatal = [g for g in rep["gaps"] if newest_seg is None or segno_of(g, seg) >= newest_seg]
+    rep["gaps_before_newest_backup"] = [g for g in rep["gaps"] if g not in fatal]
+    if rep["gaps_before_newest_backup"]:
+        old = rep["gaps_before_newest_backup"]
+        log.warning("WAL archive of %s has %d missing segment(s) before the newest backup %s (first %s): points in "
+                    "time between such a gap and the next backup cannot be restored; recovery from %s on is "
+                    "unaffected, and retention removes the older part in time", cluster, len(old),
+                    newest["backup_id"], old[0], newest["backup_id"])
     problems = []
-    if rep["gaps"]:
-        problems.append(f"{len(rep['gaps'])} missing segment(s), first {rep['gaps'][0]}")
+    if fatal:
+        problems.append(f"{len(fatal)} missing segment(s), first {fatal[0]}")
     if rep["missing_history"]:
         problems.append(f"missing timeline history: {', '.join(rep['missing_history'])}")
     rep["problems"] = problems
+    rep["ok"] = not problems
     rep["timelines"] = {str(k): v for k, v in rep["timelines"].items()}
     if problems:
         log.error("WAL archive of %s is NOT continuous: %s", cluster, "; ".join(problems))

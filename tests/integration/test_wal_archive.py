@@ -186,6 +186,15 @@ def test_missing_segment_reported_and_restore_past_it_refused(pg, workdir, scrat
         # a target before the gap still restores
         rep = restore_pitr(repo, cluster, parse_target("immediate"), scratch / "ok", os_user=pg.os_user)
         assert rep["state"] == "promoted" and rep["backup_id"] == b["backup_id"]
+        # the advice followed: a new full after the gap. Recovery to now is whole again, so the
+        # check passes; the old gap is still reported (it cuts the older part of the window)
+        b2 = take_full_backup(pg.conninfo(), repo, cluster)
+        capture_wal_pull(pg.conninfo(), repo, cluster, upto_lsn=switch_wal(pg.conninfo())["lsn"])
+        rep = check_continuity(repo, cluster)
+        assert rep["ok"] and rep["problems"] == [] and rep["gaps_before_newest_backup"] == [victim]
+        assert rep["gaps"] == [victim]
+        rep = restore_pitr(repo, cluster, parse_target("latest"), scratch / "after", os_user=pg.os_user)
+        assert rep["backup_id"] == b2["backup_id"]
     finally:
         pg.psql(f"SELECT pg_drop_replication_slot('pgincr_{cluster}')")
 
