@@ -325,6 +325,7 @@ archived WAL is older than {cl.rpo_minutes} minutes: the RPO is breached).""",
                                        catalog_schema=cl.catalog_schema)
         fresh = WalFreshnessSensor(task_id="wal_fresh", cluster=cl.name, repository=cl.repository,
                                    aws_conn_id=cl.aws_conn_id, max_age_s=cl.rpo_minutes * 60,
+                                   postgres_conn_id=cl.postgres_conn_id,
                                    deferrable=cl.deferrable, poke_interval=30, timeout=600)
         # the RPO check runs even when the capture failed: that is when it matters most
         fresh.trigger_rule = "all_done"

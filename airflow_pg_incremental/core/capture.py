@@ -366,6 +366,33 @@ def switch_wal(conn: ConnInfo, *, restore_point: str | None = None, repo: Reposi
     return out
 
 
+_LONG_PAGE_HEADER = 40  # SizeOfXLogLongPHD
+
+
+def wal_beyond_archive(conn: ConnInfo, newest_segment: str | None) -> dict:
+    """How much WAL the server holds past the archive's newest segment: 0 when the server is idle
+    (no WAL written since the segment that was archived last), the true RPO exposure otherwise.
+    {'server_lsn', 'server_timeline', 'archive_end_lsn', 'unarchived_bytes' (None when the
+    timelines differ: not comparable)}."""
+    pos = _server_positions(conn)
+    seg = pos["segment_size"]
+    if not pos["in_recovery"]:  # inserted, even not yet flushed (synchronous_commit=off), is at risk too
+        with connect(conn) as c, c.cursor() as cur:
+            cur.execute("SELECT pg_current_wal_insert_lsn()::text")
+            pos["flush_lsn"] = max(pos["flush_lsn"], parse_lsn(cur.fetchone()[0]))
+    out = {"server_lsn": format_lsn(pos["flush_lsn"]), "server_timeline": pos["timeline"],
+           "archive_end_lsn": None, "unarchived_bytes": None}
+    if newest_segment:
+        end = (segno_of(newest_segment, seg) + 1) * seg
+        out["archive_end_lsn"] = format_lsn(end)
+        if int(newest_segment[:8], 16) == pos["timeline"]:
+            beyond = pos["flush_lsn"] - end
+            # at the start of a segment the insert position stands past its long page header (40 bytes):
+            # no record there yet
+            out["unarchived_bytes"] = beyond if beyond > _LONG_PAGE_HEADER else 0
+    return out
+
+
 def check_continuity(repo: Repository, cluster: str, *, catalog=None, fail_on_gap: bool = True) -> dict:
     """Gaps in the archive from the oldest complete backup's start to the newest WAL, timeline
     switches and missing history files; archived segments are (re)recorded in the catalog."""

@@ -232,17 +232,23 @@ class WalFreshnessSensor(_WalSensorBase):
     (default 10 minutes, so an archive in flight can land), then fails with e.g.
     "RPO breached: newest archived WAL 000000010000000000000005 ... was written 2h 3m ago (limit 15m)".
 
-    XCom: {"segment", "key", "modified" (ISO time), "age_s", "max_age_s"}.
+    With `postgres_conn_id`, an old newest segment is not a breach when the server has written no
+    WAL past it (an idle server produces no segment to archive: nothing is at risk); the server is
+    asked on the worker, never from the triggerer. Without it, an idle server looks stale.
+
+    XCom: {"segment", "key", "modified" (ISO time), "age_s", "max_age_s"}, plus "idle" and
+    "unarchived_bytes" when the server was asked.
     """
 
-    template_fields: Sequence[str] = (*_WalSensorBase.template_fields, "max_age_s")
+    template_fields: Sequence[str] = (*_WalSensorBase.template_fields, "max_age_s", "postgres_conn_id")
 
     def __init__(self, *, cluster: str, repository: str, aws_conn_id: str | None = None,
-                 max_age_s: float | str = 3600, deferrable: bool = False, poke_interval: float = 30,
-                 timeout: float = 600, **kwargs: Any) -> None:
+                 max_age_s: float | str = 3600, postgres_conn_id: str | None = None, deferrable: bool = False,
+                 poke_interval: float = 30, timeout: float = 600, **kwargs: Any) -> None:
         super().__init__(cluster=cluster, repository=repository, aws_conn_id=aws_conn_id, deferrable=deferrable,
                          poke_interval=poke_interval, timeout=timeout, **kwargs)
         self.max_age_s = max_age_s
+        self.postgres_conn_id = postgres_conn_id
         if not _is_template(max_age_s):
             _seconds(max_age_s, "max_age_s")
         self._last_state: dict | None = None
@@ -261,7 +267,9 @@ class WalFreshnessSensor(_WalSensorBase):
 
     @staticmethod
     def _xcom(state: dict) -> dict:
-        return {k: state.get(k) for k in ("segment", "key", "modified", "age_s", "max_age_s")}
+        out = {k: state.get(k) for k in ("segment", "key", "modified", "age_s", "max_age_s")}
+        out.update({k: state[k] for k in ("idle", "unarchived_bytes") if k in state})  # when the server was asked
+        return out
 
     def _check(self) -> dict:
         from airflow_pg_incremental.triggers.wal import check_freshness, format_duration
@@ -274,7 +282,32 @@ class WalFreshnessSensor(_WalSensorBase):
             self.log.info("newest archived WAL %s was written %s ago (limit %s): %s", state["segment"],
                           format_duration(state["age_s"]), format_duration(state["max_age_s"]),
                           "fresh" if state["fresh"] else "STALE")
+        if not state["fresh"] and state["segment"] and self.postgres_conn_id:
+            self._idle_check(state)
         return state
+
+    def _idle_check(self, state: dict) -> None:
+        """Stale archive, but has the server written anything since? Asked on the worker."""
+        from airflow_pg_incremental.core.capture import wal_beyond_archive
+        from airflow_pg_incremental.core.errors import PgIncrError
+        from airflow_pg_incremental.hooks.repository import PgClusterHook
+
+        try:
+            pos = wal_beyond_archive(PgClusterHook(self.postgres_conn_id).get_conninfo(), state["segment"])
+        except PgIncrError as e:
+            self.log.warning("could not ask the server whether it wrote WAL past %s: %s", state["segment"], e)
+            return
+        state["unarchived_bytes"] = pos["unarchived_bytes"]
+        if pos["unarchived_bytes"] == 0:
+            state.update(fresh=True, idle=True)
+            self.log.info("the server has written no WAL past %s (server at %s, archive ends at %s): idle, nothing "
+                          "unarchived, the RPO holds", state["segment"], pos["server_lsn"], pos["archive_end_lsn"])
+        elif pos["unarchived_bytes"] is None:
+            self.log.warning("the server is on timeline %s, the archive's newest segment %s is not: not comparable",
+                             pos["server_timeline"], state["segment"])
+        else:
+            self.log.warning("the server holds %d bytes of WAL past the archive's end %s (server at %s)",
+                             pos["unarchived_bytes"], pos["archive_end_lsn"], pos["server_lsn"])
 
     def poke(self, context: Context) -> bool | PokeReturnValue:
         """False while the archive is empty or stale; PokeReturnValue(True, xcom) (truthy) when fresh."""
@@ -302,6 +335,10 @@ class WalFreshnessSensor(_WalSensorBase):
         if status == "fresh":
             return self._xcom(event)
         if status == "stale":
+            if self.postgres_conn_id and event.get("segment"):  # an idle server is not a breach
+                state = self._check()
+                if state["fresh"]:
+                    return self._xcom(state)
             raise AirflowSensorTimeout(event.get("message") or stale_message(self.cluster, self.repository, event))
         raise AirflowException(f"checking the WAL archive of cluster {self.cluster!r} failed: "
                                f"{event.get('message', event)}")

@@ -379,3 +379,46 @@ def test_restore_after_a_pitr_branch_never_uses_the_abandoned_backup(workdir, sc
         if new is not None:
             new.stop("immediate")
         old.stop()
+
+
+def test_freshness_on_an_idle_server_is_not_a_breach(pg, workdir, monkeypatch):
+    """An idle server writes no WAL, so its newest archived segment grows old without anything being
+    at risk. With the cluster's connection, the RPO sensor asks the server: nothing past the
+    archive's end is fresh (idle); WAL written since, and still not archived, is the breach."""
+    from airflow.sdk.exceptions import AirflowSensorTimeout
+
+    from airflow_pg_incremental.core.capture import wal_beyond_archive
+    from airflow_pg_incremental.core.wal import newest_archived
+    from airflow_pg_incremental.hooks.repository import PgClusterHook
+    from airflow_pg_incremental.sensors.wal import WalFreshnessSensor
+
+    repo = LocalRepository(workdir / f"idle-{uuid.uuid4().hex[:6]}")
+    cluster = "idle" + uuid.uuid4().hex[:6]
+    monkeypatch.setattr(PgClusterHook, "get_conninfo", lambda self, dbname=None: pg.conninfo())
+    try:
+        capture_wal_pull(pg.conninfo(), repo, cluster)
+        pg.psql("CREATE TABLE IF NOT EXISTS idle_t (x int)")
+        pg.psql("INSERT INTO idle_t VALUES (1)")
+        capture_wal_pull(pg.conninfo(), repo, cluster, upto_lsn=switch_wal(pg.conninfo())["lsn"])
+        newest = newest_archived(repo, cluster)
+        old = time.time() - 7200  # the newest segment was archived two hours ago
+        os.utime(repo.root / wal_key(cluster, newest), (old, old))
+        assert wal_beyond_archive(pg.conninfo(), newest)["unarchived_bytes"] == 0
+
+        def sensor(**kw):
+            return WalFreshnessSensor(task_id="wal_fresh", cluster=cluster, repository=str(repo.root),
+                                      max_age_s=900, poke_interval=0.1, timeout=0.3, **kw)
+
+        # without the server's connection: stale, as before
+        with pytest.raises(AirflowSensorTimeout, match="RPO breached"):
+            sensor().execute({})
+        # with it: idle, the RPO holds
+        out = sensor(postgres_conn_id="pg_main").execute({})
+        assert out["idle"] is True and out["unarchived_bytes"] == 0 and out["segment"] == newest
+        # WAL written and not archived: that is a breach
+        pg.psql("INSERT INTO idle_t SELECT generate_series(1, 1000)")
+        assert wal_beyond_archive(pg.conninfo(), newest)["unarchived_bytes"] > 0
+        with pytest.raises(AirflowSensorTimeout, match="RPO breached"):
+            sensor(postgres_conn_id="pg_main").execute({})
+    finally:
+        pg.psql(f"SELECT pg_drop_replication_slot('pgincr_{cluster}')")

@@ -350,3 +350,30 @@ def test_freshness_trigger_error(tmp_path):
     ev = first_event(WalFreshnessTrigger(cluster="bad/cluster", repository=str(tmp_path), max_age_s=60,
                                          poll_interval=0.05, timeout_s=5))
     assert ev["status"] == "error" and "cluster name" in ev["message"]
+
+
+@pytest.mark.parametrize("unarchived, fresh", [(0, True), (5000, False), (None, False)])
+def test_freshness_asks_the_server_before_calling_a_stale_archive_a_breach(repo, monkeypatch, unarchived, fresh):
+    import airflow_pg_incremental.core.capture as capture
+    from airflow_pg_incremental.hooks.repository import PgClusterHook
+
+    push(repo, SEG3, age_s=7200)
+    asked = []
+    monkeypatch.setattr(PgClusterHook, "get_conninfo", lambda self, dbname=None: "conninfo")
+    monkeypatch.setattr(capture, "wal_beyond_archive", lambda conn, seg: asked.append((conn, seg)) or {
+        "server_lsn": "0/4000028", "server_timeline": 1, "archive_end_lsn": "0/4000000",
+        "unarchived_bytes": unarchived})
+    s = freshness(repo, max_age_s=60, postgres_conn_id="pg_main", deferrable=True)
+    event = {"status": "stale", "segment": SEG3, "age_s": 7200.0, "max_age_s": 60.0}
+    if fresh:
+        out = s.execute_complete({}, event)
+        assert out["idle"] is True and out["segment"] == SEG3 and out["unarchived_bytes"] == 0
+        assert s.poke({}).xcom_value["idle"] is True
+    else:
+        with pytest.raises(AirflowSensorTimeout, match="RPO breached"):
+            s.execute_complete({}, event)
+        assert s.poke({}) is False
+    assert asked and asked[0] == ("conninfo", SEG3)
+    # without the connection the server is never asked
+    asked.clear()
+    assert freshness(repo, max_age_s=60).poke({}) is False and asked == []
