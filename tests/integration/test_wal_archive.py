@@ -238,18 +238,32 @@ def test_push_mode_end_to_end(workdir, scratch):
         pg.stop()
 
 
+def _two_servers_workspace(workdir, prefix):
+    """A 0755 directory with a local repository and an 'old' primary (PostgreSQL 18, started)."""
+    base = workdir / f"{prefix}-{uuid.uuid4().hex[:6]}"
+    base.mkdir()
+    os.chmod(base, 0o755)
+    return base, LocalRepository(base / "repo"), SandboxPostgres(base / "old").start()
+
+
+def _start_promoted(data_dir, old, conn_old):
+    """Start the restored-and-promoted copy in `data_dir` as the new primary, with TCP and its own
+    pg_hba (password logins, like the old one); returns (server, its ConnInfo)."""
+    from airflow_pg_incremental.core.server import PgServer
+
+    new = PgServer(data_dir, major=18, os_user=old.os_user)
+    new.start({"archive_mode": "off", "listen_addresses": "127.0.0.1"})
+    return new, conn_old.__class__(host="127.0.0.1", port=new.port, user=conn_old.user, password=conn_old.password,
+                                   dbname="postgres")
+
+
 def test_timeline_switch_is_captured_with_its_history(workdir, scratch):
     """Failover: the archive is restored and promoted (timeline 2) as the new primary; capture from
     it continues the same archive, stores 00000002.history, and a PITR to 'latest' from the old
     backup follows the history onto timeline 2."""
-    from airflow_pg_incremental.core.server import PgServer
     from airflow_pg_incremental.core.wal import list_history
 
-    base = workdir / f"tl-{uuid.uuid4().hex[:6]}"
-    base.mkdir()
-    os.chmod(base, 0o755)
-    repo = LocalRepository(base / "repo")
-    old = SandboxPostgres(base / "old").start()
+    base, repo, old = _two_servers_workspace(workdir, "tl")
     new = None
     try:
         capture_wal_pull(old.conninfo(), repo, "tl")
@@ -263,10 +277,7 @@ def test_timeline_switch_is_captured_with_its_history(workdir, scratch):
         # the new primary: the archive restored to its end and promoted onto timeline 2
         rep = restore_pitr(repo, "tl", parse_target("latest"), base / "new" / "data", os_user=old.os_user)
         assert rep["state"] == "promoted"
-        new = PgServer(base / "new" / "data", major=18, os_user=old.os_user)
-        new.start({"archive_mode": "off", "listen_addresses": "127.0.0.1"})  # its own pg_hba: password logins
-        conn_new = conn_old.__class__(host="127.0.0.1", port=new.port, user=conn_old.user,
-                                      password=conn_old.password, dbname="postgres")
+        new, conn_new = _start_promoted(base / "new" / "data", old, conn_old)
         new.psql("INSERT INTO t VALUES (2, 'new primary')")
         on_tl2 = new.psql("SELECT clock_timestamp()").strip()
         time.sleep(0.2)
@@ -313,13 +324,8 @@ def test_restore_after_a_pitr_branch_never_uses_the_abandoned_backup(workdir, sc
     would stop with 'requested timeline 2 is not a child of this server's history'. The restore
     chooses the older backup on the path instead, and refuses the abandoned one by name."""
     from airflow_pg_incremental.core.pitr import plan_restore
-    from airflow_pg_incremental.core.server import PgServer
 
-    base = workdir / f"br-{uuid.uuid4().hex[:6]}"
-    base.mkdir()
-    os.chmod(base, 0o755)
-    repo = LocalRepository(base / "repo")
-    old = SandboxPostgres(base / "old").start()
+    base, repo, old = _two_servers_workspace(workdir, "br")
     new = None
     try:
         capture_wal_pull(old.conninfo(), repo, "br")
@@ -337,10 +343,7 @@ def test_restore_after_a_pitr_branch_never_uses_the_abandoned_backup(workdir, sc
         # rewind to the split point and promote: timeline 2
         rep = restore_pitr(repo, "br", parse_target("lsn", split), base / "new" / "data", os_user=old.os_user)
         assert rep["state"] == "promoted" and rep["backup_id"] == good["backup_id"]
-        new = PgServer(base / "new" / "data", major=18, os_user=old.os_user)
-        new.start({"archive_mode": "off", "listen_addresses": "127.0.0.1"})
-        conn_new = conn_old.__class__(host="127.0.0.1", port=new.port, user=conn_old.user,
-                                      password=conn_old.password, dbname="postgres")
+        new, conn_new = _start_promoted(base / "new" / "data", old, conn_old)
         new.psql("INSERT INTO t VALUES (3, 'on timeline 2')")
         # capture resumes at the switch point on timeline 2, not after timeline 1's (abandoned) end
         cap = capture_wal_pull(conn_new, repo, "br", upto_lsn=switch_wal(conn_new)["lsn"])

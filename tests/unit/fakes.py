@@ -57,3 +57,30 @@ class Fake:
         self.repo.put_bytes(f"{self.cluster}/restore_points/{name}.json",
                             json.dumps({"name": name, "lsn": lsn(segno), "timeline": tli,
                                         "created_at": "2026-11-01T00:00:00+00:00"}).encode())
+
+
+def branched(repo, a1_days_ago: float = 12) -> Fake:
+    """A PITR rewound the cluster to 0/14000000 (segment 20 of TL1) and promoted it (TL2); the old
+    primary had gone on: A1 (TL1, segment 24) lies on the abandoned branch. B1, B2 (TL1, before
+    the switch), B3, B4 (TL2). WAL: TL1 1..30, TL2 20..40."""
+    f = Fake(repo)
+    f.backup("B1", 2, NOW - 20 * DAY)
+    f.backup("B2", 12, NOW - 15 * DAY)
+    f.backup("A1", 24, NOW - a1_days_ago * DAY)
+    f.backup("B3", 25, NOW - 8 * DAY, timeline=2)
+    f.backup("B4", 35, NOW - 1 * DAY, timeline=2)
+    f.wal(1, range(1, 31))
+    f.wal(2, range(20, 41))
+    f.small("00000002.history", b"1\t0/14000000\tbefore 2026-11-14 00:00:00+00\n")
+    return f
+
+
+def only_abandoned(repo) -> Fake:
+    """The one backup, A1, lies on timeline 1 past the point where timeline 2 left it."""
+    f = Fake(repo)
+    f.backup("A1", 24, NOW - 2 * DAY)
+    f.wal(1, range(20, 30))
+    f.wal(2, range(20, 30))
+    f.small("00000002.history", b"1\t0/14000000\tno recovery target specified\n")
+    return f
+

@@ -8,12 +8,12 @@ from __future__ import annotations
 import pytest
 
 from airflow_pg_incremental.core.errors import RestoreError
-from airflow_pg_incremental.core.lsn import segment_name
 from airflow_pg_incremental.core.pitr import choose_backup, parse_target, plan_restore
 from airflow_pg_incremental.core.repository import LocalRepository
 from airflow_pg_incremental.core.wal import on_timeline_path, timeline_path
 
-from .fakes import C, DAY, NOW, Fake, lsn
+from .fakes import C, DAY, NOW, Fake, lsn, only_abandoned
+from .fakes import branched as _branched
 
 
 @pytest.fixture
@@ -21,18 +21,10 @@ def repo(tmp_path):
     return LocalRepository(tmp_path / "repo")
 
 
-def branched(repo, abandoned_newest=False) -> Fake:
-    """TL1: segments 1..30, B1 (seg 2), B2 (seg 12), A1 (seg 24, after the switch: abandoned).
-    TL2 branched at 0/14000000 (segment 20), segments 20..40, B3 (seg 25)."""
-    f = Fake(repo)
-    f.backup("B1", 2, NOW - 20 * DAY)
-    f.backup("B2", 12, NOW - 15 * DAY)
-    f.backup("A1", 24, NOW - (1 if abandoned_newest else 10) * DAY)
-    f.backup("B3", 25, NOW - 8 * DAY, timeline=2)
-    f.wal(1, range(1, 31))
-    f.wal(2, range(20, 41))
-    f.small("00000002.history", b"1\t0/14000000\tbefore 2026-11-10 00:00:00+00\n")
-    return f
+def branched(repo, abandoned_newest=False):
+    """fakes.branched; with `abandoned_newest`, A1 (the abandoned branch) ended after every other
+    backup (half a day ago)."""
+    return _branched(repo, a1_days_ago=0.5 if abandoned_newest else 12)
 
 
 def test_timeline_path_follows_the_newest_history(repo):
@@ -60,13 +52,13 @@ def test_on_timeline_path_cases(repo):
 @pytest.mark.parametrize("abandoned_newest", [False, True])
 def test_latest_never_picks_a_backup_of_an_abandoned_branch(repo, abandoned_newest):
     branched(repo, abandoned_newest)
-    assert choose_backup(repo, C, parse_target("latest"))["backup_id"] == "B3"
-    assert choose_backup(repo, C, parse_target("immediate"))["backup_id"] == "B3"
+    assert choose_backup(repo, C, parse_target("latest"))["backup_id"] == "B4"
+    assert choose_backup(repo, C, parse_target("immediate"))["backup_id"] == "B4"
 
 
 def test_time_target_skips_the_abandoned_backup(repo):
     branched(repo)
-    # A1 ended 10 days ago, on TL1 past the switch; the target lies after it, before B3
+    # A1 ended 12 days ago, on TL1 past the switch; the target lies after it, before B3
     target = parse_target("time", (NOW - 9 * DAY).isoformat())
     assert choose_backup(repo, C, target)["backup_id"] == "B2"
     # on timeline 1 (the abandoned branch, asked for explicitly) A1 is the right one
@@ -89,7 +81,7 @@ def test_explicit_abandoned_backup_is_refused_with_the_fix(repo):
 def test_plan_restore_names_the_backup_on_the_path(repo):
     branched(repo, abandoned_newest=True)
     plan = plan_restore(repo, C, parse_target("latest"))
-    assert plan["backup_id"] == "B3"
+    assert plan["backup_id"] == "B4"
 
 
 def test_missing_history_of_an_asked_timeline_is_a_clear_error(repo):
@@ -103,11 +95,8 @@ def test_missing_history_of_an_asked_timeline_is_a_clear_error(repo):
 
 
 def test_no_backup_on_the_path(repo):
-    f = Fake(repo)
-    f.backup("A1", 24, NOW - 2 * DAY)
-    f.wal(1, range(20, 30))
-    f.wal(2, range(20, 30))
-    f.small("00000002.history", b"1\t0/14000000\tno recovery target specified\n")
+    only_abandoned(repo)
     with pytest.raises(RestoreError, match=r"no backup of 'main' lies on the history.*timeline 1 up to 0/14000000"):
         choose_backup(repo, C, parse_target("latest"))
-    assert segment_name(2, 20)  # the archive itself is fine
+    # on its own timeline it is restorable
+    assert choose_backup(repo, C, parse_target("latest", timeline="1"))["backup_id"] == "A1"

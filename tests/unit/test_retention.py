@@ -19,7 +19,7 @@ from airflow_pg_incremental.core.retention import (RetentionPolicy, RetentionRef
                                                     plan_retention, summary)
 from airflow_pg_incremental.core.wal import list_history, list_segments, wal_key
 
-from .fakes import C, DAY, NOW, Fake
+from .fakes import C, DAY, NOW, Fake, branched, only_abandoned
 
 
 def weekly(repo) -> Fake:
@@ -293,22 +293,6 @@ def test_timelines_older_timeline_goes_when_nothing_needs_it(repo):
     assert repo.exists(wal_key(C, segment_name(2, 25) + ".00000028.backup"))
 
 
-def branched(repo) -> Fake:
-    """A PITR rewound the cluster to segment 20 of TL1 and promoted it (TL2). The old primary had
-    gone on: A1 (TL1, segment 24) lies on the abandoned branch. B1, B2 (TL1, before the switch),
-    B3, B4 (TL2)."""
-    f = Fake(repo)
-    f.backup("B1", 2, NOW - 20 * DAY)
-    f.backup("B2", 12, NOW - 15 * DAY)
-    f.backup("A1", 24, NOW - 12 * DAY)
-    f.backup("B3", 25, NOW - 8 * DAY, timeline=2)
-    f.backup("B4", 35, NOW - 1 * DAY, timeline=2)
-    f.wal(1, range(1, 27))
-    f.wal(2, range(20, 41))
-    f.small("00000002.history", b"1\t0/14000000\tbefore 2026-11-14 00:00:00+00\n")
-    return f
-
-
 def test_abandoned_branch_backup_counts_toward_no_rule(repo):
     branched(repo)
     # 3 newest full chains on the newest timeline's history: B2, B3, B4 (not A1, which a restore
@@ -342,11 +326,7 @@ def test_abandoned_branch_backup_never_anchors_the_window(repo):
 
 
 def test_only_abandoned_fulls_refuses(repo):
-    f = Fake(repo)
-    f.backup("A1", 24, NOW - 2 * DAY)
-    f.wal(1, range(20, 27))
-    f.wal(2, range(20, 30))
-    f.small("00000002.history", b"1\t0/14000000\tno recovery target specified\n")
+    f = only_abandoned(repo)
     with pytest.raises(RetentionRefused, match=r"no restorable full backup .* newest timeline's history.*A1"):
         plan_retention(repo, C, RetentionPolicy(keep_full_chains=1), now=NOW)
     assert f.repo.exists(md.backup_prefix(C, "A1") + "/backup.json")
