@@ -73,10 +73,13 @@ def _server_positions(conn: ConnInfo) -> dict:
                               (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'),
                               CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn()::text
                                    ELSE pg_current_wal_flush_lsn()::text END,
+                              CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn()::text
+                                   ELSE pg_current_wal_insert_lsn()::text END,
                               (SELECT timeline_id FROM pg_control_checkpoint())""")
-        v, rec, seg, flush, tli = cur.fetchone()
+        v, rec, seg, flush, insert, tli = cur.fetchone()
+    # insert_lsn: WAL inserted, even not yet flushed (synchronous_commit=off); a standby's receive LSN
     return {"version_num": v, "major": major_from_version_num(v), "in_recovery": rec, "segment_size": int(seg),
-            "flush_lsn": parse_lsn(flush), "timeline": tli}
+            "flush_lsn": parse_lsn(flush), "insert_lsn": parse_lsn(insert), "timeline": tli}
 
 
 def server_timeline_history(conn: ConnInfo, timeline: int) -> list[tuple[int, int]]:
@@ -173,8 +176,10 @@ def capture_wal_pull(conn: ConnInfo, repo: Repository, cluster: str, *, slot: st
     repo.check_writable()
 
     archived = list_segments(repo, cluster)
-    history = server_timeline_history(conn, pos["timeline"]) if pos["timeline"] > 1 else []
     if archived:
+        # the server's history is needed only while its own timeline is not archived yet (after a
+        # failover or a PITR); [] on timeline 1, without asking
+        history = [] if pos["timeline"] in archived else server_timeline_history(conn, pos["timeline"])
         start_tli, start_segno, note = resume_point(archived, history, pos["timeline"], seg)
         if note:
             log.warning("%s", note)
@@ -376,17 +381,14 @@ def wal_beyond_archive(conn: ConnInfo, newest_segment: str | None) -> dict:
     timelines differ: not comparable)}."""
     pos = _server_positions(conn)
     seg = pos["segment_size"]
-    if not pos["in_recovery"]:  # inserted, even not yet flushed (synchronous_commit=off), is at risk too
-        with connect(conn) as c, c.cursor() as cur:
-            cur.execute("SELECT pg_current_wal_insert_lsn()::text")
-            pos["flush_lsn"] = max(pos["flush_lsn"], parse_lsn(cur.fetchone()[0]))
-    out = {"server_lsn": format_lsn(pos["flush_lsn"]), "server_timeline": pos["timeline"],
+    lsn = pos["insert_lsn"]  # inserted, even not yet flushed, is at risk too
+    out = {"server_lsn": format_lsn(lsn), "server_timeline": pos["timeline"],
            "archive_end_lsn": None, "unarchived_bytes": None}
     if newest_segment:
         end = (segno_of(newest_segment, seg) + 1) * seg
         out["archive_end_lsn"] = format_lsn(end)
         if int(newest_segment[:8], 16) == pos["timeline"]:
-            beyond = pos["flush_lsn"] - end
+            beyond = lsn - end
             # at the start of a segment the insert position stands past its long page header (40 bytes):
             # no record there yet
             out["unarchived_bytes"] = beyond if beyond > _LONG_PAGE_HEADER else 0
