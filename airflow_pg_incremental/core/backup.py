@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -272,12 +273,7 @@ def _fetch_parent_manifest(repo: Repository, parent: dict):
         raise BackupFailed(f"parent backup {parent['backup_id']} has no backup_manifest object; take a full backup")
     f = tempfile.NamedTemporaryFile(prefix="pgincr-parent-manifest-", suffix=".json")
     with repo.open(info.key) as stored:
-        reader = VerifyingReader(stored, info)
-        while True:
-            chunk = reader.read(1 << 20)
-            if not chunk:
-                break
-            f.write(chunk)
+        shutil.copyfileobj(VerifyingReader(stored, info), f, 1 << 20)  # verified at its end
     f.flush()
     return f
 

@@ -11,8 +11,8 @@ import json
 import logging
 import re
 
-from .errors import ConfigError
-from .metadata import list_backups, list_clusters
+from .errors import BackupNotFound, ConfigError
+from .metadata import INPROGRESS_NAME, backup_prefix, list_backups, list_clusters, load_backup
 from .pgconn import ConnInfo, connect
 from .repository import Repository
 
@@ -330,9 +330,6 @@ class Catalog:
         holds its sealed backup.json, 'failed' when neither backup.json nor its in-progress marker
         is left (cleanup removed the leftovers). A row whose marker is still there is left alone:
         the backup may still be running. Returns what changed."""
-        from .errors import BackupNotFound
-        from .metadata import INPROGRESS_NAME, backup_prefix, load_backup
-
         rows = self._select("SELECT backup_id, started_at FROM {s}.backups WHERE cluster = %s AND status = 'running' "
                             "AND started_at < now() - make_interval(secs => %s) ORDER BY backup_id",
                             (cluster, float(older_than_s)))

@@ -110,9 +110,10 @@ def choose_backup(repo: Repository, cluster: str, target: RecoveryTarget, backup
     if not backups:
         raise RestoreError(f"cluster {cluster!r} has no complete backup in {repo.url}")
     path = recovery_timelines(repo, cluster, target)
+    latest = target.timeline == "latest"
     if backup_id and backup_id != "latest":
         meta = load_backup(repo, cluster, backup_id)
-        if not on_timeline_path(meta, path, latest=target.timeline == "latest"):
+        if not on_timeline_path(meta, path, latest=latest):
             raise RestoreError(
                 f"backup {backup_id} (timeline {meta.get('timeline') or 1}, ends at LSN {meta.get('stop_lsn')}) is not "
                 f"on the history of the timeline recovery follows ({_describe_path(path)}): it belongs to an "
@@ -122,7 +123,7 @@ def choose_backup(repo: Repository, cluster: str, target: RecoveryTarget, backup
             raise RestoreError(f"backup {backup_id} ends ({meta.get('finished_at')}, LSN {meta.get('stop_lsn')}) after "
                                f"the target {target.kind} {target.value}: choose an older backup or omit the backup id")
         return meta
-    usable = [b for b in backups if on_timeline_path(b, path, latest=target.timeline == "latest")]
+    usable = [b for b in backups if on_timeline_path(b, path, latest=latest)]
     if not usable:
         raise RestoreError(f"no backup of {cluster!r} lies on the history of the timeline recovery follows "
                            f"({_describe_path(path)}); the newest backup, {backups[-1]['backup_id']}, is on timeline "
