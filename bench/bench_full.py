@@ -23,11 +23,9 @@ import json
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -38,7 +36,7 @@ import zstandard
 from airflow_pg_incremental.core.binaries import find_program
 from airflow_pg_incremental.core.repository import S3Repository
 from airflow_pg_incremental.core.sandbox import SandboxPostgres, SeaweedS3
-from _common import make_workdir, tail  # noqa: E402
+from _common import run_bench, tail  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CHILD = HERE / "ours_backup_child.py"
@@ -496,35 +494,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.repeat < 1 or a.scale < 1 or a.threads < 0:
         ap.error("--repeat and --scale must be >= 1, --threads >= 0")
 
-    def on_term(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
+    def stoppers(b):
+        return ([("stop SeaweedFS", b.s3.stop)] if b.s3 is not None else []) + \
+            ([("stop PostgreSQL", b.pg.stop)] if b.pg is not None else [])
 
-    signal.signal(signal.SIGTERM, on_term)
-    workdir = make_workdir(a.workdir, 'pgincr-bench-')
-    b = Bench(a, workdir)
-    try:
-        report = b.run()
-        if a.json:
-            Path(a.json).write_text(json.dumps(report, indent=2) + "\n")
-            print(f"results written to {a.json}")
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the clean-up finish
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        if b.s3 is not None:
-            try:
-                b.s3.stop()
-            except Exception as e:
-                print(f"warning: could not stop SeaweedFS: {e}", file=sys.stderr)
-        if b.pg is not None:
-            try:
-                b.pg.stop()
-            except Exception as e:
-                print(f"warning: could not stop PostgreSQL: {e}", file=sys.stderr)
-        if a.keep:
-            print(f"work directory kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-    return 0
+    return run_bench(a, "pgincr-bench-", Bench, stoppers)
 
 
 if __name__ == "__main__":

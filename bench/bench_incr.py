@@ -623,10 +623,9 @@ class Bench:
         self.info["pg18"]["fillfactor_accounts"] = pg.psql(
             "SELECT coalesce(array_to_string(reloptions, ','), 'fillfactor=100') FROM pg_class "
             "WHERE relname = 'pgbench_accounts'").strip()
-        tz = next(Path(self.ours_incr["repo"]).rglob("base.tar.zst"))
-        for cand in Path(self.ours_incr["repo"]).rglob("base.tar.zst"):
-            if self.ours_incr["backup_id"] in str(cand):
-                tz = cand
+        from airflow_pg_incremental.core.metadata import backup_prefix
+
+        tz = Path(self.ours_incr["repo"]) / backup_prefix(CLUSTER, self.ours_incr["backup_id"]) / "base.tar.zst"
         self.info["breakdown_ours"] = ours_breakdown(tz, rels, a.level)
         self.pg18_os_user = pg.os_user
         pg.stop()  # not needed for the restores: takes no CPU during them
@@ -1293,33 +1292,10 @@ def main(argv: list[str] | None = None) -> int:
     if min(a.scale, a.transactions, a.clients, a.jobs, a.repeat) < 1 or a.threads < 0:
         ap.error("--scale, --transactions, --clients, --jobs, --repeat must be >= 1, --threads >= 0")
 
-    from _common import make_workdir
+    from _common import run_bench
 
-    def on_term(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_term)
-    workdir = make_workdir(a.workdir, "pgincr-incrbench-")
-    b = Bench(a, workdir)
-    try:
-        report = b.run()
-        if a.json:
-            Path(a.json).write_text(json.dumps(report, indent=2, default=str) + "\n")
-            print(f"results written to {a.json}")
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the clean-up finish
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        for pg in (b.pg18, b.pg15):
-            if pg is not None:
-                try:
-                    pg.stop()
-                except Exception as e:
-                    print(f"warning: could not stop PostgreSQL: {e}", file=sys.stderr)
-        if a.keep:
-            print(f"work directory kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-    return 0
+    return run_bench(a, "pgincr-incrbench-", Bench,
+                     lambda b: [("stop PostgreSQL", pg.stop) for pg in (b.pg18, b.pg15) if pg is not None])
 
 
 if __name__ == "__main__":

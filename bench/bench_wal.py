@@ -25,18 +25,15 @@ import argparse
 import ctypes
 import datetime as dt
 import fcntl
-import json
 import os
 import platform
 import random
 import re
 import resource
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -49,7 +46,7 @@ from airflow_pg_incremental.core.repository import LocalRepository, S3Repository
 from airflow_pg_incremental.core.sandbox import SandboxPostgres, SeaweedS3
 from airflow_pg_incremental.core.server import as_user, chown_tree, make_user_dir
 from airflow_pg_incremental.core.wal import fetch_bytes, list_segments
-from _common import make_workdir, tail  # noqa: E402
+from _common import run_bench, tail  # noqa: E402
 
 PKG = Path(airflow_pg_incremental.__file__).resolve().parent
 WALCMD = PKG / "walcmd.py"
@@ -817,41 +814,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.segments < 2 or a.repeat < 1:
         ap.error("--segments must be >= 2 and --repeat >= 1")
 
-    def on_term(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_term)
-    workdir = make_workdir(a.workdir, 'pgincr-walbench-')
-    b = Bench(a, workdir)
-    try:
-        report = b.run()
-        if a.json:
-            Path(a.json).write_text(json.dumps(report, indent=2) + "\n")
-            print(f"results written to {a.json}")
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the clean-up finish
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    def stoppers(b):
         exclude = {b.s3.proc.pid} if b.s3 and b.s3.proc else set()
-        try:
-            kill_adopted(exclude)
-        except Exception as e:
-            print(f"warning: could not end the ahead pushers: {e}", file=sys.stderr)
-        if b.s3 is not None:
-            try:
-                b.s3.stop()
-            except Exception as e:
-                print(f"warning: could not stop SeaweedFS: {e}", file=sys.stderr)
-        for pg in (b.src_pg, b.cap_pg):
-            if pg is not None:
-                try:
-                    pg.stop()
-                except Exception as e:
-                    print(f"warning: could not stop PostgreSQL: {e}", file=sys.stderr)
-        if a.keep:
-            print(f"work directory kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-    return 0
+        return ([("end the ahead pushers", lambda: kill_adopted(exclude))]
+                + ([("stop SeaweedFS", b.s3.stop)] if b.s3 is not None else [])
+                + [("stop PostgreSQL", pg.stop) for pg in (b.src_pg, b.cap_pg) if pg is not None])
+
+    return run_bench(a, "pgincr-walbench-", Bench, stoppers)
 
 
 if __name__ == "__main__":
