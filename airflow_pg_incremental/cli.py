@@ -17,13 +17,47 @@ import sys
 from .core.errors import PgIncrError
 
 
-def _repo(args):
+def _repo(args, must_exist: bool = True):
+    """The repository of --repo / $PGINCR_REPO; unless told otherwise, its identity marker is
+    checked: a mistyped location is an error, never an empty repository."""
+    from .core.names import validate_cluster
     from .core.repository import open_repository
 
+    if getattr(args, "cluster", None) is not None:
+        validate_cluster(args.cluster)  # bad input is refused before anything is touched
     url = args.repo or os.environ.get("PGINCR_REPO")
     if not url:
         raise PgIncrError("no repository: pass --repo DIR|s3://bucket/prefix or set PGINCR_REPO")
-    return open_repository(url)
+    repo = open_repository(url)
+    if must_exist:
+        repo.identity()
+    return repo
+
+
+def cmd_repo_create(args) -> int:
+    from .core.server import repository_owner_default
+
+    repo = _repo(args, must_exist=False)
+    marker, created = repo.create(owner=args.owner or (repository_owner_default()
+                                                      if not str(repo.url).startswith("s3://") else None))
+    out = {"repository": repo.url, "created": created, **{k: marker.get(k) for k in
+                                                           ("repository_id", "format", "created_at",
+                                                            "adopted_clusters")}}
+    if getattr(repo, "root", None) is not None:
+        import pwd
+
+        out["owner"] = pwd.getpwuid(os.stat(repo.root).st_uid).pw_name
+    if args.json:
+        _print(out, True)
+    elif created:
+        adopted = marker.get("adopted_clusters") or []
+        print(f"created repository {repo.url} (id {marker['repository_id']}"
+              + (f", owner {out['owner']}" if out.get("owner") else "") + ")"
+              + (f"; adopted the existing cluster(s) {', '.join(adopted)}" if adopted else ""))
+    else:
+        print(f"{repo.url} is a repository already (id {marker.get('repository_id')}, created "
+              f"{marker.get('created_at')}): nothing changed")
+    return 0
 
 
 def _conninfo(args, dbname_default="postgres"):
@@ -81,11 +115,18 @@ def cmd_backup(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .core.metadata import find_incomplete, list_backups, list_clusters
+    from .core.metadata import (
+        find_incomplete,
+        list_backups,
+        list_clusters,
+        require_cluster,
+    )
     from .core.progress import human_bytes
     from .core.wal import continuity, list_history
 
     repo = _repo(args)
+    if args.cluster:
+        require_cluster(repo, args.cluster)
     clusters = [args.cluster] if args.cluster else list_clusters(repo)
     out = {"repository": repo.url, "clusters": {}}
     for cl in clusters:
@@ -261,7 +302,13 @@ def cmd_verify(args) -> int:
 
 
 def cmd_retention(args) -> int:
-    from .core.retention import RetentionPolicy, apply_retention, format_plan, plan_retention, summary
+    from .core.retention import (
+        RetentionPolicy,
+        apply_retention,
+        format_plan,
+        plan_retention,
+        summary,
+    )
 
     policy = RetentionPolicy(keep_full_chains=args.keep_full_chains, recovery_window_days=args.window_days,
                              min_redundancy=args.min_redundancy, pinned=args.pin or [])
@@ -314,6 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--dbname")
         sp.add_argument("--catalog-db", help="database of the same server holding the catalog (optional)")
         sp.add_argument("--catalog-schema", default="pgincr")
+
+    sp = sub.add_parser("repo-create", help="create a repository (an explicit act: nothing else creates one)")
+    sp.add_argument("--repo", help="absolute directory or s3://bucket/prefix (default $PGINCR_REPO)")
+    sp.add_argument("--owner", help="local repositories, as root: the OS user owning it and everything written "
+                                    "into it (default: the user PostgreSQL runs as, postgres/$PGINCR_OS_USER, "
+                                    "so that archive_command and restore_command can use it)")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_repo_create)
 
     sp = sub.add_parser("backup", help="take a full base backup (password from PGPASSWORD/.pgpass)")
     repo_args(sp)

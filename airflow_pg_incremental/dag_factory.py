@@ -36,7 +36,7 @@ _CLUSTER_KEYS = {"name", "postgres_conn_id", "repository", "aws_conn_id", "catal
                  "retries", "retry_delay_minutes", "cleanup_after_hours", "description", "wal_mode", "slot_name",
                  "rpo_minutes", "max_slot_retained_gb", "wal_wait_minutes", "deferrable", "incremental_kind",
                  "max_chain_length", "notifiers", "restore_test_checks", "restore_test_databases", "retention",
-                 "scratch_dir"}
+                 "scratch_dir", "create_repository"}
 
 
 @dataclass
@@ -70,6 +70,7 @@ class ClusterConfig:
     restore_test_databases: list = field(default_factory=lambda: ["postgres"])
     retention: dict = field(default_factory=dict)   # keep_full_chains, recovery_window_days, min_redundancy, pinned
     scratch_dir: str | None = None    # where restore tests build their scratch copies (default: temp dir)
+    create_repository: bool = False   # the backup preflight creates the repository when none is there yet
 
     @property
     def dag_prefix(self) -> str:
@@ -111,6 +112,9 @@ def parse_config(raw: dict) -> list[ClusterConfig]:
                     "cleanup_after_hours"):
             if key in merged and (isinstance(merged[key], bool) or not isinstance(merged[key], (int, float))):
                 raise ConfigError(f"clusters[{i}].{key} must be a number")
+        for key in ("deferrable", "create_repository"):
+            if key in merged and not isinstance(merged[key], bool):
+                raise ConfigError(f"clusters[{i}].{key} must be true or false")
         if not isinstance(merged.get("tags", []), list):
             raise ConfigError(f"clusters[{i}].tags must be a list")
         if merged.get("incremental_kind", "incremental") not in ("incremental", "differential"):
@@ -225,7 +229,10 @@ def _verify_task(cl: ClusterConfig, backup_template: str, outlets):
 
 def _wal_tasks(cl: ClusterConfig, segment_template: str, upto_template: str, outlets=None):
     """switch → (pull: capture up to the switch) → wait until `segment` is archived."""
-    from airflow_pg_incremental.operators.wal import PgWalCaptureOperator, PgWalSwitchOperator
+    from airflow_pg_incremental.operators.wal import (
+        PgWalCaptureOperator,
+        PgWalSwitchOperator,
+    )
     from airflow_pg_incremental.sensors.wal import WalArchivedSensor
 
     common = cl.engine_kwargs()
@@ -244,7 +251,10 @@ def _wal_tasks(cl: ClusterConfig, segment_template: str, upto_template: str, out
 
 
 def build_weekly_full(cl: ClusterConfig):
-    from airflow_pg_incremental.operators.backup import PgBackupPreflightOperator, PgBaseBackupOperator
+    from airflow_pg_incremental.operators.backup import (
+        PgBackupPreflightOperator,
+        PgBaseBackupOperator,
+    )
 
     with _dag(
         cl, "weekly_full", f"Weekly full base backup of {cl.name}", ["backup"],
@@ -256,7 +266,8 @@ removed) → full backup (pg_basebackup streamed through zstd; metadata written 
     ) as dag:
         common = cl.engine_kwargs()
         pre = PgBackupPreflightOperator(task_id="preflight", cleanup_after_s=cl.cleanup_after_hours * 3600,
-                                        wal_mode=cl.wal_mode, slot_name=cl.slot_name, **common)
+                                        wal_mode=cl.wal_mode, slot_name=cl.slot_name,
+                                        create_repository=cl.create_repository, **common)
         full = PgBaseBackupOperator(task_id="full_backup", compression_level=cl.compression_level,
                                     compression_threads=cl.compression_threads, **common)
         # a backup counts as complete only once the WAL that makes it consistent is archived
@@ -270,7 +281,10 @@ removed) → full backup (pg_basebackup streamed through zstd; metadata written 
 
 
 def build_daily_incremental(cl: ClusterConfig):
-    from airflow_pg_incremental.operators.backup import PgBackupPreflightOperator, PgIncrementalBackupOperator
+    from airflow_pg_incremental.operators.backup import (
+        PgBackupPreflightOperator,
+        PgIncrementalBackupOperator,
+    )
 
     with _dag(
         cl, "daily_incremental", f"Daily {cl.incremental_kind} backup of {cl.name}", ["backup", "incremental"],
@@ -286,7 +300,8 @@ archive is the incremental** (the task logs so and succeeds). Then wal_switch �
     ) as dag:
         common = cl.engine_kwargs()
         pre = PgBackupPreflightOperator(task_id="preflight", cleanup_after_s=cl.cleanup_after_hours * 3600,
-                                        wal_mode=cl.wal_mode, slot_name=cl.slot_name, **common)
+                                        wal_mode=cl.wal_mode, slot_name=cl.slot_name,
+                                        create_repository=cl.create_repository, **common)
         incr = PgIncrementalBackupOperator(task_id="incremental_backup", incremental_kind=cl.incremental_kind,
                                            max_chain_length=cl.max_chain_length,
                                            compression_level=cl.compression_level,

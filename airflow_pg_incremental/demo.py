@@ -26,7 +26,13 @@ from .core.metadata import list_backups
 from .core.progress import human_bytes
 from .core.repository import LocalRepository, S3Repository
 from .core.restore import restore_backup, start_restored
-from .core.sandbox import BACKUP_USER, SandboxPostgres, SeaweedS3, data_fingerprint, make_random_table
+from .core.sandbox import (
+    BACKUP_USER,
+    SandboxPostgres,
+    SeaweedS3,
+    data_fingerprint,
+    make_random_table,
+)
 
 log = logging.getLogger("pgincr.demo")
 
@@ -106,6 +112,9 @@ def run_demo(*, s3: bool = False, scale: int = 1, keep: bool = False, workdir: s
         else:
             repo_url = str(w / "repository")
             repo = LocalRepository(repo_url)
+        # creating a repository is an explicit act (pgincr repo-create); a local one belongs to the OS
+        # user PostgreSQL runs as, so that the restored servers' restore_command can read it
+        repo.create(owner=pg.os_user if isinstance(repo, LocalRepository) else None)
 
         src = pg.conninfo()
         cat_conn = pg.conninfo("pgincr_catalog")
@@ -172,7 +181,7 @@ def run_demo(*, s3: bool = False, scale: int = 1, keep: bool = False, workdir: s
                                                "300 more transactions and an update")
 
         t = time.monotonic()
-        from .core.capture import check_continuity, capture_wal_pull, switch_wal
+        from .core.capture import capture_wal_pull, check_continuity, switch_wal
 
         if use_airflow:
             _run_dag(f"pgincr_{cluster}_hourly_wal", env, w)

@@ -61,11 +61,16 @@ def _load_env_file(path: str | None) -> None:
                 os.environ.setdefault(k.strip(), v.strip())
 
 
-def _repo(url: str):
+def _repo(url: str, *, check: bool = True):
+    """The repository at `url`; with `check`, its identity marker is read first, so that a push to
+    a mistyped location fails instead of creating a repository there."""
     _enable_site()
     from airflow_pg_incremental.core.repository import open_repository
 
-    return open_repository(url)
+    repo = open_repository(url)
+    if check:
+        repo.identity()
+    return repo
 
 
 def _log(spool: str | None, msg: str) -> None:
@@ -262,15 +267,26 @@ def fetch(name: str, dest: str, repo_url: str, cluster: str) -> int:
         sys.stderr.write(f"pgincr wal-fetch: {e}\n")
         return HARD_FAIL
     try:
-        fetch_to(_repo(repo_url), cluster, name, dest)
+        repo = _repo(repo_url, check=False)  # a found object proves the location; checked below otherwise
+        fetch_to(repo, cluster, name, dest)
         return 0
     except ObjectNotFound:
-        if kind == "segment":
-            sys.stderr.write(f"pgincr wal-fetch: {name} is not in the archive\n")
-        return NOT_FOUND
+        pass
     except Exception as e:
         sys.stderr.write(f"pgincr wal-fetch: {name}: {e}\n")
         return HARD_FAIL
+    # "not archived" ends recovery: say it only when the repository is there, is a repository
+    # and holds this cluster; a mistyped repository or cluster stops recovery loudly instead
+    try:
+        from airflow_pg_incremental.core.metadata import require_cluster
+
+        require_cluster(repo, cluster)
+    except Exception as e:
+        sys.stderr.write(f"pgincr wal-fetch: {name}: {e}\n")
+        return HARD_FAIL
+    if kind == "segment":
+        sys.stderr.write(f"pgincr wal-fetch: {name} is not in the archive\n")
+    return NOT_FOUND
 
 
 _HEX = set("0123456789ABCDEF")

@@ -70,6 +70,7 @@ def child_main(argv: list[str]) -> int:
     conn = ConnInfo(host=env["PGHOST"], port=int(env["PGPORT"]), user=env["PGUSER"],
                     password=env.get("PGPASSWORD"), dbname=env.get("PGDATABASE", "postgres"))
     repo = LocalRepository(a.repo)
+    repo.create()  # idempotent
     import psycopg  # noqa: F401  (an Airflow worker has these loaded already)
     import zstandard  # noqa: F401
     import_s = time.monotonic() - t_start

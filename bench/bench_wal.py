@@ -39,6 +39,7 @@ from pathlib import Path
 
 import psutil
 import zstandard
+from _common import run_bench, tail  # noqa: E402
 
 import airflow_pg_incremental
 from airflow_pg_incremental.core.lsn import format_lsn, parse_lsn, segno_of
@@ -46,7 +47,6 @@ from airflow_pg_incremental.core.repository import LocalRepository, S3Repository
 from airflow_pg_incremental.core.sandbox import SandboxPostgres, SeaweedS3
 from airflow_pg_incremental.core.server import as_user, chown_tree, make_user_dir
 from airflow_pg_incremental.core.wal import fetch_bytes, list_segments
-from _common import run_bench, tail  # noqa: E402
 
 PKG = Path(airflow_pg_incremental.__file__).resolve().parent
 WALCMD = PKG / "walcmd.py"
@@ -383,6 +383,7 @@ class Bench:
         if side == "ours-s3":
             env.update(self.s3.env())
             repo_url = f"s3://{self.s3.bucket}/bench"
+            S3Repository(self.s3.client(), self.s3.bucket, "bench").create()
         elif side == "pgbackrest":
             shutil.copytree(self.pgbr_template, rd / "repo", symlinks=True)
             if self.pgbr_user:
@@ -390,6 +391,7 @@ class Bench:
             repo_url = str(rd / "repo")
         else:
             repo_url = str(rd / "repo")
+            LocalRepository(repo_url).create()  # a repository is created explicitly, before pushing
         cmd_t = self.command(side, d, repo_url)
         log_path = rd / "archive_command.log"
         lat, codes, failed = [], [], None
@@ -524,6 +526,7 @@ class Bench:
         seg = int(self.cap_pg.psql("SELECT setting FROM pg_settings WHERE name = 'wal_segment_size'").strip())
         repo_dir = self.w / "capture-repo"
         repo = LocalRepository(repo_dir)
+        repo.create()
         conn = self.cap_pg.conninfo()
         r0 = capture_wal_pull(conn, repo, CLUSTER, level=self.a.level)  # creates the slot, stores what is there
         start = parse_lsn(r0["end_lsn"])

@@ -22,7 +22,11 @@ import sys  # noqa: E402
 
 from airflow_pg_incremental.core.backup import take_full_backup  # noqa: E402
 from airflow_pg_incremental.core.pgconn import ConnInfo  # noqa: E402
-from airflow_pg_incremental.core.repository import LocalRepository, S3Repository, s3_client_from_env  # noqa: E402
+from airflow_pg_incremental.core.repository import (  # noqa: E402
+    LocalRepository,
+    S3Repository,
+    s3_client_from_env,
+)
 
 
 def _vm_hwm() -> int | None:
@@ -55,6 +59,7 @@ def main() -> int:
         repo = LocalRepository(a.dir)
     else:
         repo = S3Repository(s3_client_from_env(), a.bucket, a.prefix)
+    repo.create()  # idempotent: the repository exists after the first round
     # drivers a long-lived Airflow worker has loaded already; the "process wall" row of the
     # benchmark still includes them (and interpreter start-up)
     import psycopg  # noqa: F401

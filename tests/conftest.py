@@ -46,7 +46,11 @@ def workdir() -> Path:
 @pytest.fixture(scope="session")
 def pg(workdir):
     """PostgreSQL 18 with pgbench (scale 1), a table of random bytes and a catalog database."""
-    from airflow_pg_incremental.core.sandbox import BACKUP_USER, SandboxPostgres, make_random_table
+    from airflow_pg_incremental.core.sandbox import (
+        BACKUP_USER,
+        SandboxPostgres,
+        make_random_table,
+    )
 
     server = SandboxPostgres(workdir / "pg18", password=PASSWORD).start()
     try:
@@ -70,15 +74,30 @@ def s3(workdir):
         server.stop()
 
 
+def created(repo):
+    """`repo`, created (it has its identity marker). A local one is owned by the OS user PostgreSQL
+    runs as (when root), like a repository shared with archive_command and restore_command."""
+    from airflow_pg_incremental.core.repository import LocalRepository
+    from airflow_pg_incremental.core.server import default_os_user, ensure_os_user
+
+    owner = None
+    if isinstance(repo, LocalRepository):
+        user = default_os_user()
+        owner = ensure_os_user(user) if user else None
+    repo.create(owner=owner)
+    return repo
+
+
 @pytest.fixture(params=["local", "s3"])
 def repo(request, tmp_path_factory):
     """A fresh, empty repository of each kind."""
     from airflow_pg_incremental.core.repository import LocalRepository, S3Repository
 
     if request.param == "local":
-        return LocalRepository(tmp_path_factory.mktemp("repo"))
+        # below the session's work directory (traversable by the server's OS user)
+        return created(LocalRepository(_WORK / "repos" / uuid.uuid4().hex[:10]))
     s3 = request.getfixturevalue("s3")
-    return S3Repository(s3.client(), s3.bucket, "t-" + uuid.uuid4().hex[:10])
+    return created(S3Repository(s3.client(), s3.bucket, "t-" + uuid.uuid4().hex[:10]))
 
 
 @pytest.fixture
@@ -114,7 +133,11 @@ def conn_json(ci, dbname=None) -> str:
 def airflow_clusters(airflow_db, pg, s3, workdir):
     """Two clusters in the DAG configuration: it_local (local repository) and it_s3 (SeaweedFS),
     both backing up the session's PostgreSQL, with connections in AIRFLOW_CONN_* variables."""
+    from airflow_pg_incremental.core.repository import LocalRepository, S3Repository
+
     local_repo = workdir / "af-repo"
+    created(LocalRepository(local_repo))
+    created(S3Repository(s3.client(), s3.bucket, "airflow"))
     cfg = {"defaults": {"catalog_conn_id": "pgincr_it_catalog", "catalog_schema": "af_catalog",
                         "retries": 0},
            "clusters": [

@@ -398,9 +398,10 @@ def wal_beyond_archive(conn: ConnInfo, newest_segment: str | None) -> dict:
 def check_continuity(repo: Repository, cluster: str, *, catalog=None, fail_on_gap: bool = True) -> dict:
     """Gaps in the archive from the oldest complete backup's start to the newest WAL, timeline
     switches and missing history files; archived segments are (re)recorded in the catalog."""
-    from .metadata import list_backups
+    from .metadata import list_backups, require_cluster
     from .wal import WalGap, continuity, list_segments
 
+    require_cluster(repo, cluster)
     backups = list_backups(repo, cluster)
     oldest = backups[0] if backups else None
     seg = (oldest or {}).get("wal_segment_size") or 16 * 1024 * 1024

@@ -12,7 +12,13 @@ import logging
 import re
 
 from .errors import BackupNotFound, ConfigError
-from .metadata import INPROGRESS_NAME, backup_prefix, list_backups, list_clusters, load_backup
+from .metadata import (
+    INPROGRESS_NAME,
+    backup_prefix,
+    list_backups,
+    list_clusters,
+    load_backup,
+)
 from .pgconn import ConnInfo, connect
 from .repository import Repository
 
@@ -378,6 +384,11 @@ class Catalog:
     def rebuild_from_repository(self, repo: Repository, clusters: list[str] | None = None) -> dict:
         """Recreate the rows of every complete backup found in the repository. Rows of backups that
         are no longer in the repository (for the clusters scanned) are removed."""
+        from .metadata import require_cluster
+
+        repo.identity()  # a missing repository must not read as one without backups (rows would go)
+        for cl in clusters or []:
+            require_cluster(repo, cl)
         clusters = clusters or list_clusters(repo)
         counts = {}
         with self._connect() as c, c.cursor() as cur:

@@ -21,6 +21,14 @@ class RepositoryError(PgIncrError):
     """The repository cannot be read or written (missing bucket, permissions, full disk ...)."""
 
 
+class RepositoryNotFound(RepositoryError):
+    """No pgincr repository at that location (no identity marker): never read as an empty one."""
+
+
+class ClusterNotFound(PgIncrError, LookupError):
+    """The repository holds no cluster of that name."""
+
+
 class ObjectNotFound(RepositoryError, KeyError):
     """An object does not exist in the repository."""
 

@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 
-from .errors import BackupNotFound, ChecksumMismatch, ObjectNotFound
+from .errors import BackupNotFound, ChecksumMismatch, ClusterNotFound, ObjectNotFound
 from .names import validate_backup_id, validate_cluster
 from .repository import Repository
 
@@ -115,6 +115,19 @@ def list_clusters(repo: Repository) -> list[str]:
     return repo.list_dirs("")
 
 
+def require_cluster(repo: Repository, cluster: str) -> None:
+    """The repository exists (its marker) and holds `cluster`: a misspelled name or repository is
+    an error listing what is there, never an empty answer. (A cluster exists once something was
+    written for it: a backup, WAL or a restore point.)"""
+    validate_cluster(cluster)
+    repo.identity()
+    if repo.list_dirs(cluster):
+        return
+    known = list_clusters(repo)
+    have = f"its clusters: {', '.join(known)}" if known else "it holds no cluster yet (take a backup or archive WAL)"
+    raise ClusterNotFound(f"cluster {cluster!r} does not exist in the repository {repo.url}; {have}")
+
+
 def resolve_backup(repo: Repository, cluster: str, backup_id: str | None) -> dict:
     """'latest' / None -> newest complete backup."""
     if backup_id is None or backup_id == "latest":
@@ -148,6 +161,7 @@ def cleanup_incomplete(repo: Repository, cluster: str, *, older_than_s: float = 
                        dry_run: bool = False) -> list[str]:
     """Remove leftovers of interrupted backups. A backup still running (in-progress marker younger
     than `older_than_s`) is left alone."""
+    require_cluster(repo, cluster)
     removed = []
     now = utcnow()
     for inc in find_incomplete(repo, cluster):

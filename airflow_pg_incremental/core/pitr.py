@@ -26,13 +26,21 @@ from pathlib import Path
 from .binaries import find_program
 from .errors import ConfigError, ObjectNotFound, RestoreError
 from .lsn import format_lsn, parse_lsn, segment_name, segno_of
-from .metadata import list_backups, load_backup
+from .metadata import list_backups, load_backup, require_cluster
 from .names import _check, validate_cluster
 from .repository import LocalRepository, Repository, S3Repository
 from .restore import SCRATCH_SETTINGS, check_target_dir, restore_backup
 from .server import PgServer, chown_tree, python_usable_by, repository_readable_by
-from .wal import (WalGap, continuity, fetch_bytes, list_segments, load_restore_point, on_timeline_path, read_history,
-                  timeline_path)
+from .wal import (
+    WalGap,
+    continuity,
+    fetch_bytes,
+    list_segments,
+    load_restore_point,
+    on_timeline_path,
+    read_history,
+    timeline_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +114,7 @@ def _describe_path(path: dict[int, int | None]) -> str:
 def choose_backup(repo: Repository, cluster: str, target: RecoveryTarget, backup_id: str | None = None) -> dict:
     """The newest backup whose stop point lies before the target and on the timeline path recovery
     follows (or the given one, checked)."""
+    require_cluster(repo, cluster)
     backups = list_backups(repo, cluster)
     if not backups:
         raise RestoreError(f"cluster {cluster!r} has no complete backup in {repo.url}")

@@ -19,12 +19,28 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from .codec import CHUNK, NonClosing
-from .errors import ConfigError, ObjectExists, ObjectNotFound, RepositoryError
+from .errors import (
+    ConfigError,
+    ObjectExists,
+    ObjectNotFound,
+    RepositoryError,
+    RepositoryNotFound,
+)
 from .names import validate_prefix
 
 log = logging.getLogger(__name__)
 
 _KEY_PART_RE = re.compile(r"^[A-Za-z0-9._-]+$")
+
+# A repository has an identity: this object, written once when the repository is created (an
+# explicit act: `pgincr repo-create`, or `create_repository: true` in the DAG configuration). A
+# location without it is never read as an empty repository.
+MARKER_KEY = "pgincr-repository.json"
+MARKER_KIND = "pgincr-repository"
+REPOSITORY_FORMAT = 1
+_LAYOUT_DIRS = {"backups", "wal", "restore_points"}
+CREATE_HINT = ("create it once with `pgincr repo-create --repo {url}` (CLI) or set `create_repository: true` for "
+               "the cluster in the DAG configuration (Airflow)")
 
 
 def validate_key(key: str) -> str:
@@ -40,6 +56,7 @@ class Repository(ABC):
     """Abstract repository. `url` never contains credentials."""
 
     url: str
+    _identity: dict | None = None
 
     @abstractmethod
     def put(self, key: str, src: BinaryIO, *, overwrite: bool = True) -> int:
@@ -76,6 +93,118 @@ class Repository(ABC):
     def check_writable(self) -> None:
         """Raise RepositoryError with the fix when the repository cannot be written."""
 
+    @abstractmethod
+    def _top_level(self) -> tuple[list[str], list[str]]:
+        """(directory names, object names) directly at the repository's root; ([], []) when the
+        location does not exist."""
+
+    def _ancestor_repository(self) -> str | None:
+        """URL of an enclosing repository (the given location lies inside one), or None."""
+        return None
+
+    def _location_note(self) -> str:
+        return ""
+
+    # identity ---------------------------------------------------------------------------
+    def identity(self) -> dict:
+        """The repository's marker (format, id, creation time). RepositoryNotFound, naming the
+        likely mistake and the fix, when the location holds no pgincr repository. Read once."""
+        if self._identity is None:
+            try:
+                raw = self.get_bytes(MARKER_KEY)
+            except ObjectNotFound:
+                raise self._not_a_repository() from None
+            self._identity = _parse_marker(raw, self.url)
+        return self._identity
+
+    def is_repository(self) -> bool:
+        try:
+            self.identity()
+            return True
+        except RepositoryNotFound:
+            return False
+
+    def _legacy_clusters(self, dirs: list[str]) -> list[str]:
+        """Top-level directories laid out like clusters of a repository made before markers."""
+        from .names import validate_cluster
+
+        out = []
+        for d in dirs:
+            try:
+                validate_cluster(d)
+            except ConfigError:
+                continue
+            sub = set(self.list_dirs(d))
+            if sub and sub <= _LAYOUT_DIRS:
+                out.append(d)
+        return out
+
+    def _not_a_repository(self) -> RepositoryNotFound:
+        url = self.url
+        parent = self._ancestor_repository()
+        if parent:
+            inner = url[len(parent):].strip("/").split("/")[0]
+            return RepositoryNotFound(f"{url} is not a pgincr repository, but it lies inside the repository {parent}: "
+                                      f"did you mean --repo {parent} --cluster {inner}? (nothing was read or written)")
+        note = self._location_note()
+        if note:
+            return RepositoryNotFound(f"no pgincr repository at {url}: {note}. Check the repository URL "
+                                      f"(--repo / PGINCR_REPO / the cluster's `repository`); to start a new one, "
+                                      + CREATE_HINT.format(url=url))
+        dirs, files = self._top_level()
+        legacy = self._legacy_clusters(dirs)
+        if legacy:
+            return RepositoryNotFound(
+                f"{url} holds cluster(s) {', '.join(legacy)} written before repositories carried an identity marker "
+                f"({MARKER_KEY}): adopt it once with `pgincr repo-create --repo {url}` (nothing else changes)")
+        what = "is empty" if not dirs and not files else f"holds other things ({', '.join((dirs + files)[:5])})"
+        return RepositoryNotFound(f"{url} is not a pgincr repository (no {MARKER_KEY}; the location {what}). Check "
+                                  "the repository URL (--repo / PGINCR_REPO / the cluster's `repository`); to start "
+                                  "a new repository there, " + CREATE_HINT.format(url=url))
+
+    def _prepare_root(self, owner: str | None) -> None:
+        """Make the location ready to hold a repository (local: the directory, private)."""
+
+    def create(self, *, owner: str | None = None) -> tuple[dict, bool]:
+        """Create the repository here: write its marker. Returns (marker, created). An existing
+        repository is returned as it is; a location holding anything but an earlier pgincr
+        repository (which is adopted) is refused. `owner` (local, as root): the OS user that owns
+        the repository and everything pgincr writes into it (the database's user, so that its
+        archive_command and restore_command can use it)."""
+        import json
+
+        try:
+            return self.identity(), False
+        except RepositoryNotFound:
+            pass
+        parent = self._ancestor_repository()
+        if parent:
+            raise RepositoryError(f"{self.url} lies inside the repository {parent}: a repository cannot hold another; "
+                                  f"use --repo {parent} with a new --cluster name")
+        self._prepare_root(owner)
+        dirs, files = self._top_level()
+        legacy = self._legacy_clusters(dirs)
+        foreign = [d for d in dirs if d not in legacy] + [f for f in files if not f.startswith(".pgincr-write-test-")]
+        if foreign:
+            raise RepositoryError(f"{self.url} is not empty and holds no pgincr repository ({', '.join(foreign[:5])}"
+                                  f"{' ...' if len(foreign) > 5 else ''}): choose an empty location. Nothing was "
+                                  "written")
+        from .. import __version__
+
+        marker = {"kind": MARKER_KIND, "format": REPOSITORY_FORMAT, "repository_id": uuid.uuid4().hex,
+                  "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "created_by": f"airflow-pg-incremental {__version__}", "adopted_clusters": legacy,
+                  "encryption": None}
+        try:
+            self.put_bytes(MARKER_KEY, json.dumps(marker, indent=2, sort_keys=True).encode(), overwrite=False)
+        except ObjectExists:  # another process created it meanwhile: that one is the repository
+            self._identity = None
+            return self.identity(), False
+        self._identity = marker
+        log.info("created pgincr repository %s (id %s)%s", self.url, marker["repository_id"],
+                 f"; adopted the existing cluster(s) {', '.join(legacy)}" if legacy else "")
+        return marker, True
+
     # conveniences -----------------------------------------------------------------------
     def put_bytes(self, key: str, data: bytes, *, overwrite: bool = True) -> int:
         return self.put(key, io.BytesIO(data), overwrite=overwrite)
@@ -106,6 +235,10 @@ class LocalRepository(Repository):
         return p
 
     def _wrap_oserror(self, e: OSError, what: str) -> RepositoryError:
+        if e.errno == errno.ENOENT and not self.root.is_dir():
+            return RepositoryNotFound(f"no pgincr repository at {self.url} ({what}): the directory {self.root} does "
+                                      "not exist; nothing is created implicitly: "
+                                      + CREATE_HINT.format(url=self.url))
         if e.errno == errno.ENOSPC:
             return RepositoryError(f"repository disk full while {what} ({self.root}): free space or move the "
                                    "repository; the partial object was removed")
@@ -127,15 +260,21 @@ class LocalRepository(Repository):
         return None if st.st_uid == 0 else (st.st_uid, st.st_gid)
 
     def _mkdirs(self, d: Path) -> None:
+        """Create the missing directories below the root, private to the owner (0700 whatever the
+        umask); the root itself exists (a repository is created explicitly)."""
         missing = []
         p = d
         while not p.exists() and p != self.root and self.root in p.parents:
             missing.append(p)
             p = p.parent
-        d.mkdir(parents=True, exist_ok=True)
         owner = self._owner()
-        if owner:
-            for m in missing:
+        for m in reversed(missing):
+            try:
+                os.mkdir(m, 0o700)
+            except FileExistsError:
+                continue
+            os.chmod(m, 0o700)
+            if owner:
                 try:
                     os.chown(m, *owner)
                 except OSError:
@@ -147,7 +286,9 @@ class LocalRepository(Repository):
         written = 0
         try:
             self._mkdirs(path.parent)
-            with open(tmp, "xb") as out:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+            os.fchmod(fd, 0o600)  # readable by the owner only, whatever the umask
+            with open(fd, "wb") as out:
                 while True:
                     try:
                         chunk = src.read(CHUNK)
@@ -245,16 +386,67 @@ class LocalRepository(Repository):
             parent = parent.parent
 
     def check_writable(self) -> None:
+        """The location is this repository (its marker: never created here implicitly) and can be
+        written."""
+        self.identity()
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
             probe = self.root / f".pgincr-write-test-{uuid.uuid4().hex[:8]}"
-            with open(probe, "wb") as f:
-                f.write(b"ok")
-                f.flush()
-                os.fsync(f.fileno())
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, b"ok")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             probe.unlink()
         except OSError as e:
             raise self._wrap_oserror(e, "checking that it is writable") from e
+
+    def _top_level(self) -> tuple[list[str], list[str]]:
+        try:
+            entries = list(os.scandir(self.root))
+        except FileNotFoundError:
+            return [], []
+        except OSError as e:
+            raise self._wrap_oserror(e, "listing /") from e
+        dirs = sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
+        files = sorted(e.name for e in entries if not e.is_dir(follow_symlinks=False))
+        return dirs, files
+
+    def _ancestor_repository(self) -> str | None:
+        for p in list(self.root.parents)[:-1]:
+            try:
+                if (p / MARKER_KEY).is_file():
+                    return f"file://{p}"
+            except OSError:
+                return None
+        return None
+
+    def _location_note(self) -> str:
+        if not self.root.exists():
+            return f"the directory {self.root} does not exist"
+        if not self.root.is_dir():
+            return f"{self.root} is not a directory"
+        return ""
+
+    def _prepare_root(self, owner: str | None) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if not any(self.root.iterdir()):
+                os.chmod(self.root, 0o700)
+            if owner:
+                import pwd
+
+                try:
+                    pw = pwd.getpwnam(owner)
+                except KeyError:
+                    raise ConfigError(f"OS user {owner!r} (the repository's owner) does not exist") from None
+                if os.geteuid() == 0:
+                    os.chown(self.root, pw.pw_uid, pw.pw_gid)
+                elif pw.pw_uid != os.geteuid():
+                    raise ConfigError(f"only root can give the repository to OS user {owner!r}; run as that user "
+                                      "or omit --owner")
+        except OSError as e:
+            raise self._wrap_oserror(e, "creating the repository") from e
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,7 +471,11 @@ class S3Repository(Repository):
         return full[len(self.prefix) + 1:] if self.prefix else full
 
     def _err(self, e: Exception, what: str) -> RepositoryError:
-        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+        from botocore.exceptions import (
+            ClientError,
+            EndpointConnectionError,
+            NoCredentialsError,
+        )
 
         if isinstance(e, ClientError):
             code = str(e.response.get("Error", {}).get("Code", ""))
@@ -427,9 +623,42 @@ class S3Repository(Repository):
             raise self._err(e, "checking the bucket") from e
         except BotoCoreError as e:
             raise self._err(e, "checking the bucket") from e
+        self.identity()
         probe = f".pgincr-write-test-{uuid.uuid4().hex[:8]}"
         self.put_bytes(probe, b"ok")
         self.delete(probe)
+
+    def _top_level(self) -> tuple[list[str], list[str]]:
+        dirs, files = [], []
+        for page in self._paginate("", "/"):
+            dirs += [cp["Prefix"].rstrip("/").rsplit("/", 1)[-1] for cp in page.get("CommonPrefixes", [])]
+            files += [self._rel(o["Key"]) for o in page.get("Contents", [])]
+        return sorted(dirs), sorted(files)
+
+    def _ancestor_repository(self) -> str | None:
+        parts = self.prefix.split("/") if self.prefix else []
+        for i in range(len(parts) - 1, -1, -1):
+            key = "/".join(parts[:i] + [MARKER_KEY])
+            try:
+                self.client.head_object(Bucket=self.bucket, Key=key)
+            except Exception:
+                continue
+            return f"s3://{self.bucket}/{'/'.join(parts[:i])}".rstrip("/")
+        return None
+
+    def _location_note(self) -> str:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            if code in ("404", "NoSuchBucket", "NotFound"):
+                return f"the bucket {self.bucket!r} does not exist"
+            raise self._err(e, "checking the bucket") from e
+        except BotoCoreError as e:
+            raise self._err(e, "checking the bucket") from e
+        return ""
 
 
 class _SourceError(Exception):
@@ -493,18 +722,45 @@ def s3_client_from_env(endpoint_url: str | None = None):
     )
 
 
+def _parse_marker(raw: bytes, url: str) -> dict:
+    import json
+
+    try:
+        marker = json.loads(raw)
+    except ValueError:
+        marker = None
+    if not isinstance(marker, dict) or marker.get("kind") != MARKER_KIND or not isinstance(marker.get("format"), int):
+        raise RepositoryError(f"the repository marker {url}/{MARKER_KEY} is damaged or not pgincr's: restore it from "
+                              "a copy, or investigate what wrote it; nothing was read")
+    if marker["format"] > REPOSITORY_FORMAT:
+        raise RepositoryError(f"{url} is a repository of format {marker['format']}, written by a newer "
+                              f"airflow-pg-incremental ({marker.get('created_by')}); this version reads format "
+                              f"{REPOSITORY_FORMAT}: upgrade airflow-pg-incremental")
+    return marker
+
+
+_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+
+
 def open_repository(url: str, *, s3_client=None) -> Repository:
-    """'/path', 'file:///path' or 's3://bucket/prefix'."""
+    """'/path', 'file:///path' or 's3://bucket/prefix'. Opening touches nothing; call
+    `identity()` (or `check_writable()`) to make sure a repository is there."""
     if not url:
         raise ConfigError("no repository given: pass a local directory or s3://bucket/prefix")
     if url.startswith("s3://"):
+        if not url[5:].partition("/")[0]:
+            raise ConfigError(f"repository URL {url!r} names no bucket: write s3://bucket/prefix")
         rest = url[5:]
         bucket, _, prefix = rest.partition("/")
         return S3Repository(s3_client or s3_client_from_env(), bucket, prefix)
+    m = _SCHEME_RE.match(url)
+    if m and m.group(1).lower() in ("s3", "s3a", "s3n") and not url.startswith("s3://"):
+        raise ConfigError(f"malformed S3 repository URL {url!r}: write s3://bucket/prefix")
     if url.startswith("file://"):
         url = url[7:]
-    if "://" in url:
-        raise ConfigError(f"unsupported repository URL {url!r}: use a local directory or s3://bucket/prefix")
+    elif m and len(m.group(1)) > 1:  # (a one-letter 'scheme' would be a Windows drive)
+        raise ConfigError(f"unsupported repository URL {url!r}: use an absolute local directory, file:///path or "
+                          "s3://bucket/prefix")
     if not os.path.isabs(url):
         raise ConfigError(f"local repository path {url!r} must be absolute")
     return LocalRepository(url)

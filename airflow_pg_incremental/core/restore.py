@@ -20,7 +20,7 @@ from pathlib import Path
 from .binaries import find_program
 from .codec import ObjectInfo, VerifyingReader
 from .errors import ConfigError, RestoreError, ServerError
-from .metadata import object_info, resolve_backup
+from .metadata import object_info, require_cluster, resolve_backup
 from .names import validate_cluster
 from .progress import CountingReader, Progress
 from .repository import Repository
@@ -121,6 +121,7 @@ def restore_backup(repo: Repository, cluster: str, backup_id: str | None, target
                    verify: bool = True, os_user: str | None = None, progress_interval: float = 10.0) -> dict:
     """Restore backup `backup_id` ('latest' for the newest) of `cluster` into `target_dir`."""
     validate_cluster(cluster)
+    require_cluster(repo, cluster)
     meta = resolve_backup(repo, cluster, backup_id)
     target = check_target_dir(target_dir)
     major = meta["pg_major"]

@@ -56,8 +56,18 @@ from dataclasses import dataclass, field
 
 from .errors import ConfigError, ObjectNotFound, RepositoryError
 from .lsn import DEFAULT_SEGMENT_SIZE, format_lsn, parse_lsn, segment_name, segno_of
-from .metadata import (INPROGRESS_NAME, META_NAME, backup_prefix, backups_prefix, find_incomplete, iso,
-                       list_backup_ids, list_backups, utcnow)
+from .metadata import (
+    INPROGRESS_NAME,
+    META_NAME,
+    backup_prefix,
+    backups_prefix,
+    find_incomplete,
+    iso,
+    list_backup_ids,
+    list_backups,
+    require_cluster,
+    utcnow,
+)
 from .names import validate_backup_id, validate_cluster
 from .progress import human_bytes
 from .repository import LocalRepository, Repository
@@ -222,6 +232,7 @@ def plan_retention(repo: Repository, cluster: str, policy: RetentionPolicy | dic
         policy = RetentionPolicy.from_dict(policy)
     if not isinstance(policy, RetentionPolicy):
         raise ConfigError(f"expected a RetentionPolicy, got {type(policy).__name__}")
+    require_cluster(repo, cluster)
     now = _as_time(now) or utcnow()
     try:
         plan, _ = _plan(repo, cluster, policy, now)

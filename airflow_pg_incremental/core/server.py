@@ -45,6 +45,20 @@ def default_os_user() -> str | None:
     return "pgincr"
 
 
+def repository_owner_default() -> str | None:
+    """Who owns a local repository that root creates: the OS user PostgreSQL runs as (see
+    default_os_user), when it exists, so that archive_command and the restore_command of a
+    restored server (both run as that user) can use the repository; None (the creator) otherwise."""
+    if os.geteuid() != 0:
+        return None
+    name = default_os_user()
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return None
+    return name
+
+
 def ensure_os_user(name: str) -> str:
     """Create a system account for running PostgreSQL (root only; used by demo/tests)."""
     try:

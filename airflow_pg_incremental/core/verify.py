@@ -37,9 +37,30 @@ from pathlib import Path
 
 from .binaries import find_program
 from .codec import CHUNK, ObjectInfo, VerifyingReader
-from .errors import ChecksumMismatch, ConfigError, ObjectNotFound, RepositoryError, RestoreError
-from .lsn import DEFAULT_SEGMENT_SIZE, parse_lsn, segment_name, segno_of, wal_file_name, wal_file_name_ending
-from .metadata import META_NAME, backups_prefix, list_backup_ids, load_backup, resolve_backup, unseal
+from .errors import (
+    ChecksumMismatch,
+    ConfigError,
+    ObjectNotFound,
+    RepositoryError,
+    RestoreError,
+)
+from .lsn import (
+    DEFAULT_SEGMENT_SIZE,
+    parse_lsn,
+    segment_name,
+    segno_of,
+    wal_file_name,
+    wal_file_name_ending,
+)
+from .metadata import (
+    META_NAME,
+    backups_prefix,
+    list_backup_ids,
+    load_backup,
+    require_cluster,
+    resolve_backup,
+    unseal,
+)
 from .names import validate_cluster
 from .progress import CountingReader, Progress, human_bytes
 from .repository import Repository
@@ -62,6 +83,7 @@ def verify_backup(repo: Repository, cluster: str, backup_id: str | None = None, 
     could not be recorded). Unknown backup ids and missing PostgreSQL programs raise before
     anything is verified; damage is reported, never raised."""
     validate_cluster(cluster)
+    require_cluster(repo, cluster)
     t0 = time.monotonic()
     airflow = airflow or {}
     staging = _check_staging_parent(staging_parent)

@@ -8,7 +8,11 @@ from airflow.sdk import BaseHook
 
 from airflow_pg_incremental.core.catalog import Catalog
 from airflow_pg_incremental.core.pgconn import ConnInfo
-from airflow_pg_incremental.core.repository import LocalRepository, Repository, S3Repository, open_repository
+from airflow_pg_incremental.core.repository import (
+    LocalRepository,
+    Repository,
+    open_repository,
+)
 
 _LIBPQ_EXTRAS = ("sslmode", "sslrootcert", "sslcert", "sslkey", "connect_timeout", "application_name",
                  "target_session_attrs", "options")
@@ -59,15 +63,21 @@ class PgBackupRepositoryHook(BaseHook):
         self.repository = repository
         self.aws_conn_id = aws_conn_id
 
-    def get_repository(self) -> Repository:
+    def get_repository(self, must_exist: bool = True) -> Repository:
+        """The repository; with `must_exist` (the default) its identity marker is checked: a
+        location holding no pgincr repository is an error naming the fix, never an empty one."""
         if self.repository.startswith("s3://"):
-            from airflow.providers.amazon.aws.hooks.s3 import S3Hook  # lazy: only S3 users pay for it
+            from airflow.providers.amazon.aws.hooks.s3 import (
+                S3Hook,  # lazy: only S3 users pay for it
+            )
 
             client = S3Hook(aws_conn_id=self.aws_conn_id).get_conn()
-            bucket, _, prefix = self.repository[5:].partition("/")
-            return S3Repository(client, bucket, prefix)
-        repo = open_repository(self.repository)
-        assert isinstance(repo, LocalRepository)
+            repo: Repository = open_repository(self.repository, s3_client=client)
+        else:
+            repo = open_repository(self.repository)
+            assert isinstance(repo, LocalRepository)
+        if must_exist:
+            repo.identity()
         return repo
 
     def get_conn(self) -> Repository:

@@ -29,10 +29,10 @@ class _PgBackupBase(BaseOperator):
 
         return PgClusterHook(self.postgres_conn_id).get_conninfo()
 
-    def _repo(self):
+    def _repo(self, must_exist: bool = True):
         from airflow_pg_incremental.hooks.repository import PgBackupRepositoryHook
 
-        return PgBackupRepositoryHook(self.repository, self.aws_conn_id).get_repository()
+        return PgBackupRepositoryHook(self.repository, self.aws_conn_id).get_repository(must_exist=must_exist)
 
     def _catalog(self):
         if not self.catalog_conn_id:
@@ -51,24 +51,28 @@ class _PgBackupBase(BaseOperator):
 class PgBackupPreflightOperator(_PgBackupBase):
     """Checks before a backup: server reachable with the connection's credentials, REPLICATION
     attribute, wal_level, no extra tablespaces, binaries of the server's major version, repository
-    writable. Also removes leftovers of interrupted backups older than `cleanup_after_s`."""
+    writable. Also removes leftovers of interrupted backups older than `cleanup_after_s`. With
+    `create_repository`, a location that holds no repository yet gets one (otherwise that is an
+    error: a mistyped repository is never created)."""
 
     template_fields: Sequence[str] = (*_PgBackupBase.template_fields, "slot_name")
 
     def __init__(self, *, cleanup_after_s: float = 6 * 3600, wal_mode: str = "pull", slot_name: str | None = None,
-                 **kwargs: Any) -> None:
+                 create_repository: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.cleanup_after_s = cleanup_after_s
         self.wal_mode = wal_mode
         self.slot_name = slot_name
+        self.create_repository = create_repository
 
     def execute(self, context: Context) -> dict:
         from airflow_pg_incremental.core.capture import default_slot_name
         from airflow_pg_incremental.core.preflight import preflight_full
 
         slot = (self.slot_name or default_slot_name(self.cluster)) if self.wal_mode == "pull" else None
-        return preflight_full(self._conninfo(), self._repo(), self.cluster, cleanup_after_s=self.cleanup_after_s,
-                              slot=slot, catalog=self._catalog())
+        return preflight_full(self._conninfo(), self._repo(must_exist=not self.create_repository), self.cluster,
+                              cleanup_after_s=self.cleanup_after_s, slot=slot, catalog=self._catalog(),
+                              create_repository=bool(self.create_repository))
 
 
 class PgBaseBackupOperator(_PgBackupBase):

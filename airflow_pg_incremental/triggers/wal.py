@@ -117,6 +117,9 @@ class _RepositoryPollingTrigger(BaseTrigger):
 
     def _get_repo(self) -> Repository:  # blocking: call from the worker thread only
         if self._repo is None:
+            from airflow_pg_incremental.core.names import validate_cluster
+
+            validate_cluster(self.cluster)  # a bad name is refused before any I/O
             self._repo = _repository(self.repository, self.aws_conn_id)
         return self._repo
 

@@ -24,6 +24,7 @@ from airflow_pg_incremental.core.capture import capture_wal_pull, switch_wal
 from airflow_pg_incremental.core.catalog import Catalog
 from airflow_pg_incremental.core.repository import LocalRepository
 from airflow_pg_incremental.core.server import free_port
+from tests.conftest import created
 
 from ..conftest import REPO_ROOT, conn_json
 
@@ -73,7 +74,7 @@ def test_scheduler_backfill_of_the_restore_test_dag(pg, workdir):
         return subprocess.run([sys.executable, "-m", "airflow", *args], env=env, capture_output=True, text=True,
                               timeout=120)
 
-    repo = LocalRepository(repo_dir)
+    repo = created(LocalRepository(repo_dir))
     pg.psql("CREATE TABLE IF NOT EXISTS bf_markers (id int PRIMARY KEY, at timestamptz)")
     pg.psql("TRUNCATE bf_markers")
     capture_wal_pull(pg.conninfo(), repo, cluster)

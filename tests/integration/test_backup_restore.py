@@ -11,12 +11,29 @@ from pathlib import Path
 import pytest
 
 from airflow_pg_incremental.core.backup import take_full_backup
-from airflow_pg_incremental.core.errors import BackupFailed, BackupNotFound, ChecksumMismatch, ConfigError, \
-    InvalidName, RepositoryError
-from airflow_pg_incremental.core.metadata import (INPROGRESS_NAME, backup_prefix, cleanup_incomplete,
-                                                  find_incomplete, list_backups, load_backup)
-from airflow_pg_incremental.core.restore import restore_backup, run_checks, start_restored
+from airflow_pg_incremental.core.errors import (
+    BackupFailed,
+    BackupNotFound,
+    ChecksumMismatch,
+    ConfigError,
+    InvalidName,
+    RepositoryError,
+)
+from airflow_pg_incremental.core.metadata import (
+    INPROGRESS_NAME,
+    backup_prefix,
+    cleanup_incomplete,
+    find_incomplete,
+    list_backups,
+    load_backup,
+)
+from airflow_pg_incremental.core.restore import (
+    restore_backup,
+    run_checks,
+    start_restored,
+)
 from airflow_pg_incremental.core.sandbox import data_fingerprint
+from tests.conftest import created
 
 pytestmark = pytest.mark.integration
 
@@ -91,7 +108,7 @@ def test_bad_names_rejected_before_any_io(pg, repo, scratch, bad):
 def test_corrupt_object_is_refused_and_restore_cleans_up(pg, tmp_path, scratch):
     from airflow_pg_incremental.core.repository import LocalRepository
 
-    repo = LocalRepository(tmp_path / "repo")
+    repo = created(LocalRepository(tmp_path / "repo"))
     meta = take_full_backup(pg.conninfo(), repo, "bad")
     obj = Path(repo.root) / backup_prefix("bad", meta["backup_id"]) / "base.tar.zst"
     data = bytearray(obj.read_bytes())
@@ -171,6 +188,7 @@ def test_backup_killed_midway_leaves_no_restorable_backup(pg, tmp_path):
     from airflow_pg_incremental.core.repository import LocalRepository
 
     root = tmp_path / "repo"
+    created(LocalRepository(root))
     code = ("import sys, time; from airflow_pg_incremental.core import backup as b;"
             "from airflow_pg_incremental.core.repository import LocalRepository;"
             "from airflow_pg_incremental.core.pgconn import ConnInfo;"
@@ -206,7 +224,7 @@ def test_full_disk_gives_clear_error_and_publishes_nothing(pg, tmp_path):
     if r.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.decode().strip()}")
     try:
-        repo = LocalRepository(mnt)
+        repo = created(LocalRepository(mnt))
         with pytest.raises(RepositoryError, match="disk full"):
             take_full_backup(pg.conninfo(), repo, "full")
         assert list_backups(repo, "full") == []

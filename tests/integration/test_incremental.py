@@ -18,6 +18,7 @@ from airflow_pg_incremental.core.pitr import parse_target, restore_pitr
 from airflow_pg_incremental.core.repository import LocalRepository, S3Repository
 from airflow_pg_incremental.core.restore import restore_backup, start_restored
 from airflow_pg_incremental.core.sandbox import SandboxPostgres, data_fingerprint
+from tests.conftest import created
 
 pytestmark = pytest.mark.integration
 
@@ -26,10 +27,10 @@ pytestmark = pytest.mark.integration
 def chain(request, workdir):
     pg = SandboxPostgres(workdir / f"chain-{request.param}").start()
     if request.param == "local":
-        repo = LocalRepository(workdir / f"chain-repo-{uuid.uuid4().hex[:6]}")
+        repo = created(LocalRepository(workdir / f"chain-repo-{uuid.uuid4().hex[:6]}"))
     else:
         s3 = request.getfixturevalue("s3")
-        repo = S3Repository(s3.client(), s3.bucket, "chain-" + uuid.uuid4().hex[:6])
+        repo = created(S3Repository(s3.client(), s3.bucket, "chain-" + uuid.uuid4().hex[:6]))
     c = {"pg": pg, "repo": repo, "backups": [], "fp": {}, "between": []}
     try:
         pg.pgbench_init(2)
@@ -148,7 +149,7 @@ def test_summaries_not_covering_the_parent(workdir):
     WAL still present in pg_wal, so the WAL has to be gone for this case)."""
     pg = SandboxPostgres(workdir / f"nosum-{uuid.uuid4().hex[:6]}", settings={"summarize_wal": "off"}).start()
     try:
-        repo = LocalRepository(workdir / f"nosum-repo-{uuid.uuid4().hex[:6]}")
+        repo = created(LocalRepository(workdir / f"nosum-repo-{uuid.uuid4().hex[:6]}"))
         take_full_backup(pg.conninfo(), repo, "ns")
         pg.restart({"wal_keep_size": "0", "max_wal_size": "32MB", "min_wal_size": "32MB", "archive_mode": "off"})
         for _ in range(3):

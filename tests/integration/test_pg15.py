@@ -20,6 +20,7 @@ from airflow_pg_incremental.core.pgconn import query
 from airflow_pg_incremental.core.pitr import parse_target, restore_pitr
 from airflow_pg_incremental.core.repository import LocalRepository
 from airflow_pg_incremental.core.sandbox import SandboxPostgres, data_fingerprint
+from tests.conftest import created
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(
     not os.path.exists("/usr/lib/postgresql/15/bin/postgres"),
@@ -37,7 +38,7 @@ def pg15(workdir):
 
 
 def test_full_wal_and_pitr_with_postgresql_15(pg15, workdir, scratch):
-    repo = LocalRepository(workdir / f"pg15-repo-{uuid.uuid4().hex[:6]}")
+    repo = created(LocalRepository(workdir / f"pg15-repo-{uuid.uuid4().hex[:6]}"))
     capture_wal_pull(pg15.conninfo(), repo, "old")
     full = take_full_backup(pg15.conninfo(), repo, "old")
     assert full["pg_major"] == 15
@@ -66,7 +67,7 @@ def test_full_wal_and_pitr_with_postgresql_15(pg15, workdir, scratch):
 def test_incremental_refused_on_15_with_a_clear_message(pg15, workdir):
     from airflow_pg_incremental.core.backup import take_backup
 
-    repo = LocalRepository(workdir / f"pg15-r2-{uuid.uuid4().hex[:6]}")
+    repo = created(LocalRepository(workdir / f"pg15-r2-{uuid.uuid4().hex[:6]}"))
     full = take_full_backup(pg15.conninfo(), repo, "old2")
     with pytest.raises(ConfigError, match="need PostgreSQL 17"):
         take_backup(pg15.conninfo(), repo, "old2", kind="incremental", parent=full)
@@ -75,8 +76,8 @@ def test_incremental_refused_on_15_with_a_clear_message(pg15, workdir):
 def test_daily_dag_on_15_succeeds_and_says_why(airflow_clusters, pg15, workdir):
     """The daily DAG on PostgreSQL 15: no backup, the log and XCom say the WAL archive is the
     incremental, the WAL part runs, the run succeeds."""
-    from tests.integration.test_airflow import _dags, _xcoms
     from tests.conftest import conn_json
+    from tests.integration.test_airflow import _dags, _xcoms
 
     cfg_path = Path(os.environ["PGINCR_CONFIG"])
     cfg = json.loads(cfg_path.read_text())

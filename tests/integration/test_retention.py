@@ -15,16 +15,25 @@ import pytest
 
 from airflow_pg_incremental.core import metadata as md
 from airflow_pg_incremental.core.backup import take_full_backup
-from airflow_pg_incremental.core.capture import capture_wal_pull, check_continuity, default_slot_name, switch_wal
+from airflow_pg_incremental.core.capture import (
+    capture_wal_pull,
+    check_continuity,
+    default_slot_name,
+    switch_wal,
+)
 from airflow_pg_incremental.core.errors import BackupNotFound, RestoreError
 from airflow_pg_incremental.core.incremental import take_planned_backup
-from airflow_pg_incremental.core.lsn import parse_lsn, segno_of
+from airflow_pg_incremental.core.lsn import parse_lsn, segment_name, segno_of
 from airflow_pg_incremental.core.pgconn import query
 from airflow_pg_incremental.core.pitr import parse_target, restore_pitr
 from airflow_pg_incremental.core.repository import LocalRepository, S3Repository
-from airflow_pg_incremental.core.retention import RetentionPolicy, apply_retention, plan_retention
-from airflow_pg_incremental.core.lsn import segment_name
+from airflow_pg_incremental.core.retention import (
+    RetentionPolicy,
+    apply_retention,
+    plan_retention,
+)
 from airflow_pg_incremental.core.wal import list_history, list_segments
+from tests.conftest import created
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +59,7 @@ def _du(root) -> int:
 def test_retention_keeps_the_window_restorable(pg, workdir, scratch, catalog):
     tag = uuid.uuid4().hex[:8]
     cluster, table = f"ret-{tag}", f"ret_markers_{tag}"
-    repo = LocalRepository(workdir / f"ret-repo-{tag}")  # readable by the server's OS user
+    repo = created(LocalRepository(workdir / f"ret-repo-{tag}"))  # readable by the server's OS user
     conn = pg.conninfo()
     markers: list[tuple[int, dt.datetime]] = []
 
@@ -177,10 +186,10 @@ def test_retention_keeps_the_window_restorable(pg, workdir, scratch, catalog):
 def test_retention_on_s3_with_a_crash_midway(s3):
     """The same rules on SeaweedFS (listing by common prefixes, no directories): fake weekly chains
     and WAL across a timeline switch, a crash in the middle of a backup's deletion, a re-run."""
-    from tests.unit.test_retention import C, NOW, weekly
+    from tests.unit.test_retention import NOW, C, weekly
 
     prefix = "ret-" + uuid.uuid4().hex[:8]
-    repo = S3Repository(s3.client(), s3.bucket, prefix)
+    repo = created(S3Repository(s3.client(), s3.bucket, prefix))
     f = weekly(repo)  # chains 1..4 (full at segment 10k), WAL 5..50 on timeline 1
     f.small("00000002.history", b"1\t0/2D000000\tno recovery target specified\n")
     f.wal(2, range(45, 53))

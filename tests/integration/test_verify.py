@@ -14,13 +14,18 @@ from pathlib import Path
 import pytest
 
 from airflow_pg_incremental.core.backup import take_full_backup
-from airflow_pg_incremental.core.capture import capture_wal_pull, default_slot_name, switch_wal
+from airflow_pg_incremental.core.capture import (
+    capture_wal_pull,
+    default_slot_name,
+    switch_wal,
+)
 from airflow_pg_incremental.core.incremental import take_planned_backup
 from airflow_pg_incremental.core.lsn import segment_name, segno_of
 from airflow_pg_incremental.core.metadata import backup_prefix
 from airflow_pg_incremental.core.repository import LocalRepository
 from airflow_pg_incremental.core.verify import verify_backup
 from airflow_pg_incremental.core.wal import list_segments, wal_key
+from tests.conftest import created
 
 pytestmark = pytest.mark.integration
 
@@ -117,7 +122,7 @@ def test_flipped_byte_fails_naming_the_object_and_is_recorded(pg, repo, catalog,
 
 
 def test_missing_wal_fails_the_wal_check(pg, tmp_path, scratch):
-    repo = LocalRepository(tmp_path / "repo")
+    repo = created(LocalRepository(tmp_path / "repo"))
     cl = _cluster("vwal")
     with _slot(pg, cl):
         capture_wal_pull(pg.conninfo(), repo, cl)
@@ -192,7 +197,7 @@ def test_operator_in_airflow_fails_on_a_corrupted_backup(airflow_db, pg, tmp_pat
     from tests.conftest import conn_json
 
     cl = _cluster("vaf")
-    good = LocalRepository(tmp_path / "good")
+    good = created(LocalRepository(tmp_path / "good"))
     meta = take_full_backup(pg.conninfo(), good, cl)
     bad = LocalRepository(tmp_path / "bad")
     shutil.copytree(good.root, bad.root)

@@ -14,14 +14,24 @@ import pytest
 
 import airflow_pg_incremental.walcmd as walcmd
 from airflow_pg_incremental.core.backup import take_full_backup
-from airflow_pg_incremental.core.capture import capture_wal_pull, check_continuity, ensure_slot, switch_wal
+from airflow_pg_incremental.core.capture import (
+    capture_wal_pull,
+    check_continuity,
+    ensure_slot,
+    switch_wal,
+)
 from airflow_pg_incremental.core.errors import ConfigError, ObjectExists, RestoreError
 from airflow_pg_incremental.core.lsn import segno_of
 from airflow_pg_incremental.core.pgconn import query
 from airflow_pg_incremental.core.pitr import parse_target, restore_pitr
 from airflow_pg_incremental.core.repository import LocalRepository, S3Repository
-from airflow_pg_incremental.core.sandbox import SandboxPostgres, SeaweedS3, data_fingerprint
+from airflow_pg_incremental.core.sandbox import (
+    SandboxPostgres,
+    SeaweedS3,
+    data_fingerprint,
+)
 from airflow_pg_incremental.core.wal import WalGap, list_segments, push_bytes, wal_key
+from tests.conftest import created
 
 pytestmark = pytest.mark.integration
 WALCMD = [sys.executable, "-S", walcmd.__file__]
@@ -144,6 +154,7 @@ def test_s3_down_during_push_then_pushed_later(workdir, tmp_path):
     s3 = SeaweedS3(workdir / f"s3-outage-{uuid.uuid4().hex[:6]}").start()
     try:
         url = f"s3://{s3.bucket}/outage"
+        created(S3Repository(s3.client(), s3.bucket, "outage"))
         name = "000000010000000000000021"
         d = _fake_pg_wal(tmp_path, {name: os.urandom(SEG)})
         s3.stop()
@@ -162,7 +173,7 @@ def test_s3_down_during_push_then_pushed_later(workdir, tmp_path):
 
 
 def test_missing_segment_reported_and_restore_past_it_refused(pg, workdir, scratch):
-    repo = LocalRepository(workdir / f"gap-{uuid.uuid4().hex[:6]}")
+    repo = created(LocalRepository(workdir / f"gap-{uuid.uuid4().hex[:6]}"))
     cluster = "gap" + uuid.uuid4().hex[:6]
     try:
         capture_wal_pull(pg.conninfo(), repo, cluster)
@@ -210,10 +221,10 @@ def test_push_mode_end_to_end(workdir, scratch):
     probe = SandboxPostgres(base / "pg")  # to learn the OS user
     repo_dir = make_user_dir(base / "repo", probe.os_user, mode=0o755)
     python_usable_by(probe.os_user)
+    repo = created(LocalRepository(repo_dir))
     cmd = f"{sys.executable} -S {walcmd.__file__} push --repo {repo_dir} --cluster push %p"
     pg = SandboxPostgres(base / "pg", settings={"archive_command": cmd}).start()
     try:
-        repo = LocalRepository(repo_dir)
         pg.pgbench_init(1)
         b = take_full_backup(pg.conninfo(), repo, "push")
         pg.pgbench_run(2000)
@@ -243,7 +254,7 @@ def _two_servers_workspace(workdir, prefix):
     base = workdir / f"{prefix}-{uuid.uuid4().hex[:6]}"
     base.mkdir()
     os.chmod(base, 0o755)
-    return base, LocalRepository(base / "repo"), SandboxPostgres(base / "old").start()
+    return base, created(LocalRepository(base / "repo")), SandboxPostgres(base / "old").start()
 
 
 def _start_promoted(data_dir, old, conn_old):
@@ -399,7 +410,7 @@ def test_freshness_on_an_idle_server_is_not_a_breach(workdir, monkeypatch):
     base = workdir / f"idle-{uuid.uuid4().hex[:6]}"
     base.mkdir()
     os.chmod(base, 0o755)
-    repo = LocalRepository(base / "repo")
+    repo = created(LocalRepository(base / "repo"))
     cluster = "idle"
     srv = SandboxPostgres(base / "pg", settings={"autovacuum": "off"}).start()
     monkeypatch.setattr(PgClusterHook, "get_conninfo", lambda self, dbname=None: srv.conninfo())

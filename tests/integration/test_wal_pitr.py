@@ -19,6 +19,7 @@ from airflow_pg_incremental.core.pgconn import query
 from airflow_pg_incremental.core.pitr import parse_target, restore_pitr
 from airflow_pg_incremental.core.repository import LocalRepository, S3Repository
 from airflow_pg_incremental.core.sandbox import SandboxPostgres
+from tests.conftest import created
 
 pytestmark = pytest.mark.integration
 
@@ -42,10 +43,10 @@ class History:
 def history(request, workdir, tmp_path_factory):
     pg = SandboxPostgres(workdir / f"pitr-{request.param}").start()
     if request.param == "local":
-        repo = LocalRepository(workdir / f"pitr-repo-{uuid.uuid4().hex[:6]}")  # readable by the server's user
+        repo = created(LocalRepository(workdir / f"pitr-repo-{uuid.uuid4().hex[:6]}"))  # readable by the server's user
     else:
         s3 = request.getfixturevalue("s3")
-        repo = S3Repository(s3.client(), s3.bucket, "pitr-" + uuid.uuid4().hex[:8])
+        repo = created(S3Repository(s3.client(), s3.bucket, "pitr-" + uuid.uuid4().hex[:8]))
     h = History(pg, repo, "pitr")
     try:
         capture_wal_pull(pg.conninfo(), repo, "pitr")  # creates the slot

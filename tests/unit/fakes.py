@@ -84,3 +84,12 @@ def only_abandoned(repo) -> Fake:
     f.small("00000002.history", b"1\t0/14000000\tno recovery target specified\n")
     return f
 
+
+
+def new_repo(path):
+    """A new (created: it has its identity marker) local repository at `path`."""
+    from airflow_pg_incremental.core.repository import LocalRepository
+
+    repo = LocalRepository(path)
+    repo.create()
+    return repo

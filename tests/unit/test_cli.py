@@ -5,7 +5,7 @@ import pytest
 
 from airflow_pg_incremental import cli
 from airflow_pg_incremental.core import metadata as md
-from airflow_pg_incremental.core.repository import LocalRepository
+from tests.unit.fakes import new_repo
 
 
 @pytest.fixture(autouse=True)
@@ -84,7 +84,7 @@ def _backup(repo, bid, started):
 
 
 def test_main_info_json(tmp_path, capsys):
-    repo = LocalRepository(tmp_path)
+    repo = new_repo(tmp_path)
     t = dt.datetime(2026, 11, 21, 12, 0, tzinfo=dt.timezone.utc)
     _backup(repo, "20261121T120000Z-F", t)
     repo.put_bytes("main/backups/20261122T120000Z-F/in_progress.json",
@@ -99,7 +99,7 @@ def test_main_info_json(tmp_path, capsys):
 
 
 def test_main_info_text(tmp_path, monkeypatch, capsys):
-    repo = LocalRepository(tmp_path)
+    repo = new_repo(tmp_path)
     _backup(repo, "20261121T120000Z-F", dt.datetime(2026, 11, 21, 12, 0, tzinfo=dt.timezone.utc))
     monkeypatch.setenv("PGINCR_REPO", str(tmp_path))
     assert cli.main(["info", "--cluster", "main"]) == 0
@@ -108,7 +108,7 @@ def test_main_info_text(tmp_path, monkeypatch, capsys):
 
 
 def test_main_cleanup_dry_run(tmp_path, capsys):
-    repo = LocalRepository(tmp_path)
+    repo = new_repo(tmp_path)
     repo.put_bytes("main/backups/OLD/base.tar.zst", b"x")
     assert cli.main(["cleanup", "--repo", str(tmp_path), "--cluster", "main", "--dry-run"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -120,6 +120,16 @@ def test_main_cleanup_dry_run(tmp_path, capsys):
 
 def test_main_restore_unknown_backup(tmp_path, capsys):
     target = tmp_path / "target"
+    rc = cli.main(["restore", "--repo", str(tmp_path / "repo"), "--cluster", "main", "--target-dir", str(target),
+                   "--os-user", "nobody"])
+    assert rc == 2
+    assert "no pgincr repository" in capsys.readouterr().err
+    repo = new_repo(tmp_path / "repo")
+    rc = cli.main(["restore", "--repo", str(tmp_path / "repo"), "--cluster", "main", "--target-dir", str(target),
+                   "--os-user", "nobody"])
+    assert rc == 2
+    assert "cluster 'main' does not exist" in capsys.readouterr().err
+    repo.put_bytes("main/wal/00000001/000000010000000000000001.zst", b"x")
     rc = cli.main(["restore", "--repo", str(tmp_path / "repo"), "--cluster", "main", "--target-dir", str(target),
                    "--os-user", "nobody"])
     assert rc == 2

@@ -6,8 +6,12 @@ import re
 import pytest
 
 from airflow_pg_incremental.core import metadata as md
-from airflow_pg_incremental.core.errors import BackupNotFound, ChecksumMismatch, InvalidName
-from airflow_pg_incremental.core.repository import LocalRepository
+from airflow_pg_incremental.core.errors import (
+    BackupNotFound,
+    ChecksumMismatch,
+    InvalidName,
+)
+from tests.unit.fakes import new_repo
 
 UTC = dt.timezone.utc
 T0 = dt.datetime(2026, 11, 21, 12, 40, 48, 123456, tzinfo=UTC)
@@ -15,7 +19,7 @@ T0 = dt.datetime(2026, 11, 21, 12, 40, 48, 123456, tzinfo=UTC)
 
 @pytest.fixture
 def repo(tmp_path):
-    return LocalRepository(tmp_path / "repo")
+    return new_repo(tmp_path / "repo")
 
 
 def _meta(cluster="main", backup_id="20261121T124048Z-F", started=T0, **extra):

@@ -9,16 +9,15 @@ import pytest
 
 from airflow_pg_incremental.core.errors import RestoreError
 from airflow_pg_incremental.core.pitr import choose_backup, parse_target, plan_restore
-from airflow_pg_incremental.core.repository import LocalRepository
 from airflow_pg_incremental.core.wal import on_timeline_path, timeline_path
 
-from .fakes import C, DAY, NOW, Fake, lsn, only_abandoned
+from .fakes import DAY, NOW, C, Fake, lsn, new_repo, only_abandoned
 from .fakes import branched as _branched
 
 
 @pytest.fixture
 def repo(tmp_path):
-    return LocalRepository(tmp_path / "repo")
+    return new_repo(tmp_path / "repo")
 
 
 def branched(repo, abandoned_newest=False):

@@ -5,14 +5,25 @@ import os
 import pytest
 
 from airflow_pg_incremental.core.codec import CHUNK
-from airflow_pg_incremental.core.errors import (ConfigError, ObjectExists, ObjectNotFound, PgIncrError,
-                                                RepositoryError)
-from airflow_pg_incremental.core.repository import (LocalRepository, S3Repository, open_repository,
-                                                    validate_key)
+from airflow_pg_incremental.core.errors import (
+    ConfigError,
+    ObjectExists,
+    ObjectNotFound,
+    PgIncrError,
+    RepositoryError,
+    RepositoryNotFound,
+)
+from airflow_pg_incremental.core.repository import (
+    LocalRepository,
+    S3Repository,
+    open_repository,
+    validate_key,
+)
 
 
 @pytest.fixture
 def repo(tmp_path):
+    (tmp_path / "repo").mkdir()  # the driver itself: a location without the repository marker
     return LocalRepository(tmp_path / "repo")
 
 
@@ -225,15 +236,19 @@ def test_read_only_root(tmp_path):
 
 def test_check_writable_ok_and_leaves_nothing(tmp_path):
     r = LocalRepository(tmp_path / "new" / "repo")
+    with pytest.raises(RepositoryNotFound):
+        r.check_writable()  # never creates a repository implicitly
+    assert not r.root.exists()
+    r.create()
     r.check_writable()
-    assert r.root.is_dir()
-    assert list(r.root.iterdir()) == []
+    assert [p.name for p in r.root.iterdir()] == ["pgincr-repository.json"]
 
 
 def test_relative_root_made_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     r = LocalRepository("rel")
     assert r.root == tmp_path / "rel"
+    (tmp_path / "rel").mkdir()
     r.put_bytes("a", b"1")
     assert (tmp_path / "rel" / "a").read_bytes() == b"1"
 

@@ -5,8 +5,13 @@ import pytest
 from botocore.response import StreamingBody
 from botocore.stub import Stubber
 
-from airflow_pg_incremental.core.errors import (ConfigError, InvalidName, ObjectExists, ObjectNotFound,
-                                                RepositoryError)
+from airflow_pg_incremental.core.errors import (
+    ConfigError,
+    InvalidName,
+    ObjectExists,
+    ObjectNotFound,
+    RepositoryError,
+)
 from airflow_pg_incremental.core.repository import S3Repository
 
 BUCKET = "bkt"
@@ -82,7 +87,15 @@ def test_check_writable_access_denied(repo, stub):
 def test_check_writable_ok_writes_and_deletes_probe(repo, stub, client):
     seen = []
     client.meta.events.register("before-parameter-build.s3.*", lambda params, **kw: seen.append(dict(params)))
+    import io
+    import json as _json
+
+    from botocore.response import StreamingBody
+
+    marker = _json.dumps({"kind": "pgincr-repository", "format": 1}).encode()
     stub.add_response("head_bucket", {}, {"Bucket": BUCKET})
+    stub.add_response("get_object", {"Body": StreamingBody(io.BytesIO(marker), len(marker))},
+                      {"Bucket": BUCKET, "Key": "pre/fix/pgincr-repository.json"})
     stub.add_response("put_object", {})
     stub.add_response("delete_object", {})
     repo.check_writable()

@@ -9,8 +9,8 @@ import pytest
 
 from airflow_pg_incremental.core.codec import CompressingReader
 from airflow_pg_incremental.core.errors import RestoreError
-from airflow_pg_incremental.core.repository import LocalRepository
 from airflow_pg_incremental.core.restore import extract_object
+from tests.unit.fakes import new_repo
 
 
 def _store(repo, members):
@@ -37,7 +37,7 @@ def _link(name, target, kind=tarfile.SYMTYPE):
 
 
 def test_good_archive_extracts(tmp_path):
-    repo = LocalRepository(tmp_path / "repo")
+    repo = new_repo(tmp_path / "repo")
     info = _store(repo, [_file("PG_VERSION", b"18\n"), _file("base/1/123", b"x" * 10000)])
     dest = tmp_path / "d"
     dest.mkdir()
@@ -52,7 +52,7 @@ def test_good_archive_extracts(tmp_path):
     [_file("/abs/file")],
 ])
 def test_tampered_archive_refused(tmp_path, members):
-    repo = LocalRepository(tmp_path / "repo")
+    repo = new_repo(tmp_path / "repo")
     info = _store(repo, [_file("PG_VERSION", b"18\n"), *members])
     dest = tmp_path / "d"
     dest.mkdir()

@@ -11,15 +11,21 @@ import shutil
 import pytest
 
 from airflow_pg_incremental.core import metadata as md
-from airflow_pg_incremental.core.errors import ConfigError, InvalidName
+from airflow_pg_incremental.core.errors import ClusterNotFound, ConfigError, InvalidName
 from airflow_pg_incremental.core.incremental import resolve_chain
 from airflow_pg_incremental.core.lsn import segment_name
 from airflow_pg_incremental.core.repository import LocalRepository
-from airflow_pg_incremental.core.retention import (RetentionPolicy, RetentionRefused, apply_retention, format_plan,
-                                                    plan_retention, summary)
+from airflow_pg_incremental.core.retention import (
+    RetentionPolicy,
+    RetentionRefused,
+    apply_retention,
+    format_plan,
+    plan_retention,
+    summary,
+)
 from airflow_pg_incremental.core.wal import list_history, list_segments, wal_key
 
-from .fakes import C, DAY, NOW, Fake, branched, only_abandoned
+from .fakes import DAY, NOW, C, Fake, branched, new_repo, only_abandoned
 
 
 def weekly(repo) -> Fake:
@@ -46,13 +52,13 @@ def _no_fsync():
 
 @pytest.fixture
 def repo(tmp_path):
-    return LocalRepository(tmp_path / "repo")
+    return new_repo(tmp_path / "repo")
 
 
 @pytest.fixture(scope="module")
 def weekly_template(tmp_path_factory):
     root = tmp_path_factory.mktemp("weekly") / "repo"
-    weekly(LocalRepository(root))
+    weekly(new_repo(root))
     return root
 
 
@@ -388,9 +394,11 @@ def test_broken_chain_is_left_alone_and_keeps_its_wal(wrepo):
 
 # -- refusals --------------------------------------------------------------------------------------------------------
 def test_refuses_an_empty_cluster(repo):
-    with pytest.raises(RetentionRefused, match="no complete backup"):
+    with pytest.raises(ClusterNotFound, match="does not exist"):
         plan_retention(repo, C, RetentionPolicy(keep_full_chains=1), now=NOW)
     Fake(repo).wal(1, [1])
+    with pytest.raises(RetentionRefused, match="no complete backup"):
+        plan_retention(repo, C, RetentionPolicy(keep_full_chains=1), now=NOW)
     repo.put_bytes(f"{md.backup_prefix(C, 'X')}/base.tar.zst", b"partial")  # only an interrupted backup
     with pytest.raises(RetentionRefused, match="no complete backup"):
         apply_retention(repo, C, RetentionPolicy(keep_full_chains=1), now=NOW)

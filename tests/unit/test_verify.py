@@ -16,8 +16,8 @@ from airflow_pg_incremental.core import verify as V
 from airflow_pg_incremental.core.codec import CompressingReader
 from airflow_pg_incremental.core.errors import BackupNotFound, ConfigError
 from airflow_pg_incremental.core.metadata import META_NAME, backup_prefix, write_meta
-from airflow_pg_incremental.core.repository import LocalRepository
 from airflow_pg_incremental.core.wal import wal_key
+from tests.unit.fakes import new_repo
 
 SEG = 16 * 1024 * 1024
 CL = "vc"
@@ -44,7 +44,7 @@ def _script(path: Path, body: str) -> str:
 
 @pytest.fixture
 def env(tmp_path, monkeypatch):
-    repo = LocalRepository(tmp_path / "repo")
+    repo = new_repo(tmp_path / "repo")
     stage = tmp_path / "stage"
     stage.mkdir()
     progs = {"ok": _script(tmp_path / "vb_ok", "exit 0"),

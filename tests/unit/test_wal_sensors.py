@@ -11,16 +11,28 @@ import threading
 import time
 
 import pytest
-
 from airflow.sdk import PokeReturnValue
-from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSensorTimeout, TaskDeferred
+from airflow.sdk.exceptions import (
+    AirflowException,
+    AirflowFailException,
+    AirflowSensorTimeout,
+    TaskDeferred,
+)
 
 from airflow_pg_incremental.core.errors import ConfigError
-from airflow_pg_incremental.core.repository import LocalRepository
 from airflow_pg_incremental.core.wal import push_bytes, wal_key
-from airflow_pg_incremental.sensors.wal import WalArchivedSensor, WalFreshnessSensor, resolve_segment
-from airflow_pg_incremental.triggers.wal import (WalArchivedTrigger, WalFreshnessTrigger, check_freshness,
-                                                 format_duration)
+from airflow_pg_incremental.sensors.wal import (
+    WalArchivedSensor,
+    WalFreshnessSensor,
+    resolve_segment,
+)
+from airflow_pg_incremental.triggers.wal import (
+    WalArchivedTrigger,
+    WalFreshnessTrigger,
+    check_freshness,
+    format_duration,
+)
+from tests.unit.fakes import new_repo
 
 SEG = 16 * 1024 * 1024
 ZEROS = bytes(SEG)
@@ -30,7 +42,7 @@ SEG3 = "000000010000000000000003"
 
 @pytest.fixture
 def repo(tmp_path):
-    return LocalRepository(tmp_path / "repo")
+    return new_repo(tmp_path / "repo")
 
 
 def push(repo, name, *, age_s: float | None = None):
