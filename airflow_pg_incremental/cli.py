@@ -323,9 +323,11 @@ def cmd_retention(args) -> int:
 
 
 def cmd_cleanup(args) -> int:
-    from .core.metadata import cleanup_incomplete
+    from .core.metadata import cleanup_incomplete, require_cluster
 
-    removed = cleanup_incomplete(_repo(args), args.cluster, older_than_s=args.older_than_hours * 3600,
+    repo = _repo(args)
+    require_cluster(repo, args.cluster)
+    removed = cleanup_incomplete(repo, args.cluster, older_than_s=args.older_than_hours * 3600,
                                  dry_run=args.dry_run)
     _print({"cluster": args.cluster, "dry_run": args.dry_run, "removed": removed}, True)
     return 0

@@ -160,8 +160,9 @@ def find_incomplete(repo: Repository, cluster: str) -> list[dict]:
 def cleanup_incomplete(repo: Repository, cluster: str, *, older_than_s: float = 6 * 3600,
                        dry_run: bool = False) -> list[str]:
     """Remove leftovers of interrupted backups. A backup still running (in-progress marker younger
-    than `older_than_s`) is left alone."""
-    require_cluster(repo, cluster)
+    than `older_than_s`) is left alone. (A cluster without anything yet has nothing to clean: the
+    preflight of its first backup calls this; the CLI checks the name.)"""
+    repo.identity()
     removed = []
     now = utcnow()
     for inc in find_incomplete(repo, cluster):

@@ -21,7 +21,7 @@ from .binaries import find_program
 from .codec import ObjectInfo, VerifyingReader
 from .errors import ConfigError, RestoreError, ServerError
 from .metadata import object_info, require_cluster, resolve_backup
-from .names import validate_cluster
+from .names import validate_backup_id, validate_cluster
 from .progress import CountingReader, Progress
 from .repository import Repository
 from .server import PgServer, chown_tree, ensure_traversable
@@ -121,6 +121,8 @@ def restore_backup(repo: Repository, cluster: str, backup_id: str | None, target
                    verify: bool = True, os_user: str | None = None, progress_interval: float = 10.0) -> dict:
     """Restore backup `backup_id` ('latest' for the newest) of `cluster` into `target_dir`."""
     validate_cluster(cluster)
+    if backup_id not in (None, "latest"):
+        validate_backup_id(backup_id)  # bad input is refused before any I/O
     require_cluster(repo, cluster)
     meta = resolve_backup(repo, cluster, backup_id)
     target = check_target_dir(target_dir)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from airflow_pg_incremental.core.repository import MARKER_KEY
+
 from airflow_pg_incremental.core.backup import take_full_backup
 from airflow_pg_incremental.core.errors import (
     BackupFailed,
@@ -101,7 +103,7 @@ def test_bad_names_rejected_before_any_io(pg, repo, scratch, bad):
         take_full_backup(pg.conninfo(), repo, bad)
     with pytest.raises(InvalidName):
         restore_backup(repo, "ok", bad, scratch / "x")
-    assert repo.list("") == []
+    assert repo.list("") == [MARKER_KEY]  # nothing but the repository's marker
     assert not (scratch / "x").exists()
 
 

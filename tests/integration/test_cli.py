@@ -20,6 +20,7 @@ def pgincr(*args, env=None):
 def test_backup_info_restore_with_check(pg, tmp_path, scratch):
     ci = pg.conninfo()
     repo = str(tmp_path / "repo")
+    assert pgincr("repo-create", "--repo", repo).returncode == 0
     r = pgincr("backup", "--repo", repo, "--cluster", "cli", "--host", ci.host, "--port", str(ci.port), "--user",
                ci.user, env={"PGPASSWORD": ci.password})
     assert r.returncode == 0, r.stderr
@@ -62,6 +63,7 @@ def test_verify_retention_and_info_with_catalog(pg, workdir):
 
     ci = pg.conninfo()
     repo = str(workdir / f"cli-repo-{uuid.uuid4().hex[:6]}")
+    assert pgincr("repo-create", "--repo", repo).returncode == 0
     env = {"PGPASSWORD": ci.password}
     conn = ["--host", ci.host, "--port", str(ci.port), "--user", ci.user, "--catalog-db", "pgincr_catalog",
             "--catalog-schema", "cli_" + uuid.uuid4().hex[:6]]

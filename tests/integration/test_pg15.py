@@ -83,7 +83,7 @@ def test_daily_dag_on_15_succeeds_and_says_why(airflow_clusters, pg15, workdir):
     cfg = json.loads(cfg_path.read_text())
     if not any(c["name"] == "it_pg15" for c in cfg["clusters"]):
         cfg["clusters"].append({"name": "it_pg15", "postgres_conn_id": "pgincr_it_pg15",
-                                "repository": str(workdir / "af-repo-15")})
+                                "repository": str(workdir / "af-repo-15"), "create_repository": True})
         cfg_path.write_text(json.dumps(cfg))
     os.environ["AIRFLOW_CONN_PGINCR_IT_PG15"] = conn_json(pg15.conninfo())
     dags = _dags()

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import created
+
 pytestmark = pytest.mark.integration
 
 SEG = 16 * 1024 * 1024
@@ -86,7 +88,8 @@ def wal_dags(airflow_db, tmp_path_factory):
     try:
         bag = DagBag(dag_folder=str(dags_dir / DAG_FILE))
         assert bag.import_errors == {}
-        yield {s["dag_id"]: (bag.get_dag(s["dag_id"]), LocalRepository(s["repository"]), s) for s in specs}
+        yield {s["dag_id"]: (bag.get_dag(s["dag_id"]), created(LocalRepository(s["repository"])), s)
+               for s in specs}
     finally:
         (dags_dir / DAG_FILE).unlink(missing_ok=True)
         (dags_dir / PARAMS_FILE).unlink(missing_ok=True)
