@@ -28,7 +28,7 @@ def _repo(args, must_exist: bool = True):
     url = args.repo or os.environ.get("PGINCR_REPO")
     if not url:
         raise PgIncrError("no repository: pass --repo DIR|s3://bucket/prefix or set PGINCR_REPO")
-    repo = open_repository(url)
+    repo = open_repository(url, origin="cli")
     if must_exist:
         repo.identity()
     return repo
@@ -65,7 +65,7 @@ def _conninfo(args, dbname_default="postgres"):
 
     return ConnInfo(host=args.host or os.environ.get("PGHOST"), port=int(args.port or os.environ.get("PGPORT") or 5432),
                     user=args.user or os.environ.get("PGUSER"), password=os.environ.get("PGPASSWORD"),
-                    dbname=args.dbname or os.environ.get("PGDATABASE") or dbname_default)
+                    dbname=args.dbname or os.environ.get("PGDATABASE") or dbname_default, origin="cli")
 
 
 def _catalog(args):
@@ -76,7 +76,7 @@ def _catalog(args):
 
     base = _conninfo(args)
     return Catalog(ConnInfo(host=base.host, port=base.port, user=base.user, password=base.password,
-                            dbname=args.catalog_db), schema=args.catalog_schema)
+                            dbname=args.catalog_db, origin="cli"), schema=args.catalog_schema)
 
 
 def _jsonable(row):
@@ -93,24 +93,49 @@ def _print(obj, as_json: bool) -> None:
         print(obj if isinstance(obj, str) else json.dumps(obj, indent=2, default=str))
 
 
+def _emit(args, data: dict, lines: list[str]) -> None:
+    """JSON with --json, else the short human summary."""
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        print("\n".join(line for line in lines if line is not None))
+
+
 def cmd_backup(args) -> int:
     from .core.backup import summary, take_full_backup
+    from .core.preflight import ensure_wal_archiving
+    from .core.progress import human_bytes
 
+    conn, repo = _conninfo(args), _repo(args)
+    # the backup's WAL must reach the repository, or the backup is no use for point-in-time recovery
+    wal = ensure_wal_archiving(conn, repo, args.cluster, args.wal_mode, slot=args.slot)
     kw = {"compression_level": args.level, "threads": args.threads, "catalog": _catalog(args)}
     if args.kind == "full":
-        meta = take_full_backup(_conninfo(args), _repo(args), args.cluster, **kw)
+        meta = take_full_backup(conn, repo, args.cluster, **kw)
     else:
         from .core.incremental import take_planned_backup
 
-        meta = take_planned_backup(_conninfo(args), _repo(args), args.cluster, kind=args.kind,
-                                   max_chain_length=args.max_chain, **kw)
+        meta = take_planned_backup(conn, repo, args.cluster, kind=args.kind, max_chain_length=args.max_chain, **kw)
         if meta["kind"] == "none":
-            _print({"cluster": args.cluster, "kind": "none", "reason": meta["reason"]}, True)
+            _emit(args, {"cluster": args.cluster, "kind": "none", "reason": meta["reason"]},
+                  [f"no backup taken: {meta['reason']}"])
             return 0
     out = summary(meta)
     if meta.get("plan"):
         out["plan"] = meta["plan"]
-    _print(out, True)
+    out["wal_archiving"] = {k: wal.get(k) for k in ("mode", "slot", "warnings")}
+    reason = (meta.get("plan") or {}).get("reason")
+    nxt = {"pull": f"WAL: replication slot {wal['slot']} holds it on the server until `pgincr capture --cluster "
+                   f"{args.cluster}` stores it: capture regularly",
+           "push": "WAL: archive_command pushes it", "none": "WAL: not archived (--wal-mode none): no point-in-time "
+                                                             "recovery from this backup"}[wal["mode"]]
+    _emit(args, out, [
+        f"{out['kind']} backup {out['backup_id']} of {args.cluster} complete: {human_bytes(out['raw_bytes'] or 0)} "
+        f"read, {human_bytes(out['stored_bytes'] or 0)} stored in {out['duration_s']:.1f} s",
+        f"  LSN {out['start_lsn']} .. {out['stop_lsn']}, timeline {out['timeline']}, PostgreSQL {out['pg_major']}"
+        + (f", on top of {out['parent_id']}" if out.get("parent_id") else ""),
+        f"  a full was taken instead of {args.kind}: {reason}" if reason else None,
+        f"  {nxt}", *[f"  WARNING: {w}" for w in wal["warnings"]]])
     return 0
 
 
@@ -217,25 +242,56 @@ def cmd_restore(args) -> int:
         rep = restore_pitr(_repo(args), args.cluster, target, args.target_dir,
                            backup_id=None if args.backup_id == "latest" else args.backup_id, os_user=os_user,
                            port=args.port, verify=not args.no_verify, keep_running=args.start,
-                           checks=args.check, timeout_s=args.timeout)
+                           checks=args.check, timeout_s=args.timeout, **_keep_failed(args))
         rep.pop("server", None)
-        _print(rep, True)
-        return 3 if any(not c["ok"] for c in rep.get("checks", [])) else 0
-    result = restore_backup(_repo(args), args.cluster, args.backup_id, args.target_dir, verify=not args.no_verify,
-                            os_user=os_user)
-    if args.start or args.check:
-        srv = start_restored(args.target_dir, result["pg_major"], port=args.port, os_user=os_user)
-        try:
-            result["checks"] = run_checks(srv, args.check or ["SELECT 1"], user=result["bootstrap_superuser"])
-            result["server"] = {"port": srv.port, "socket_dir": str(srv.socket_dir)}
-        finally:
-            if not args.start:
-                srv.stop()
-        if not all(c["ok"] for c in result["checks"]):
-            _print(result, True)
-            return 3
-    _print(result, True)
+    else:
+        rep = restore_backup(_repo(args), args.cluster, args.backup_id, args.target_dir, verify=not args.no_verify,
+                             os_user=os_user)
+        if args.start or args.check:
+            srv = start_restored(args.target_dir, rep["pg_major"], port=args.port, os_user=os_user)
+            try:
+                rep["checks"] = run_checks(srv, args.check or ["SELECT 1"], user=rep["bootstrap_superuser"])
+                rep.update(server_running=bool(args.start), port=srv.port, socket_dir=str(srv.socket_dir))
+            finally:
+                if not args.start:
+                    srv.stop()
+    _emit(args, rep, _restore_lines(rep, target))
+    failed = [c for c in rep.get("checks", []) if not c["ok"]]
+    if failed:
+        print(f"pgincr: {len(failed)} check(s) failed on the restored copy (exit 3): "
+              + "; ".join(f"{c['sql']}: {c.get('error')}" for c in failed), file=sys.stderr)
+        return 3
     return 0
+
+
+def _keep_failed(args) -> dict:
+    import inspect
+
+    from .core.pitr import restore_pitr
+
+    if "keep_failed" in inspect.signature(restore_pitr).parameters:
+        return {"keep_failed": bool(args.keep_failed)}
+    return {}
+
+
+def _restore_lines(rep: dict, target) -> list[str]:
+    chain = rep.get("chain") or [rep.get("backup_id")]
+    lines = [f"restored {' + '.join(chain)} of {rep['cluster']} into {rep['target_dir']}"
+             + (f" in {rep.get('restore_seconds'):.1f} s" if rep.get("restore_seconds") is not None else "")]
+    if target is not None:
+        lines.append(f"  recovery to {target.kind} {target.value or ''}: {rep.get('state')}, "
+                     f"{rep.get('stopped_at') or 'at the end of the archive'}; reached LSN {rep.get('reached_lsn')}"
+                     + (f", last commit {rep['last_replayed_commit_time']}" if rep.get("last_replayed_commit_time")
+                        else ""))
+    for c in rep.get("checks", []):
+        lines.append(f"  check {'ok    ' if c['ok'] else 'FAILED'} {c['sql']}: "
+                     + (", ".join(" ".join(r) for r in c.get("rows", [])[:3]) if c["ok"] else str(c.get("error"))))
+    if rep.get("server_running"):
+        lines.append(f"  server running on socket {rep.get('socket_dir')} port {rep.get('port')} (archive_mode=off); "
+                     f"stop it with pg_ctl -D {rep['target_dir']} stop")
+    else:
+        lines.append(f"  the copy is stopped (archive_mode=off); start it with pg_ctl -D {rep['target_dir']} start")
+    return lines
 
 
 def cmd_wal_push(args) -> int:
@@ -257,9 +313,19 @@ def cmd_wal_commands(args) -> int:
     from .core.names import validate_cluster
 
     validate_cluster(args.cluster)
-    repo = args.repo or os.environ.get("PGINCR_REPO")
-    if not repo:
-        raise PgIncrError("--repo is required")
+    repo = _repo(args).url  # the repository must exist: archive_command refuses to create one
+    if args.env_file:
+        import stat
+
+        try:
+            mode = stat.S_IMODE(os.stat(args.env_file).st_mode)
+        except OSError as e:
+            raise PgIncrError(f"env file {args.env_file}: {e.strerror}; create it (KEY=VALUE lines: AWS_ACCESS_KEY_ID, "
+                              "AWS_SECRET_ACCESS_KEY, PGINCR_S3_ENDPOINT_URL), owned by the server's OS user, mode "
+                              "0600") from None
+        if mode & 0o077:
+            raise PgIncrError(f"env file {args.env_file} holds credentials but group or others can access it (mode "
+                              f"{mode:04o}): run `chmod 600 {args.env_file}` (walcmd refuses it otherwise)")
     env = f" --env-file {args.env_file}" if args.env_file else ""
     base = f"{sys.executable} -S {walcmd.__file__}"
     print(f"archive_mode = on\narchive_command = '{base} push --repo {repo} --cluster {args.cluster}{env} %p'")
@@ -269,18 +335,29 @@ def cmd_wal_commands(args) -> int:
 
 
 def cmd_capture(args) -> int:
-    from .core.capture import capture_wal_pull
+    from .core.capture import capture_wal_pull, describe_slot_advice
+    from .core.progress import human_bytes
 
-    _print(capture_wal_pull(_conninfo(args), _repo(args), args.cluster, slot=args.slot, upto_lsn=args.upto_lsn,
-                            catalog=_catalog(args)), True)
+    r = capture_wal_pull(_conninfo(args), _repo(args), args.cluster, slot=args.slot, upto_lsn=args.upto_lsn,
+                         catalog=_catalog(args), max_retained_bytes=int(args.max_slot_retained_gb * (1 << 30)))
+    _emit(args, r, [
+        f"captured {r['segments']} segment(s) of {args.cluster} ({human_bytes(r['raw_bytes'])} raw, "
+        f"{human_bytes(r['stored_bytes'])} stored)" + (f": {r['first_segment']} .. {r['last_segment']}"
+                                                      if r["segments"] else ": nothing new")
+        + f"; the archive now ends at {r['end_lsn']}",
+        f"  slot {r['slot']}: held {human_bytes(r.get('slot_retained_before_bytes') or 0)} before, "
+        f"{human_bytes(r.get('slot_retained_bytes') or 0)} now; {describe_slot_advice(r.get('slot_advice') or {})}"])
     return 0
 
 
 def cmd_switch(args) -> int:
     from .core.capture import switch_wal
 
-    _print(switch_wal(_conninfo(args), restore_point=args.restore_point,
-                      repo=_repo(args) if args.restore_point else None, cluster=args.cluster), True)
+    r = switch_wal(_conninfo(args), restore_point=args.restore_point,
+                   repo=_repo(args) if args.restore_point else None, cluster=args.cluster)
+    _emit(args, r, [(f"restore point {r['restore_point']!r} at {r['restore_point_lsn']}; " if r.get("restore_point")
+                     else "") + f"switched WAL at {r['lsn']}: segment {r['segment']} (timeline {r['timeline']}) is "
+                    "complete and can be archived"])
     return 0
 
 
@@ -288,7 +365,16 @@ def cmd_check_wal(args) -> int:
     from .core.capture import check_continuity
 
     rep = check_continuity(_repo(args), args.cluster, catalog=_catalog(args), fail_on_gap=False)
-    _print(rep, True)
+    lines = [f"WAL archive of {args.cluster}: {'continuous' if rep['ok'] else 'NOT usable'}"
+             + (f" from the oldest backup {rep['oldest_backup']}" if rep.get("oldest_backup") else "")]
+    for tl, v in sorted(rep["timelines"].items()):
+        lines.append(f"  timeline {int(tl)}: {v['count']} segment(s) {v['first']} .. {v['last']}"
+                     + (f", {v['missing_count']} missing" if v["missing_count"] else ""))
+    lines += [f"  PROBLEM: {p}" for p in rep.get("problems", [])]
+    if rep.get("gaps_before_newest_backup"):
+        lines.append(f"  note: {len(rep['gaps_before_newest_backup'])} segment(s) missing before the newest backup "
+                     "(older points in time cannot be restored; recovery from the newest backup on is unaffected)")
+    _emit(args, rep, lines)
     return 0 if rep["ok"] else 4
 
 
@@ -297,39 +383,49 @@ def cmd_verify(args) -> int:
 
     rep = verify_backup(_repo(args), args.cluster, None if args.all else args.backup_id, catalog=_catalog(args),
                         chain=not args.no_chain, check_wal=not args.no_wal, only_unverified=not args.again)
-    _print(rep, True)
+    ok, bad = rep["verified"], sorted({f["backup_id"] for f in rep["failed"]})
+    lines = [f"verification of {args.cluster}: {len(ok)} backup(s) OK, {len(bad)} FAILED in {rep['duration_s']:.1f} s"
+             + (f"; {len(rep['skipped'])} verified before, skipped (--again re-checks them)" if rep["skipped"] else "")]
+    lines += [f"  ok      {b}" for b in ok]
+    lines += [f"  FAILED  {f['backup_id']}: {f['check']}: {f['message']}" for f in rep["failed"]]
+    lines += [f"  WARNING: the result of {e} could not be recorded in the catalog" for e in rep.get("catalog_errors", [])]
+    _emit(args, rep, lines)
     return 5 if rep.get("failed") else 0
 
 
 def cmd_retention(args) -> int:
-    from .core.retention import (
-        RetentionPolicy,
-        apply_retention,
-        format_plan,
-        plan_retention,
-        summary,
-    )
+    from .core.retention import RetentionPolicy, apply_retention, format_plan, plan_retention, summary
 
     policy = RetentionPolicy(keep_full_chains=args.keep_full_chains, recovery_window_days=args.window_days,
                              min_redundancy=args.min_redundancy, pinned=args.pin or [])
     repo = _repo(args)
     plan = plan_retention(repo, args.cluster, policy)
-    print(format_plan(plan), file=sys.stderr)
     if not args.apply:
-        _print(summary(plan) | {"dry_run": True}, True)
+        _emit(args, summary(plan) | {"dry_run": True}, [format_plan(plan), "dry run: nothing deleted (--apply deletes)"])
         return 0
-    _print(summary(apply_retention(repo, args.cluster, plan, catalog=_catalog(args))), True)
+    res = summary(apply_retention(repo, args.cluster, plan, catalog=_catalog(args)))
+    _emit(args, res, [format_plan(plan), f"applied: {len(res['delete_backups'])} backup(s), {res['wal_files']} WAL "
+                                         f"file(s), {res['other_objects']} other object(s) deleted"])
     return 0
 
 
 def cmd_cleanup(args) -> int:
-    from .core.metadata import cleanup_incomplete, require_cluster
+    from .core.metadata import cleanup_abandoned_writes, cleanup_incomplete, require_cluster
+    from .core.progress import human_bytes
 
     repo = _repo(args)
     require_cluster(repo, args.cluster)
-    removed = cleanup_incomplete(repo, args.cluster, older_than_s=args.older_than_hours * 3600,
-                                 dry_run=args.dry_run)
-    _print({"cluster": args.cluster, "dry_run": args.dry_run, "removed": removed}, True)
+    age = args.older_than_hours * 3600
+    removed = cleanup_incomplete(repo, args.cluster, older_than_s=age, dry_run=args.dry_run)
+    writes = cleanup_abandoned_writes(repo, args.cluster, older_than_s=age, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    _emit(args, {"cluster": args.cluster, "dry_run": args.dry_run, "removed": removed,
+                 "unfinished_writes": [{k: w[k] for k in ("key", "kind", "age_s", "bytes")} for w in writes]},
+          [f"{verb} the leftovers of {len(removed)} interrupted backup(s)" + (f": {', '.join(removed)}" if removed
+                                                                             else ""),
+           f"{verb} {len(writes)} unfinished write(s) (temp files, multipart uploads) older than "
+           f"{args.older_than_hours:g} h" + (": " + ", ".join(f"{w['key']} ({human_bytes(w['bytes'] or 0)})"
+                                                            for w in writes[:5]) if writes else "")])
     return 0
 
 
@@ -347,8 +443,20 @@ def cmd_demo(args) -> int:
     return run_demo(s3=args.s3, scale=args.scale, keep=args.keep, workdir=args.workdir, use_airflow=not args.no_airflow)
 
 
+EXIT_CODES = """exit codes:
+  0    success
+  2    refused or failed: the message on stderr says why and what to fix (nothing was changed when refused)
+  3    restore --check: a check query failed on the restored copy
+  4    check-wal: the WAL archive is not usable (a gap, missing history, a backup's WAL missing)
+  5    verify: a backup failed a check
+  130  interrupted (Ctrl-C)
+  wal-push: 0 stored, 1 not stored (PostgreSQL retries); wal-fetch: 0 restored, 1 not in the archive, 126 any
+  other failure (recovery stops instead of ending early)"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pgincr", description="PostgreSQL incremental-forever backups (airflow-pg-incremental)")
+    p = argparse.ArgumentParser(prog="pgincr", description="PostgreSQL incremental-forever backups (airflow-pg-incremental)",
+                                epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -381,6 +489,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="incremental/differential need PostgreSQL 17+ and summarize_wal; a full is taken (and the "
                          "reason printed) when not possible")
     sp.add_argument("--max-chain", type=int, default=14, help="take a full once the chain is this long")
+    sp.add_argument("--wal-mode", choices=("auto", "pull", "push", "none"), default="auto",
+                    help="how the backup's WAL reaches the repository: pull (replication slot, created before the "
+                         "backup if missing; then run `pgincr capture`), push (archive_command), none (no PITR from "
+                         "this backup); auto (default): pull when the slot exists, push when archive_command pushes "
+                         "here, else refused")
+    sp.add_argument("--slot", help="replication slot of pull mode (default pgincr_<cluster>)")
+    sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_backup)
 
     sp = sub.add_parser("info", help="backups, chains, WAL window, last verification and restore test")
@@ -407,6 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--action", choices=("promote", "pause", "shutdown"), default="promote",
                     help="what the server does at the target (default promote)")
     sp.add_argument("--timeout", type=float, default=3600, help="seconds to wait for recovery to reach the target")
+    sp.add_argument("--keep-failed", action="store_true",
+                    help="keep what a failed point-in-time restore wrote (for debugging); by default it is removed")
+    sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_restore)
 
     sp = sub.add_parser("wal-push", help="archive_command: store one WAL file (see walcmd for the fast form)")
@@ -432,17 +550,23 @@ def build_parser() -> argparse.ArgumentParser:
     conn_args(sp)
     sp.add_argument("--slot")
     sp.add_argument("--upto-lsn")
+    sp.add_argument("--max-slot-retained-gb", type=float, default=8.0,
+                    help="fail (exit 2, after capturing) when the slot held more WAL than this before the capture: "
+                         "captures are too far apart for the WAL rate (default 8)")
+    sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_capture)
 
     sp = sub.add_parser("switch", help="pg_switch_wal(), optionally after a named restore point")
     repo_args(sp)
     conn_args(sp)
     sp.add_argument("--restore-point")
+    sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_switch)
 
     sp = sub.add_parser("check-wal", help="continuity of the WAL archive (exit 4 on a gap)")
     repo_args(sp)
     conn_args(sp)
+    sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_check_wal)
 
     sp = sub.add_parser("verify", help="re-read and check backups (checksums, pg_verifybackup, WAL); exit 5 on failure")
@@ -453,6 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--again", action="store_true", help="also backups verified before")
     sp.add_argument("--no-chain", action="store_true")
     sp.add_argument("--no-wal", action="store_true")
+    sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_verify)
 
     sp = sub.add_parser("retention", help="plan (--dry-run, default) or --apply a retention policy")
@@ -465,12 +590,15 @@ def build_parser() -> argparse.ArgumentParser:
     g = sp.add_mutually_exclusive_group()
     g.add_argument("--dry-run", action="store_true", help="print the plan only (the default)")
     g.add_argument("--apply", action="store_true", help="delete what the plan says")
+    sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_retention)
 
-    sp = sub.add_parser("cleanup", help="remove leftovers of interrupted backups")
+    sp = sub.add_parser("cleanup", help="remove leftovers of interrupted backups and unfinished writes (temp files, "
+                                        "S3 multipart uploads)")
     repo_args(sp)
     sp.add_argument("--older-than-hours", type=float, default=6.0)
     sp.add_argument("--dry-run", action="store_true")
+    sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_cleanup)
 
     sp = sub.add_parser("catalog-rebuild", help="rebuild the catalog tables from the repository alone")

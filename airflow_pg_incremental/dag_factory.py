@@ -267,7 +267,8 @@ removed) â†’ full backup (pg_basebackup streamed through zstd; metadata written 
         common = cl.engine_kwargs()
         pre = PgBackupPreflightOperator(task_id="preflight", cleanup_after_s=cl.cleanup_after_hours * 3600,
                                         wal_mode=cl.wal_mode, slot_name=cl.slot_name,
-                                        create_repository=cl.create_repository, **common)
+                                        create_repository=cl.create_repository,
+                                        max_slot_retained_bytes=int(cl.max_slot_retained_gb * (1 << 30)), **common)
         full = PgBaseBackupOperator(task_id="full_backup", compression_level=cl.compression_level,
                                     compression_threads=cl.compression_threads, **common)
         # a backup counts as complete only once the WAL that makes it consistent is archived
@@ -301,7 +302,8 @@ archive is the incremental** (the task logs so and succeeds). Then wal_switch â†
         common = cl.engine_kwargs()
         pre = PgBackupPreflightOperator(task_id="preflight", cleanup_after_s=cl.cleanup_after_hours * 3600,
                                         wal_mode=cl.wal_mode, slot_name=cl.slot_name,
-                                        create_repository=cl.create_repository, **common)
+                                        create_repository=cl.create_repository,
+                                        max_slot_retained_bytes=int(cl.max_slot_retained_gb * (1 << 30)), **common)
         incr = PgIncrementalBackupOperator(task_id="incremental_backup", incremental_kind=cl.incremental_kind,
                                            max_chain_length=cl.max_chain_length,
                                            compression_level=cl.compression_level,

@@ -50,9 +50,40 @@ NOT_FOUND = 1
 HARD_FAIL = 126
 
 
+class EnvFileError(Exception):
+    """The --env-file cannot be used (missing, or readable by others: it holds credentials)."""
+
+
+def check_env_file(path: str) -> os.stat_result:
+    """Like libpq with a .pgpass file: a file of credentials that group or others can read is
+    refused, with the chmod that fixes it. Returns its stat."""
+    import stat as _stat
+
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise EnvFileError(f"env file {path}: {e.strerror}; create it (KEY=VALUE lines, mode 0600)") from None
+    if not _stat.S_ISREG(st.st_mode):
+        raise EnvFileError(f"env file {path} is not a regular file")
+    if st.st_mode & 0o077:
+        raise EnvFileError(f"env file {path} holds credentials but group or others can access it (mode "
+                           f"{_stat.S_IMODE(st.st_mode):04o}): run `chmod 600 {path}` (it must belong to the user "
+                           "running this command)")
+    if st.st_uid != os.geteuid() and os.geteuid() != 0:
+        import pwd
+
+        try:
+            owner = pwd.getpwuid(st.st_uid).pw_name
+        except KeyError:
+            owner = str(st.st_uid)
+        raise EnvFileError(f"env file {path} belongs to {owner}, not to the user running this command: chown it")
+    return st
+
+
 def _load_env_file(path: str | None) -> None:
     if not path:
         return
+    check_env_file(path)
     with open(path) as f:
         for line in f:
             line = line.strip()
@@ -67,7 +98,7 @@ def _repo(url: str, *, check: bool = True):
     _enable_site()
     from airflow_pg_incremental.core.repository import open_repository
 
-    repo = open_repository(url)
+    repo = open_repository(url, origin="cli")
     if check:
         repo.identity()
     return repo
@@ -331,7 +362,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     fa = _fast_args(argv)
     if fa is not None:
-        _load_env_file(fa.get("env_file"))
+        try:
+            _load_env_file(fa.get("env_file"))
+        except EnvFileError as e:
+            sys.stderr.write(f"pgincr wal-push: {e}\n")
+            return 1
         repo = fa.get("repo") or os.environ.get("PGINCR_REPO")
         cluster = fa.get("cluster") or os.environ.get("PGINCR_CLUSTER")
         if repo and cluster:
@@ -361,7 +396,11 @@ def main(argv: list[str] | None = None) -> int:
             sp.add_argument("name", help="%%f")
             sp.add_argument("dest", help="%%p")
     a = ap.parse_args(argv)
-    _load_env_file(a.env_file)
+    try:
+        _load_env_file(a.env_file)
+    except EnvFileError as e:
+        sys.stderr.write(f"pgincr wal-{a.cmd}: {e}\n")
+        return HARD_FAIL if a.cmd == "fetch" else 1
     if not a.repo or not a.cluster:
         sys.stderr.write("pgincr wal: --repo and --cluster are required (or PGINCR_REPO / PGINCR_CLUSTER)\n")
         return HARD_FAIL if a.cmd == "fetch" else 1

@@ -18,7 +18,7 @@ from .binaries import find_program, major_from_version_num
 from .codec import CompressingReader, PipeReader
 from .errors import BackupFailed, ConfigError, PgIncrError, ServerError
 from .lsn import DEFAULT_SEGMENT_SIZE, parse_lsn, wal_file_name, wal_file_name_ending
-from .metadata import (INPROGRESS_NAME, backup_prefix, iso, new_backup_id, utcnow, write_meta)
+from .metadata import INPROGRESS_NAME, backup_prefix, claim_backup_id, iso, utcnow, write_meta
 from .names import validate_cluster
 from .pgconn import ConnInfo, classify_connect_error, connect
 from .progress import Progress, human_bytes
@@ -138,13 +138,11 @@ def take_backup(conn: ConnInfo, repo: Repository, cluster: str, *, kind: str = "
     if parent is not None and facts["major"] < 17:
         raise ConfigError(f"block-level incremental backups need PostgreSQL 17+; the server runs {facts['major']}. "
                           "Take full backups; the WAL archive carries the changes in between")
-    backup_id = new_backup_id(repo, cluster, kind, started)
+    backup_id = claim_backup_id(repo, cluster, kind, {"kind": kind, "started_at": iso(started),
+                                                      "host": socket.gethostname(), "pid": os.getpid()}, started)
     prefix = backup_prefix(cluster, backup_id)
     log.info("%s backup %s of %s (PostgreSQL %s) into %s/%s%s", kind, backup_id, conn.describe(), facts["major"],
              repo.url, prefix, f" on top of {parent['backup_id']}" if parent else "")
-    repo.put_bytes(f"{prefix}/{INPROGRESS_NAME}", json.dumps(
-        {"backup_id": backup_id, "kind": kind, "started_at": iso(started), "host": socket.gethostname(),
-         "pid": os.getpid()}).encode())
     meta = {
         "format": 1, "cluster": cluster, "backup_id": backup_id, "kind": kind,
         "parent_id": parent["backup_id"] if parent else None,

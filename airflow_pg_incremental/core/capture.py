@@ -20,7 +20,7 @@ import tempfile
 import time
 
 from .binaries import find_program, major_from_version_num
-from .errors import ConfigError, ServerError, WalCaptureError
+from .errors import ConfigError, ServerError, SlotRetentionExceeded, WalCaptureError
 from .lsn import format_lsn, parse_lsn, segment_name, segno_of
 from .names import validate_cluster
 from .pgconn import ConnInfo, classify_connect_error, connect
@@ -65,6 +65,64 @@ def ensure_slot(conn: ConnInfo, slot: str) -> dict:
         if created:
             log.info("created physical replication slot %s (restart_lsn %s)", slot, row[1])
         return {"slot": slot, "restart_lsn": row[1], "active": row[2], "created": created}
+
+
+def slot_health(conn: ConnInfo, slot: str | None) -> dict:
+    """What keeps a replication slot from filling the primary's disk: max_slot_wal_keep_size (None
+    when unset: the slot may retain WAL without limit), the slot's wal_status and how much WAL it
+    retains now, and the cluster's average WAL rate since its statistics were reset (pg_stat_wal)."""
+    with connect(conn) as c, c.cursor() as cur:
+        cur.execute("""SELECT (SELECT setting::bigint FROM pg_settings WHERE name = 'max_slot_wal_keep_size'),
+                              (SELECT wal_bytes::bigint FROM pg_stat_wal),
+                              (SELECT extract(epoch FROM now() - stats_reset)::float8 FROM pg_stat_wal)""")
+        keep_mb, wal_bytes, since = cur.fetchone()
+        row = None
+        if slot:
+            cur.execute("""SELECT wal_status, safe_wal_size,
+                                  pg_wal_lsn_diff(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn()
+                                                       ELSE pg_current_wal_flush_lsn() END, restart_lsn)::bigint
+                           FROM pg_replication_slots WHERE slot_name = %s""", (slot,))
+            row = cur.fetchone()
+    out = {"max_slot_wal_keep_size_bytes": None if keep_mb is None or keep_mb < 0 else int(keep_mb) << 20,
+           "avg_wal_rate_bytes_per_s": round(wal_bytes / since, 1) if wal_bytes and since and since > 60 else None,
+           "slot": slot, "wal_status": row[0] if row else None, "safe_wal_size": row[1] if row else None,
+           "retained_bytes": int(row[2] or 0) if row else None}
+    return out
+
+
+def slot_advice(health: dict, max_retained_bytes: int, interval_rate: float | None = None) -> dict:
+    """The capture cadence this cluster's WAL rate needs so that the slot never holds more than
+    `max_retained_bytes` (nor reaches max_slot_wal_keep_size, which would invalidate it): the time
+    the server takes to write that much WAL at the higher of its long-term average rate and the
+    rate measured over the last interval between captures. Capture at most every half of it."""
+    bound = max_retained_bytes
+    if health.get("max_slot_wal_keep_size_bytes"):
+        bound = min(bound, health["max_slot_wal_keep_size_bytes"])
+    rates = [r for r in (health.get("avg_wal_rate_bytes_per_s"), interval_rate) if r]
+    rate = max(rates) if rates else None
+    fill_s = bound / rate if rate else None
+    return {"bound_bytes": bound, "wal_rate_bytes_per_s": round(rate, 1) if rate else None,
+            "interval_wal_rate_bytes_per_s": round(interval_rate, 1) if interval_rate else None,
+            "fills_bound_in_s": round(fill_s) if fill_s else None,
+            "capture_every_s": round(fill_s / 2) if fill_s else None}
+
+
+def describe_slot_advice(advice: dict) -> str:
+    if not advice.get("wal_rate_bytes_per_s"):
+        return "the WAL rate is not known yet"
+    return (f"at {human_bytes(advice['wal_rate_bytes_per_s'])}/s of WAL the slot reaches "
+            f"{human_bytes(advice['bound_bytes'])} in {_duration(advice['fills_bound_in_s'])}: capture at least every "
+            f"{_duration(advice['capture_every_s'])}")
+
+
+def _duration(s: float | None) -> str:
+    if s is None:
+        return "?"
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7200:
+        return f"{s / 60:.0f} min"
+    return f"{s / 3600:.1f} h"
 
 
 def _server_positions(conn: ConnInfo) -> dict:
@@ -174,6 +232,7 @@ def capture_wal_pull(conn: ConnInfo, repo: Repository, cluster: str, *, slot: st
     slot_info = ensure_slot(conn, slot)
     receivewal = find_program("pg_receivewal", pos["major"])
     repo.check_writable()
+    health = slot_health(conn, slot)
 
     archived = list_segments(repo, cluster)
     if archived:
@@ -196,6 +255,7 @@ def capture_wal_pull(conn: ConnInfo, repo: Repository, cluster: str, *, slot: st
     else:
         target = (target // seg) * seg
     start_lsn = start_segno * seg
+    interval_rate = _interval_rate(repo, cluster, archived, start_tli, start_segno, seg, flush)
     result = {"cluster": cluster, "slot": slot, "slot_created": slot_info["created"], "segments": 0,
               "history_files": 0, "raw_bytes": 0, "stored_bytes": 0, "first_segment": None, "last_segment": None,
               "start_lsn": format_lsn(start_lsn), "end_lsn": format_lsn(max(target, start_lsn)),
@@ -203,7 +263,8 @@ def capture_wal_pull(conn: ConnInfo, repo: Repository, cluster: str, *, slot: st
     if target <= start_lsn:
         log.info("nothing to capture: the archive already ends at %s (server flushed %s)", format_lsn(start_lsn),
                  format_lsn(flush))
-        _finish(conn, slot, start_lsn, flush, result, max_retained_bytes)
+        _finish(conn, slot, start_lsn, flush, result, max_retained_bytes, health, interval_rate)
+        _enforce_slot_bound(result, health, max_retained_bytes)
         return result
 
     staging = tempfile.mkdtemp(prefix=f"pgincr-recv-{cluster}-", dir=staging_parent)
@@ -271,14 +332,52 @@ def capture_wal_pull(conn: ConnInfo, repo: Repository, cluster: str, *, slot: st
                               f"not advanced. pg_receivewal said: {result.get('_receivewal_log', '')}")
     result.pop("_receivewal_log", None)
     result["duration_s"] = round(time.monotonic() - t0, 3)
-    _finish(conn, slot, target, flush, result, max_retained_bytes)
+    _finish(conn, slot, target, flush, result, max_retained_bytes, health, interval_rate)
     if catalog is not None and result["segments"]:
         catalog.record_wal(cluster, result.pop("_stored", []), method="pull")
     result.pop("_stored", None)
     log.info("captured %d segment(s) (%s raw, %s stored) and %d history file(s) in %.1f s; lag %s",
              result["segments"], human_bytes(result["raw_bytes"]), human_bytes(result["stored_bytes"]),
              result["history_files"], result.get("duration_s", 0), human_bytes(result["lag_bytes"]))
+    _enforce_slot_bound(result, health, max_retained_bytes)
     return result
+
+
+def _interval_rate(repo, cluster, archived, tli, start_segno, seg, flush) -> float | None:
+    """WAL rate since the previous capture: the WAL the server wrote after the archive's end, over
+    the time since the archive's newest segment was stored (None when too recent to tell)."""
+    if start_segno < 1 or segment_name(tli, start_segno - 1, seg) not in set(archived.get(tli, [])):
+        return None
+    try:
+        from .metadata import utcnow
+        from .wal import wal_key
+
+        elapsed = (utcnow() - repo.modified(wal_key(cluster, segment_name(tli, start_segno - 1, seg)))).total_seconds()
+    except Exception:
+        return None
+    written = flush - start_segno * seg
+    return written / elapsed if elapsed >= 60 and written > 0 else None
+
+
+def _enforce_slot_bound(result: dict, health: dict, max_retained_bytes: int) -> None:
+    """Fail (after the capture itself succeeded and the slot was advanced) when the slot held more
+    WAL before this capture than the bound: the primary's pg_wal grew that much between captures.
+    An alert, not a log line: the slot must never be the reason a primary stops."""
+    before = health.get("retained_bytes") or 0
+    if before <= max_retained_bytes:
+        return
+    advice = result.get("slot_advice") or {}
+    keep = health.get("max_slot_wal_keep_size_bytes")
+    raise SlotRetentionExceeded(
+        f"replication slot {result['slot']} held {human_bytes(before)} of WAL on the server before this capture, "
+        f"more than the bound of {human_bytes(max_retained_bytes)} (max_slot_retained_gb): captures are too far "
+        f"apart, or were failing, for this cluster's WAL rate, and the primary's pg_wal grew that much. This capture "
+        f"succeeded (the slot now holds {human_bytes(result.get('slot_retained_bytes') or 0)}). Fix: "
+        f"{describe_slot_advice(advice)} (the hourly_wal schedule), or raise max_slot_retained_gb if the server's "
+        "disk allows; "
+        + (f"max_slot_wal_keep_size ({human_bytes(keep)}) invalidates the slot beyond that (the archive then has a "
+           "gap and needs a new full backup)" if keep else
+           "and set max_slot_wal_keep_size on the server (it is unset: nothing limits what the slot retains)"))
 
 
 def _upload_ready(repo, cluster, staging, uploaded, result, level, seg) -> None:
@@ -305,7 +404,7 @@ def _upload_ready(repo, cluster, staging, uploaded, result, level, seg) -> None:
             result["history_files"] += 1
 
 
-def _finish(conn, slot, advance_to, flush, result, max_retained_bytes) -> None:
+def _finish(conn, slot, advance_to, flush, result, max_retained_bytes, health, interval_rate) -> None:
     with connect(conn) as c, c.cursor() as cur:
         cur.execute("SELECT restart_lsn FROM pg_replication_slots WHERE slot_name = %s", (slot,))
         current = cur.fetchone()[0]
@@ -320,10 +419,18 @@ def _finish(conn, slot, advance_to, flush, result, max_retained_bytes) -> None:
     result["slot_restart_lsn"] = restart
     result["slot_retained_bytes"] = int(retained or 0)
     result["lag_bytes"] = max(0, flush - parse_lsn(result["end_lsn"]))
+    result["slot_retained_before_bytes"] = health.get("retained_bytes")
+    result["max_slot_wal_keep_size_bytes"] = health.get("max_slot_wal_keep_size_bytes")
+    result["slot_advice"] = advice = slot_advice(health, max_retained_bytes, interval_rate)
+    log.info("replication slot %s: held %s before this capture, %s now (bound %s%s); %s", slot,
+             human_bytes(health.get("retained_bytes") or 0), human_bytes(result["slot_retained_bytes"]),
+             human_bytes(max_retained_bytes),
+             "" if health.get("max_slot_wal_keep_size_bytes") else "; max_slot_wal_keep_size unset",
+             describe_slot_advice(advice))
     if result["slot_retained_bytes"] > max_retained_bytes:
-        log.warning("WARNING: replication slot %s retains %s of WAL on the server (limit %s): captures are "
-                    "falling behind or failing; the server's disk fills up if this goes on",
-                    slot, human_bytes(result["slot_retained_bytes"]), human_bytes(max_retained_bytes))
+        log.warning("WARNING: replication slot %s still retains %s of WAL on the server after the capture (bound "
+                    "%s): the server writes WAL faster than it can be captured", slot,
+                    human_bytes(result["slot_retained_bytes"]), human_bytes(max_retained_bytes))
         result["slot_retention_warning"] = True
 
 

@@ -62,3 +62,8 @@ class RestoreError(PgIncrError):
 
 class WalCaptureError(PgIncrError):
     """WAL could not be captured completely; the replication slot was not advanced."""
+
+
+class SlotRetentionExceeded(WalCaptureError):
+    """The replication slot held more WAL on the server than the bound allows: captures are too far
+    apart (or failing) for the cluster's WAL rate. Raised after a capture that itself succeeded."""

@@ -182,15 +182,60 @@ def cleanup_incomplete(repo: Repository, cluster: str, *, older_than_s: float = 
     return removed
 
 
+def cleanup_abandoned_writes(repo: Repository, cluster: str, *, older_than_s: float = 6 * 3600,
+                             dry_run: bool = False) -> list[dict]:
+    """Remove writes a killed process never finished below the cluster's prefix: local temp files
+    ('.base.tar.zst.tmp-*', invisible to listings), S3 multipart uploads (whose parts are stored
+    and billed until aborted). Only those untouched for `older_than_s` (local: last write; S3:
+    initiation, so keep it above the longest backup)."""
+    validate_cluster(cluster)
+    items = repo.abandoned_writes(cluster, older_than_s)
+    for it in items:
+        log.warning("%s unfinished %s of %s (%s, %.1f h old)", "would remove" if dry_run else "removing", it["kind"],
+                    it["key"], f"{it['bytes']} bytes" if it.get("bytes") is not None else "size unknown",
+                    it["age_s"] / 3600)
+        if not dry_run:
+            repo.discard_write(it)
+    return items
+
+
 def new_backup_id(repo: Repository, cluster: str, kind: str, now: dt.datetime | None = None) -> str:
-    """Sortable, unique id: 20261121T124048Z-F (F full, I incremental, D differential)."""
-    now = now or utcnow()
+    """Sortable id not used yet: 20261121T124048Z-F (F full, I incremental, D differential). Only
+    a proposal: `claim_backup_id` makes it the caller's."""
+    return _candidate_ids(repo, cluster, kind, now or utcnow())[0]
+
+
+def _candidate_ids(repo: Repository, cluster: str, kind: str, now: dt.datetime, n: int = 1) -> list[str]:
     suffix = {"full": "F", "incremental": "I", "differential": "D"}[kind]
     base = now.strftime("%Y%m%dT%H%M%SZ")
     existing = set(list_backup_ids(repo, cluster))
-    bid = f"{base}-{suffix}"
-    n = 1
-    while bid in existing:
-        n += 1
-        bid = f"{base}.{n:03d}-{suffix}"
-    return validate_backup_id(bid)
+    out, i = [], 1
+    while len(out) < n:
+        bid = f"{base}-{suffix}" if i == 1 else f"{base}.{i:03d}-{suffix}"
+        if bid not in existing:
+            out.append(validate_backup_id(bid))
+        i += 1
+    return out
+
+
+def claim_backup_id(repo: Repository, cluster: str, kind: str, marker: dict, now: dt.datetime | None = None,
+                    attempts: int = 50) -> str:
+    """Choose a backup id and make it ours: its in-progress marker is created only if absent
+    (local: link(); S3: conditional PUT), so two backups started at the same moment, on one
+    worker or on two, never share an id. `marker` is stored (with the id) as in_progress.json."""
+    from .errors import ObjectExists, PgIncrError
+
+    now = now or utcnow()
+    for bid in _candidate_ids(repo, cluster, kind, now, attempts):
+        prefix = backup_prefix(cluster, bid)
+        try:
+            repo.put_bytes(f"{prefix}/{INPROGRESS_NAME}", json.dumps({**marker, "backup_id": bid}).encode(),
+                           overwrite=False)
+        except ObjectExists:
+            continue  # another backup claimed it first
+        if repo.exists(f"{prefix}/{META_NAME}"):  # finished (its marker gone) between listing and claim
+            repo.delete(f"{prefix}/{INPROGRESS_NAME}")
+            continue
+        return bid
+    raise PgIncrError(f"could not claim a backup id for cluster {cluster} in {repo.url} after {attempts} attempts: "
+                      "are many backups of this cluster starting at the same second? Retry later")

@@ -26,6 +26,9 @@ class ConnInfo:
     password: str | None = field(default=None, repr=False)
     dbname: str | None = None
     extra: dict = field(default_factory=dict)
+    # who the user configured it through: "cli" (flags, PG* variables, ~/.pgpass) or "airflow" (a
+    # connection); error messages name the fix in that language
+    origin: str | None = field(default=None, compare=False)
 
     def with_db(self, dbname: str) -> "ConnInfo":
         return replace(self, dbname=dbname)
@@ -76,13 +79,31 @@ class ConnInfo:
         return text
 
 
+_FIXES = {
+    "password": {"cli": "set PGPASSWORD, or add a line for this host to ~/.pgpass (mode 0600)",
+                 "airflow": "fix the password of the Airflow connection",
+                 None: "fix the password (the Airflow connection's, or PGPASSWORD / ~/.pgpass for the CLI)"},
+    "dbname": {"cli": "fix --dbname (or PGDATABASE)", "airflow": "fix the database (schema) of the Airflow connection",
+               None: "fix the database name"},
+    "user": {"cli": "fix --user (or PGUSER)", "airflow": "fix the login of the Airflow connection",
+             None: "fix the user name"},
+    "address": {"cli": "check that the server runs and that --host/--port (PGHOST/PGPORT) are right",
+                "airflow": "check that the server runs and that host/port of the Airflow connection are right",
+                None: "check that the server runs and that host and port are right"},
+}
+
+
+def fix_for(conn: ConnInfo, what: str) -> str:
+    return _FIXES[what].get(conn.origin, _FIXES[what][None])
+
+
 def classify_connect_error(conn: ConnInfo, message: str) -> ServerError:
     msg = conn.redact(message.strip())  # what we show
     where = conn.describe()
     low = message.lower()  # what we classify (a password may contain words like 'password')
     if "password authentication failed" in low or "no password supplied" in low:
-        return ServerError(f"authentication failed for {where}: wrong or missing password; fix the password in "
-                           f"the connection ({msg.splitlines()[-1] if msg else ''})")
+        return ServerError(f"authentication failed for {where}: wrong or missing password; {fix_for(conn, 'password')} "
+                           f"({msg.splitlines()[-1] if msg else ''})")
     if "no pg_hba.conf entry for replication" in low:
         return ServerError(f"{where}: the server's pg_hba.conf has no 'replication' entry for this user/host; add "
                            "one (host replication <user> <address> scram-sha-256) and reload")
@@ -94,14 +115,14 @@ def classify_connect_error(conn: ConnInfo, message: str) -> ServerError:
     if "no pg_hba.conf entry" in low:
         return ServerError(f"{where}: rejected by pg_hba.conf; add an entry for this user/host ({msg})")
     if "does not exist" in low and "database" in low:
-        return ServerError(f"{where}: {msg}; fix the database name in the connection")
+        return ServerError(f"{where}: {msg}; {fix_for(conn, 'dbname')}")
     if "does not exist" in low and "role" in low:
-        return ServerError(f"{where}: {msg}; fix the user in the connection")
+        return ServerError(f"{where}: {msg}; {fix_for(conn, 'user')}")
     if any(s in low for s in ("connection refused", "could not connect", "timeout expired", "could not translate",
                               "no route to host", "connection timed out", "is the server running",
                               "name or service not known", "network is unreachable")):
-        return ServerError(f"cannot reach PostgreSQL at {where}: {msg.splitlines()[0] if msg else ''}; check that "
-                           "the server runs and host/port in the connection are right")
+        return ServerError(f"cannot reach PostgreSQL at {where}: {msg.splitlines()[0] if msg else ''}; "
+                           f"{fix_for(conn, 'address')}")
     return ServerError(f"PostgreSQL at {where}: {msg}")
 
 

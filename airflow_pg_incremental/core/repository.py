@@ -94,6 +94,16 @@ class Repository(ABC):
         """Raise RepositoryError with the fix when the repository cannot be written."""
 
     @abstractmethod
+    def abandoned_writes(self, prefix: str, older_than_s: float) -> list[dict]:
+        """Writes below `prefix` that never completed and were last touched more than
+        `older_than_s` ago: local temp files, S3 multipart uploads. Each: {"key", "kind", "age_s",
+        "bytes", "id"}. Invisible to list(); `discard_write` removes one."""
+
+    @abstractmethod
+    def discard_write(self, item: dict) -> None:
+        """Remove one abandoned write (delete the temp file / abort the multipart upload)."""
+
+    @abstractmethod
     def _top_level(self) -> tuple[list[str], list[str]]:
         """(directory names, object names) directly at the repository's root; ([], []) when the
         location does not exist."""
@@ -385,6 +395,44 @@ class LocalRepository(Repository):
                 break
             parent = parent.parent
 
+    def abandoned_writes(self, prefix: str, older_than_s: float) -> list[dict]:
+        import time
+
+        base = self._path(prefix.rstrip("/")) if prefix.strip("/") else self.root
+        if not base.is_dir():
+            return []
+        now, out = time.time(), []
+        for dirpath, _dirs, files in os.walk(base):
+            for f in files:
+                if not (f.startswith(".") and ".tmp-" in f):
+                    continue
+                p = os.path.join(dirpath, f)
+                try:
+                    st = os.stat(p)
+                except FileNotFoundError:
+                    continue  # completed meanwhile
+                age = now - st.st_mtime
+                if age >= older_than_s:
+                    rel = os.path.relpath(p, self.root).replace(os.sep, "/")
+                    final = rel.rsplit("/", 1)[0] + "/" + f[1:f.rindex(".tmp-")] if "/" in rel else f
+                    out.append({"key": final, "kind": "temp file", "age_s": round(age), "bytes": st.st_size,
+                                "id": rel})
+        return sorted(out, key=lambda d: d["id"])
+
+    def discard_write(self, item: dict) -> None:
+        name = item["id"].rsplit("/", 1)[-1]
+        if not (name.startswith(".") and ".tmp-" in name):
+            raise ConfigError(f"{item['id']!r} is not a temporary file of an unfinished write")
+        path = self.root / item["id"]
+        if os.path.commonpath([os.path.realpath(path), os.path.realpath(self.root)]) != os.path.realpath(self.root):
+            raise ConfigError(f"{item['id']!r} lies outside the repository")
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise self._wrap_oserror(e, f"removing {item['id']}") from e
+
     def check_writable(self) -> None:
         """The location is this repository (its marker: never created here implicitly) and can be
         written."""
@@ -454,6 +502,23 @@ class S3Repository(Repository):
     """S3 or any S3-compatible store. `client` is a boto3 S3 client (e.g. from Airflow's S3Hook)."""
 
     MULTIPART_CHUNK = 16 * 1024 * 1024
+    # how the user configured it: "cli" (environment, --env-file) or "airflow" (an aws connection);
+    # error messages name the fix in that language
+    origin: str | None = None
+    _FIX = {"endpoint": {"cli": "check PGINCR_S3_ENDPOINT_URL (or AWS_ENDPOINT_URL) and the network",
+                         "airflow": "check endpoint_url in the extra of the AWS connection, and the network",
+                         None: "check the S3 endpoint URL and the network"},
+            "credentials": {"cli": "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the AWS profile) and the "
+                                   "bucket policy",
+                            "airflow": "check the AWS connection's credentials and the bucket policy",
+                            None: "check the S3 credentials and the bucket policy"},
+            "none": {"cli": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or an AWS profile; for archive_command "
+                            "and restore_command, in the --env-file)",
+                     "airflow": "configure the credentials of the AWS connection",
+                     None: "configure S3 credentials"}}
+
+    def _fix(self, what: str) -> str:
+        return self._FIX[what].get(self.origin, self._FIX[what][None])
 
     def __init__(self, client, bucket: str, prefix: str = ""):
         if not bucket or "/" in bucket:
@@ -483,13 +548,12 @@ class S3Repository(Repository):
                 return RepositoryError(f"bucket {self.bucket!r} does not exist ({what}): create it or fix the "
                                        "repository URL")
             if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-                return RepositoryError(f"access denied to s3://{self.bucket} ({what}, {code}): check the AWS "
-                                       "connection's credentials and the bucket policy")
+                return RepositoryError(f"access denied to s3://{self.bucket} ({what}, {code}): {self._fix('credentials')}")
             return RepositoryError(f"S3 error {code} while {what} in {self.url}: {e}")
         if isinstance(e, EndpointConnectionError):
-            return RepositoryError(f"S3 endpoint unreachable while {what}: {e}; check endpoint_url and the network")
+            return RepositoryError(f"S3 endpoint unreachable while {what}: {e}; {self._fix('endpoint')}")
         if isinstance(e, NoCredentialsError):
-            return RepositoryError(f"no AWS credentials found while {what}: configure the AWS connection")
+            return RepositoryError(f"no S3 credentials found while {what}: {self._fix('none')}")
         return RepositoryError(f"S3 failure while {what} in {self.url}: {e}")
 
     def put(self, key: str, src: BinaryIO, *, overwrite: bool = True) -> int:
@@ -628,6 +692,52 @@ class S3Repository(Repository):
         self.put_bytes(probe, b"ok")
         self.delete(probe)
 
+    def abandoned_writes(self, prefix: str, older_than_s: float) -> list[dict]:
+        """Multipart uploads below `prefix` initiated more than `older_than_s` ago and never
+        completed or aborted (a killed backup leaves one; its parts cost storage until aborted)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        p = prefix.strip("/")
+        full = (self._key(p) + "/") if p else (self.prefix + "/" if self.prefix else "")
+        now = datetime.datetime.now(datetime.timezone.utc)
+        out = []
+        kwargs = {"Bucket": self.bucket, "Prefix": full}
+        try:
+            while True:
+                resp = self.client.list_multipart_uploads(**kwargs)
+                for u in resp.get("Uploads", []) or []:
+                    init = u["Initiated"] if u["Initiated"].tzinfo else u["Initiated"].replace(
+                        tzinfo=datetime.timezone.utc)
+                    age = (now - init).total_seconds()
+                    if age >= older_than_s:
+                        out.append({"key": self._rel(u["Key"]), "kind": "multipart upload", "age_s": round(age),
+                                    "bytes": self._upload_bytes(u["Key"], u["UploadId"]), "id": u["UploadId"]})
+                if not resp.get("IsTruncated"):
+                    break
+                kwargs.update(KeyMarker=resp.get("NextKeyMarker"), UploadIdMarker=resp.get("NextUploadIdMarker"))
+        except (ClientError, BotoCoreError) as e:
+            raise self._err(e, f"listing unfinished uploads below {prefix or '/'}") from e
+        return sorted(out, key=lambda d: (d["key"], d["id"]))
+
+    def _upload_bytes(self, full_key: str, upload_id: str) -> int | None:
+        try:
+            parts = self.client.list_parts(Bucket=self.bucket, Key=full_key, UploadId=upload_id).get("Parts", [])
+            return sum(int(p.get("Size", 0)) for p in parts or [])
+        except Exception:  # the size is informative only
+            return None
+
+    def discard_write(self, item: dict) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=self._key(item["key"]), UploadId=item["id"])
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchUpload", "404"):
+                return  # completed or aborted meanwhile
+            raise self._err(e, f"aborting the unfinished upload of {item['key']}") from e
+        except BotoCoreError as e:
+            raise self._err(e, f"aborting the unfinished upload of {item['key']}") from e
+
     def _top_level(self) -> tuple[list[str], list[str]]:
         dirs, files = [], []
         for page in self._paginate("", "/"):
@@ -742,7 +852,7 @@ def _parse_marker(raw: bytes, url: str) -> dict:
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 
 
-def open_repository(url: str, *, s3_client=None) -> Repository:
+def open_repository(url: str, *, s3_client=None, origin: str | None = None) -> Repository:
     """'/path', 'file:///path' or 's3://bucket/prefix'. Opening touches nothing; call
     `identity()` (or `check_writable()`) to make sure a repository is there."""
     if not url:
@@ -752,7 +862,9 @@ def open_repository(url: str, *, s3_client=None) -> Repository:
             raise ConfigError(f"repository URL {url!r} names no bucket: write s3://bucket/prefix")
         rest = url[5:]
         bucket, _, prefix = rest.partition("/")
-        return S3Repository(s3_client or s3_client_from_env(), bucket, prefix)
+        repo = S3Repository(s3_client or s3_client_from_env(), bucket, prefix)
+        repo.origin = origin
+        return repo
     m = _SCHEME_RE.match(url)
     if m and m.group(1).lower() in ("s3", "s3a", "s3n") and not url.startswith("s3://"):
         raise ConfigError(f"malformed S3 repository URL {url!r}: write s3://bucket/prefix")

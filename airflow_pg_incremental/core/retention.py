@@ -243,6 +243,7 @@ def plan_retention(repo: Repository, cluster: str, policy: RetentionPolicy | dic
         log.error("retention of %s refused: %s", cluster, e)
         return {"cluster": cluster, "repository": repo.url, "policy": policy.to_dict(), "now": now.isoformat(),
                 "keep": [], "delete_backups": [], "delete_wal": [], "delete_other": [], "leftovers": [],
+                "abandoned_writes": [],
                 "restore_points": [], "untouched": [], "window": None, "wal_horizon": None, "wal_timelines": {},
                 "bytes_freed": 0, "bytes_by_kind": {}, "warnings": [], "refused": str(e)}
 
@@ -457,6 +458,9 @@ def _plan(repo: Repository, cluster: str, policy: RetentionPolicy, now: dt.datet
                                   "no backup.json and no in-progress marker: remains of an interrupted deletion or "
                                   "backup")})
 
+    # unfinished writes of killed processes (temp files, multipart uploads), same age rule
+    abandoned = repo.abandoned_writes(cluster, LEFTOVER_AGE_S)
+
     # -- WAL horizon -------------------------------------------------------------------------------
     staying = [by_id[bid] for bid in keep] + [by_id[u["backup_id"]] for u in untouched]
     seg_sizes = {int(b.get("wal_segment_size") or DEFAULT_SEGMENT_SIZE) for b in staying}
@@ -530,14 +534,16 @@ def _plan(repo: Repository, cluster: str, policy: RetentionPolicy, now: dt.datet
         "delete_wal": [d[2] for d in delete_wal],
         "delete_other": [k for lo in leftovers for k in lo["objects"]] + [r["key"] for r in restore_points],
         "leftovers": leftovers,
+        "abandoned_writes": abandoned,
         "restore_points": restore_points,
         "untouched": untouched,
         "abandoned_branch": sorted(off_path),
         "window": window,
         "wal_horizon": horizon,
         "wal_timelines": {f"{t:08X}": v for t, v in sorted(timelines.items())},
-        "bytes_freed": bytes_backups + bytes_wal + bytes_other,
-        "bytes_by_kind": {"backups": bytes_backups, "wal": bytes_wal, "other": bytes_other},
+        "bytes_freed": bytes_backups + bytes_wal + bytes_other + sum(a.get("bytes") or 0 for a in abandoned),
+        "bytes_by_kind": {"backups": bytes_backups, "wal": bytes_wal, "other": bytes_other,
+                          "unfinished_writes": sum(a.get("bytes") or 0 for a in abandoned)},
         "warnings": warnings,
         "refused": None,
     }
@@ -594,6 +600,9 @@ def format_plan(plan: dict) -> str:
         L.append(f"  DELETE  restore point {r['name']} at {r['lsn']}: below the WAL horizon, unreachable")
     for lo in plan.get("leftovers", []):
         L.append(f"  DELETE  leftovers of {lo['backup_id']} ({len(lo['objects'])} object(s)): {lo['why']}")
+    for a in plan.get("abandoned_writes", []):
+        L.append(f"  DELETE  unfinished {a['kind']} of {a['key']} ({human_bytes(a.get('bytes') or 0)}, "
+                 f"{a['age_s'] / 3600:.1f} h old): a killed backup or push left it")
     for wmsg in plan.get("warnings", []):
         L.append(f"  WARNING {wmsg}")
     L.append(f"  frees about {human_bytes(plan['bytes_freed'])}: {len(plan['delete_backups'])} backup(s), "
@@ -637,6 +646,8 @@ def _restrict(repo: Repository, cluster: str, approved: dict) -> dict:
     out["delete_backup_details"] = [d for d in fresh["delete_backup_details"] if d["backup_id"] in want_b]
     out["leftovers"] = [lo for lo in fresh["leftovers"] if lo["backup_id"] in want_b or set(lo["objects"]) & want_o]
     out["restore_points"] = [r for r in fresh["restore_points"] if r["key"] in want_o]
+    want_a = {a["id"] for a in approved.get("abandoned_writes", [])}
+    out["abandoned_writes"] = [a for a in fresh.get("abandoned_writes", []) if a["id"] in want_a]
     out["delete_wal"] = [n for n in fresh["delete_wal"] if n in want_w]
     out["delete_other"] = [k for lo in out["leftovers"] for k in lo["objects"]] + [r["key"] for r in
                                                                                      out["restore_points"]]
@@ -649,8 +660,9 @@ def _restrict(repo: Repository, cluster: str, approved: dict) -> dict:
     bb = sum(int(by_b[b]["stored_bytes"] or 0) for b in out["delete_backups"])
     bw = _sizes(repo, [wal_key(cluster, n) for n in out["delete_wal"]])
     bo = _sizes(repo, out["delete_other"])
-    out["bytes_by_kind"] = {"backups": bb, "wal": bw, "other": bo}
-    out["bytes_freed"] = bb + bw + bo
+    ba = sum(a.get("bytes") or 0 for a in out["abandoned_writes"])
+    out["bytes_by_kind"] = {"backups": bb, "wal": bw, "other": bo, "unfinished_writes": ba}
+    out["bytes_freed"] = bb + bw + bo + ba
     return out
 
 
@@ -692,6 +704,11 @@ def apply_retention(repo: Repository, cluster: str, plan_or_policy, *, catalog=N
             repo.delete(key)
         applied["leftovers"].append(lo["backup_id"])
         log.info("deleted leftovers of %s (%d object(s))", lo["backup_id"], len(keys))
+    # 2b. unfinished writes of killed processes
+    applied["unfinished_writes"] = 0
+    for a in plan.get("abandoned_writes", []):
+        repo.discard_write(a)
+        applied["unfinished_writes"] += 1
     # 3. restore points (the index) before the WAL they point into
     for rp in plan["restore_points"]:
         repo.delete(rp["key"])
@@ -753,6 +770,7 @@ def summary(result: dict) -> dict:
         "wal_last": result["delete_wal"][-1] if result["delete_wal"] else None,
         "other_objects": len(result["delete_other"]),
         "leftovers": [lo["backup_id"] for lo in result.get("leftovers", [])],
+        "unfinished_writes": [a["key"] for a in result.get("abandoned_writes", [])],
         "restore_points": [r["name"] for r in result.get("restore_points", [])],
         "bytes_freed": result["bytes_freed"],
         "wal_horizon": (result.get("wal_horizon") or {}).get("lsn"),

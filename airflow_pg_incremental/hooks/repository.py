@@ -40,7 +40,7 @@ class PgClusterHook(BaseHook):
         extra = conn.extra_dejson or {}
         return ConnInfo(host=conn.host or None, port=int(conn.port) if conn.port else None, user=conn.login or None,
                         password=conn.password or None, dbname=dbname or conn.schema or "postgres",
-                        extra={k: extra[k] for k in _LIBPQ_EXTRAS if k in extra})
+                        extra={k: extra[k] for k in _LIBPQ_EXTRAS if k in extra}, origin="airflow")
 
     def get_conn(self) -> ConnInfo:
         return self.get_conninfo()
@@ -72,7 +72,7 @@ class PgBackupRepositoryHook(BaseHook):
             )
 
             client = S3Hook(aws_conn_id=self.aws_conn_id).get_conn()
-            repo: Repository = open_repository(self.repository, s3_client=client)
+            repo: Repository = open_repository(self.repository, s3_client=client, origin="airflow")
         else:
             repo = open_repository(self.repository)
             assert isinstance(repo, LocalRepository)

@@ -51,19 +51,21 @@ class _PgBackupBase(BaseOperator):
 class PgBackupPreflightOperator(_PgBackupBase):
     """Checks before a backup: server reachable with the connection's credentials, REPLICATION
     attribute, wal_level, no extra tablespaces, binaries of the server's major version, repository
-    writable. Also removes leftovers of interrupted backups older than `cleanup_after_s`. With
+    writable, WAL archiving in place (pull: the replication slot, created before the backup, and
+    max_slot_wal_keep_size reported; push: archive_command pushes into this repository). Also removes leftovers of interrupted backups older than `cleanup_after_s`. With
     `create_repository`, a location that holds no repository yet gets one (otherwise that is an
     error: a mistyped repository is never created)."""
 
     template_fields: Sequence[str] = (*_PgBackupBase.template_fields, "slot_name")
 
     def __init__(self, *, cleanup_after_s: float = 6 * 3600, wal_mode: str = "pull", slot_name: str | None = None,
-                 create_repository: bool = False, **kwargs: Any) -> None:
+                 create_repository: bool = False, max_slot_retained_bytes: int = 8 << 30, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.cleanup_after_s = cleanup_after_s
         self.wal_mode = wal_mode
         self.slot_name = slot_name
         self.create_repository = create_repository
+        self.max_slot_retained_bytes = max_slot_retained_bytes
 
     def execute(self, context: Context) -> dict:
         from airflow_pg_incremental.core.capture import default_slot_name
@@ -72,7 +74,8 @@ class PgBackupPreflightOperator(_PgBackupBase):
         slot = (self.slot_name or default_slot_name(self.cluster)) if self.wal_mode == "pull" else None
         return preflight_full(self._conninfo(), self._repo(must_exist=not self.create_repository), self.cluster,
                               cleanup_after_s=self.cleanup_after_s, slot=slot, catalog=self._catalog(),
-                              create_repository=bool(self.create_repository))
+                              create_repository=bool(self.create_repository), wal_mode=self.wal_mode,
+                              max_slot_retained_bytes=int(self.max_slot_retained_bytes))
 
 
 class PgBaseBackupOperator(_PgBackupBase):

@@ -22,8 +22,9 @@ def test_backup_info_restore_with_check(pg, tmp_path, scratch):
     repo = str(tmp_path / "repo")
     assert pgincr("repo-create", "--repo", repo).returncode == 0
     r = pgincr("backup", "--repo", repo, "--cluster", "cli", "--host", ci.host, "--port", str(ci.port), "--user",
-               ci.user, env={"PGPASSWORD": ci.password})
+               ci.user, "--wal-mode", "none", "--json", env={"PGPASSWORD": ci.password})
     assert r.returncode == 0, r.stderr
+    assert "point-in-time recovery from it" in r.stderr  # said loudly
     out = json.loads(r.stdout)
     assert out["status"] == "complete"
     assert ci.password not in r.stdout + r.stderr
@@ -36,10 +37,16 @@ def test_backup_info_restore_with_check(pg, tmp_path, scratch):
     assert r.returncode == 0 and out["backup_id"] in r.stdout
 
     r = pgincr("restore", "--repo", repo, "--cluster", "cli", "--target-dir", str(scratch / "d"),
-               "--check", "SELECT count(*) FROM pgbench_accounts")
+               "--check", "SELECT count(*) FROM pgbench_accounts", "--json")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["checks"][0]["ok"] and res["checks"][0]["rows"] == [["100000"]]
+    # the default output is a short summary, and a failed check says so on stderr (exit 3)
+    r = pgincr("restore", "--repo", repo, "--cluster", "cli", "--target-dir", str(scratch / "c"),
+               "--check", "SELECT count(*) FROM pgbench_accounts", "--check", "SELECT * FROM no_such_table")
+    assert r.returncode == 3
+    assert f"restored {out['backup_id']} of cli into {scratch / 'c'}" in r.stdout and "check ok" in r.stdout
+    assert "1 check(s) failed on the restored copy (exit 3)" in r.stderr and "no_such_table" in r.stderr
 
     # restoring again into the same (now non-empty) directory: clear error, exit 2
     r = pgincr("restore", "--repo", repo, "--cluster", "cli", "--target-dir", str(scratch / "d"))
@@ -68,12 +75,15 @@ def test_verify_retention_and_info_with_catalog(pg, workdir):
     conn = ["--host", ci.host, "--port", str(ci.port), "--user", ci.user, "--catalog-db", "pgincr_catalog",
             "--catalog-schema", "cli_" + uuid.uuid4().hex[:6]]
     for kind in ("full", "incremental"):
-        r = pgincr("backup", "--repo", repo, "--cluster", "cv", "--kind", kind, *conn, env=env)
+        r = pgincr("backup", "--repo", repo, "--cluster", "cv", "--kind", kind, "--wal-mode", "none", *conn, env=env)
         assert r.returncode == 0, r.stderr
-    r = pgincr("verify", "--repo", repo, "--cluster", "cv", "--all", "--no-wal", *conn, env=env)
+        assert f"{kind} backup " in r.stdout and " of cv complete" in r.stdout
+    r = pgincr("verify", "--repo", repo, "--cluster", "cv", "--all", "--no-wal", "--json", *conn, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert len(json.loads(r.stdout)["verified"]) == 2
-    r = pgincr("retention", "--repo", repo, "--cluster", "cv", "--keep-full-chains", "1", *conn, env=env)
+    r = pgincr("verify", "--repo", repo, "--cluster", "cv", "--all", "--no-wal", "--again", *conn, env=env)
+    assert r.returncode == 0 and "2 backup(s) OK, 0 FAILED" in r.stdout, r.stdout + r.stderr[-2000:]
+    r = pgincr("retention", "--repo", repo, "--cluster", "cv", "--keep-full-chains", "1", "--json", *conn, env=env)
     assert r.returncode == 0 and json.loads(r.stdout)["dry_run"] is True, r.stderr[-2000:]
     r = pgincr("retention", "--repo", repo, "--cluster", "cv", "--keep-full-chains", "0", *conn, env=env)
     assert r.returncode == 2 and "keep_full_chains" in r.stderr

@@ -110,9 +110,11 @@ def test_main_info_text(tmp_path, monkeypatch, capsys):
 def test_main_cleanup_dry_run(tmp_path, capsys):
     repo = new_repo(tmp_path)
     repo.put_bytes("main/backups/OLD/base.tar.zst", b"x")
-    assert cli.main(["cleanup", "--repo", str(tmp_path), "--cluster", "main", "--dry-run"]) == 0
+    assert cli.main(["cleanup", "--repo", str(tmp_path), "--cluster", "main", "--dry-run", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out == {"cluster": "main", "dry_run": True, "removed": ["OLD"]}
+    assert out == {"cluster": "main", "dry_run": True, "removed": ["OLD"], "unfinished_writes": []}
+    assert cli.main(["cleanup", "--repo", str(tmp_path), "--cluster", "main", "--dry-run"]) == 0
+    assert "would remove the leftovers of 1 interrupted backup(s): OLD" in capsys.readouterr().out
     assert repo.exists("main/backups/OLD/base.tar.zst")
     assert cli.main(["cleanup", "--repo", str(tmp_path), "--cluster", "main"]) == 0
     assert not repo.exists("main/backups/OLD/base.tar.zst")

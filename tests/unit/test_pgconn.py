@@ -111,4 +111,13 @@ def test_replication_fix_without_user():
 def test_classification_survives_password_in_keywords():
     c = ConnInfo(host="h", user="bob", password="password")
     text = str(classify_connect_error(c, 'FATAL:  password authentication failed for user "bob"'))
-    assert "fix the password in the connection" in text
+    assert "fix the password" in text
+
+
+@pytest.mark.parametrize("origin, fix", [("cli", "PGPASSWORD"), ("airflow", "Airflow connection")])
+def test_fix_is_named_in_the_users_language(origin, fix):
+    c = ConnInfo(host="h", user="bob", password="pw", origin=origin)
+    auth = str(classify_connect_error(c, 'FATAL:  password authentication failed for user "bob"'))
+    assert fix in auth
+    unreachable = str(classify_connect_error(c, "connection refused"))
+    assert ("--host" in unreachable) == (origin == "cli") and ("Airflow" in unreachable) == (origin == "airflow")

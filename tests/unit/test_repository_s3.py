@@ -209,7 +209,11 @@ def test_delete_error_wrapped(repo, stub):
     stub.add_client_error("delete_object", service_error_code="AccessDenied", http_status_code=403)
     with pytest.raises(RepositoryError, match="access denied") as ei:
         repo.delete("c/x")
-    assert "check the AWS" in str(ei.value)
+    assert "credentials" in str(ei.value)
+    repo.origin = "cli"
+    stub.add_client_error("delete_object", service_error_code="AccessDenied", http_status_code=403)
+    with pytest.raises(RepositoryError, match="AWS_ACCESS_KEY_ID"):
+        repo.delete("c/x")
 
 
 def test_delete_prefix(repo, stub):
