@@ -153,7 +153,9 @@ def cmd_info(args) -> int:
     if args.cluster:
         require_cluster(repo, args.cluster)
     clusters = [args.cluster] if args.cluster else list_clusters(repo)
-    out = {"repository": repo.url, "clusters": {}}
+    ident = repo.identity()
+    out = {"repository": repo.url, "repository_id": ident.get("repository_id"),
+           "repository_created_at": ident.get("created_at"), "clusters": {}}
     for cl in clusters:
         backups = list_backups(repo, cl)
         out["clusters"][cl] = {
@@ -161,6 +163,8 @@ def cmd_info(args) -> int:
                                                "pg_major", "started_at", "finished_at", "duration_s", "raw_bytes",
                                                "stored_bytes", "system_identifier")} for b in backups],
             "incomplete": [i["backup_id"] for i in find_incomplete(repo, cl)],
+            "unfinished_writes": [{k: w[k] for k in ("key", "kind", "age_s", "bytes")}
+                                  for w in repo.abandoned_writes(cl, 0)],
         }
         bl = out["clusters"][cl]["backups"]
         from .core.lsn import parse_lsn
@@ -185,7 +189,7 @@ def cmd_info(args) -> int:
     if args.json:
         _print(out, True)
         return 0
-    print(f"repository {repo.url}")
+    print(f"repository {repo.url} (id {out['repository_id']}, created {out['repository_created_at']})")
     for cl, d in out["clusters"].items():
         print(f"\ncluster {cl}: {len(d['backups'])} backup(s)")
         print(f"  {'backup id':<24} {'kind':<12} {'PG':>3} {'start LSN':>12} {'stop LSN':>12} {'TL':>3} "
@@ -212,6 +216,11 @@ def cmd_info(args) -> int:
             print(f"  verified: {len(ver)} of {len(d['backups'])} backup(s)" + (f"; FAILED: {', '.join(bad)}" if bad else ""))
         if d["incomplete"]:
             print(f"  incomplete (interrupted, not restorable; removed by 'pgincr cleanup'): {', '.join(d['incomplete'])}")
+        if d["unfinished_writes"]:
+            w = d["unfinished_writes"]
+            print(f"  unfinished writes (running, or left by a killed process; 'pgincr cleanup' removes those older "
+                  f"than 6 h): {len(w)}, {human_bytes(sum(x['bytes'] or 0 for x in w))}, oldest "
+                  f"{max(x['age_s'] for x in w) / 3600:.1f} h")
     return 0
 
 

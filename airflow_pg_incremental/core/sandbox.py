@@ -48,7 +48,9 @@ class SandboxPostgres:
         s = {"wal_level": "replica", "max_wal_senders": 10, "max_replication_slots": 10,
              "archive_mode": "on", "archive_command": "/bin/true", "wal_keep_size": "256MB",
              "fsync": "off", "synchronous_commit": "off", "full_page_writes": "on", "checkpoint_timeout": "30min",
-             "max_wal_size": "1GB", "shared_buffers": "128MB", "track_commit_timestamp": "on"}
+             "max_wal_size": "1GB", "shared_buffers": "128MB", "track_commit_timestamp": "on",
+             # what the README asks of a pulled cluster: a replication slot can never fill the disk
+             "max_slot_wal_keep_size": "2GB"}
         if self.major >= 17:
             s["summarize_wal"] = "on"
         s.update(self.extra_settings)

@@ -24,6 +24,7 @@ from airflow_pg_incremental.core.errors import (
 from airflow_pg_incremental.core.metadata import (
     INPROGRESS_NAME,
     backup_prefix,
+    cleanup_abandoned_writes,
     cleanup_incomplete,
     find_incomplete,
     list_backups,
@@ -213,8 +214,15 @@ def test_backup_killed_midway_leaves_no_restorable_backup(pg, tmp_path):
     assert list_backups(repo, "killed") == []
     inc = find_incomplete(repo, "killed")
     assert len(inc) == 1
+    # the stream's temp file is invisible to listings, but cleanup finds it (after 6 h by default)
+    tmp = list(root.glob("killed/backups/*/.base.tar.zst.tmp-*"))
+    assert len(tmp) == 1 and tmp[0].stat().st_size > 0
+    assert cleanup_abandoned_writes(repo, "killed") == []  # too recent: maybe still being written
+    assert [w["kind"] for w in cleanup_abandoned_writes(repo, "killed", older_than_s=0)] == ["temp file"]
+    assert not tmp[0].exists()
     assert cleanup_incomplete(repo, "killed", older_than_s=0) == [inc[0]["backup_id"]]
     assert repo.list("killed") == []
+    assert not any(root.rglob(".*.tmp-*"))
 
 
 def test_full_disk_gives_clear_error_and_publishes_nothing(pg, tmp_path):

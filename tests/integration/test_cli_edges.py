@@ -246,7 +246,7 @@ def test_cleanup_aborts_unfinished_multipart_uploads(s3, workdir):
 # -- the replication slot must never be the reason a primary stops -----------------------------
 @pytest.fixture(scope="module")
 def slot_server(workdir):
-    srv = SandboxPostgres(workdir / f"slot-{uuid.uuid4().hex[:6]}").start()
+    srv = SandboxPostgres(workdir / f"slot-{uuid.uuid4().hex[:6]}", settings={"max_slot_wal_keep_size": "-1"}).start()
     srv.pgbench_init(1)
     yield srv
     srv.stop()
@@ -273,7 +273,7 @@ def test_slot_retention_above_the_bound_fails_the_capture_after_storing(slot_ser
     assert int(float(row.strip())) < 16 << 20
     assert len(list_segments(repo, "slotc")[1]) >= 2
     # the CLI says it with exit 2; with max_slot_wal_keep_size set, preflight reports it and stops warning
-    slot_server.restart({"max_slot_wal_keep_size": "2GB"})
+    slot_server.restart({"max_slot_wal_keep_size": "2GB"})  # (the sandbox's default)
     pre = preflight_full(conn, repo, "slotc", slot="pgincr_slotc", max_slot_retained_bytes=8 << 30)
     assert not pre["warnings"]
     assert pre["wal_archiving"]["slot_health"]["max_slot_wal_keep_size_bytes"] == 2 << 30
