@@ -280,3 +280,43 @@ def test_restore_test_on_backup_dag(airflow_clusters, pg):
     assert dr.state == "success"
     out = _xcoms(dag.dag_id, dr.run_id)[("restore_test", "return_value")]
     assert out["ok"] and out["scratch_removed"]
+
+
+def test_missing_repository_fails_the_preflight_until_created(airflow_clusters, pg, s3):
+    """A repository is never created by accident: the weekly DAG's preflight fails on a location
+    without one (the alert names the fix); with create_repository the preflight creates it."""
+    import uuid
+    from pathlib import Path
+
+    from airflow_pg_incremental.core.catalog import Catalog
+    from airflow_pg_incremental.core.repository import S3Repository
+
+    prefix = "newrepo-" + uuid.uuid4().hex[:6]
+    cfg_path = Path(os.environ["PGINCR_CONFIG"])
+    cfg = json.loads(cfg_path.read_text())
+    entry = {"name": "it_newrepo", "postgres_conn_id": "pgincr_it_pg", "repository": f"s3://{s3.bucket}/{prefix}",
+             "aws_conn_id": "pgincr_it_s3", "slot_name": "pgincr_it_newrepo"}
+    cfg["clusters"] = [c for c in cfg["clusters"] if c["name"] != "it_newrepo"] + [entry]
+    cfg_path.write_text(json.dumps(cfg))
+    try:
+        dr = _dags()["pgincr_it_newrepo_weekly_full"].test()
+        assert dr.state == "failed"
+        states = {ti.task_id: ti.state for ti in dr.get_task_instances()}
+        assert states["preflight"] == "failed" and states["full_backup"] != "success"
+        repo = S3Repository(s3.client(), s3.bucket, prefix)
+        assert not repo.is_repository() and repo.list("") == []
+        alerts = Catalog(pg.conninfo("pgincr_catalog"), schema="af_catalog").alerts("it_newrepo")
+        assert alerts and "pgincr repo-create" in alerts[0]["message"] and "create_repository" in alerts[0]["message"]
+
+        entry["create_repository"] = True
+        cfg["clusters"][-1] = entry
+        cfg_path.write_text(json.dumps(cfg))
+        dr = _dags()["pgincr_it_newrepo_weekly_full"].test()
+        assert dr.state == "success"
+        assert repo.is_repository() and _xcoms(dr.dag_id, dr.run_id)[("preflight", "return_value")][
+            "repository_created"] is True
+    finally:
+        cfg["clusters"] = [c for c in cfg["clusters"] if c["name"] != "it_newrepo"]
+        cfg_path.write_text(json.dumps(cfg))
+        pg.psql("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                "WHERE slot_name = 'pgincr_it_newrepo'")
