@@ -62,3 +62,8 @@ class RestoreError(PgIncrError):
 
 class WalCaptureError(PgIncrError):
     """WAL could not be captured completely; the replication slot was not advanced."""
+
+
+class TargetBeyondArchive(RestoreError):
+    """A recovery target lies beyond the last point the archived WAL lets recovery reach (refused
+    before anything is touched; a restore test falls back to 'latest' on it)."""
