@@ -239,9 +239,12 @@ def archive_window(repo: Repository, cluster: str, meta: dict) -> dict:
 # pg_waldump's description of the records a time target can stop at (recoveryStopsBefore looks at
 # these four only): "COMMIT <time> <zone>[; subxacts: ...][; inval msgs: ...][; rels: ...][; origin: ...]",
 # "COMMIT_PREPARED <xid>: <time> <zone>[; ...]", and the same for ABORT / ABORT_PREPARED (PREPARE is not one)
-_XACT_END_RE = re.compile(r"^rmgr: Transaction .*?desc: (?:COMMIT|ABORT)(?:_PREPARED \d+:)? "
+# a record's line up to its description (anchored: a PREPARE's gid may hold any text)
+_RECORD = (r"^rmgr: {rmgr} +len \(rec/tot\): +\d+/ *\d+, tx: +\d+, lsn: ([0-9A-F]+/[0-9A-F]+), "
+           r"prev [0-9A-F]+/[0-9A-F]+, desc: ")
+_XACT_END_RE = re.compile(_RECORD.format(rmgr="Transaction") + r"(?:COMMIT|ABORT)(?:_PREPARED \d+:)? "
                           r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) ([^\s;]+)", re.M)
-_RECORD_LSN_RE = re.compile(r"^rmgr: .*?\blsn: ([0-9A-F]+/[0-9A-F]+),", re.M)
+_RECORD_LSN_RE = re.compile(_RECORD.format(rmgr=r"\S+"), re.M)
 _UTC_ZONES = ("UTC", "GMT", "UCT", "Z", "+00", "+0000", "+00:00")
 WALDUMP_SEGMENTS = 4  # how far back from the archive's end to look for the last transaction end
 
@@ -256,7 +259,7 @@ def parse_waldump(text: str) -> dict:
     if m:
         last = m.group(1)
     times = []
-    for ts, zone in _XACT_END_RE.findall(text):
+    for _, ts, zone in _XACT_END_RE.findall(text):
         if zone not in _UTC_ZONES:
             log.warning("pg_waldump printed a transaction end time in zone %r, not UTC: the archive's last commit "
                         "time is not known", zone)

@@ -43,7 +43,7 @@ def test_every_transaction_end_variant_gives_its_time(variant):
 
 def test_the_latest_time_of_several_is_the_end_and_prepare_is_not_one():
     text = "\n".join([R + VARIANTS["abort"][0],
-                      R + "PREPARE gid COMMIT 2030-01-01 00:00:00.000000 UTC: 2026-11-25 16:00:00.000000 UTC",
+                      R + "PREPARE gid x, desc: COMMIT 2030-01-01 00:00:00.000000 UTC: 2026-11-25 16:00:00.000000 UTC",
                       R + VARIANTS["subxacts"][0], HEAP])
     assert parse_waldump(text) == {"last_record_lsn": "0/01725E00", "end_time": "2026-11-25T15:31:20.077532+00:00"}
 
