@@ -372,14 +372,21 @@ def restore_command(repo: Repository, cluster: str) -> str:
     return (f"{sys.executable} -S {walcmd.__file__} fetch --repo {repo.url} --cluster {cluster} %f %p")
 
 
+# how our S3 client reaches the endpoint (certificates, proxies, retries): the restore_command needs
+# the same, and the server it runs under gets none of our environment otherwise
+S3_REACH_ENV = ("AWS_CA_BUNDLE", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR", "HTTPS_PROXY", "https_proxy",
+                "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy", "PGINCR_S3_MAX_ATTEMPTS")
+
+
 def repo_env(repo: Repository) -> dict:
     """Environment the restore_command needs to reach the repository (S3 credentials); passed to
     the server process only, never written to a file."""
     if not isinstance(repo, S3Repository):
         return {}
     client = repo.client
-    env = {"PGINCR_S3_ENDPOINT_URL": client.meta.endpoint_url or "", "AWS_DEFAULT_REGION": client.meta.region_name
-           or "us-east-1"}
+    env = {k: v for k, v in os.environ.items() if k in S3_REACH_ENV}  # the server's environment is clean
+    env.update({"PGINCR_S3_ENDPOINT_URL": client.meta.endpoint_url or "", "AWS_DEFAULT_REGION": client.meta.region_name
+                or "us-east-1"})
     creds = client._request_signer._credentials
     if creds is not None:
         fc = creds.get_frozen_credentials()
