@@ -255,7 +255,8 @@ class Footprint:
                 p.unlink(missing_ok=True)
 
     def describe(self) -> str:
-        return ", ".join([f"data directory {self.target}"] + [str(p) for p in self.siblings if os.path.lexists(p)])
+        kept = [f"data directory {self.target}"] if self.target.exists() else []
+        return ", ".join(kept + [str(p) for p in self.siblings if os.path.lexists(p)]) or "nothing was written"
 
 
 def _undo(target: Path, created: bool) -> None:
