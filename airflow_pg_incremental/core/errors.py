@@ -67,3 +67,8 @@ class WalCaptureError(PgIncrError):
 class SlotRetentionExceeded(WalCaptureError):
     """The replication slot held more WAL on the server than the bound allows: captures are too far
     apart (or failing) for the cluster's WAL rate. Raised after a capture that itself succeeded."""
+
+
+class TargetBeyondArchive(RestoreError):
+    """A recovery target lies beyond the last point the archived WAL lets recovery reach (refused
+    before anything is touched; a restore test falls back to 'latest' on it)."""

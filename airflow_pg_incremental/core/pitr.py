@@ -24,12 +24,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .binaries import find_program
-from .errors import ConfigError, ObjectNotFound, RestoreError
+from .errors import ConfigError, ObjectNotFound, PgIncrError, RestoreError, ServerError, TargetBeyondArchive
 from .lsn import format_lsn, parse_lsn, segment_name, segno_of
 from .metadata import list_backups, load_backup, require_cluster
 from .names import _check, validate_cluster
 from .repository import LocalRepository, Repository, S3Repository
-from .restore import SCRATCH_SETTINGS, check_target_dir, restore_backup
+from .restore import SCRATCH_SETTINGS, Footprint, check_target_dir, restore_backup, write_private_hba
 from .server import PgServer, chown_tree, python_usable_by, repository_readable_by
 from .wal import (
     WalGap,
@@ -72,6 +72,30 @@ def parse_time(value: str) -> dt.datetime:
     return t
 
 
+XID_LIMIT = 1 << 32
+
+
+def parse_xid(value) -> int:
+    """A recovery target xid: the 32-bit transaction id PostgreSQL's recovery_target_xid takes
+    (3 <= xid < 2^32; 0-2 are reserved), or EPOCH:XID (the epoch is dropped: recovery compares the
+    32-bit id). A larger number is refused, not truncated as PostgreSQL would do silently."""
+    text = str(value).strip()
+    epoch, sep, xid = text.rpartition(":")
+    if not xid.isdigit() or (sep and not epoch.isdigit()):
+        raise ConfigError(f"transaction id {value!r} is not a valid xid: write a 32-bit transaction id (an integer "
+                          ">= 3, e.g. from pg_current_xact_id() % 4294967296) or EPOCH:XID")
+    n = int(xid)
+    if n >= XID_LIMIT:
+        raise ConfigError(f"transaction id {n} does not fit in 32 bits: PostgreSQL would silently truncate it to "
+                          f"{n % XID_LIMIT}. A 64-bit id from pg_current_xact_id() / txid_current() is epoch * 2^32 + "
+                          f"xid: give the 32-bit part, {n % XID_LIMIT} (= {n} % 4294967296), or write it as "
+                          f"{n >> 32}:{n % XID_LIMIT}")
+    if n < 3:
+        raise ConfigError(f"transaction id {value!r} is not a valid xid: 0, 1 and 2 are reserved; a transaction id "
+                          "is >= 3")
+    return n
+
+
 def parse_target(kind: str, value=None, *, inclusive: bool = True, action: str = "promote",
                  timeline: str = "latest") -> RecoveryTarget:
     if kind not in TARGET_KINDS:
@@ -85,9 +109,7 @@ def parse_target(kind: str, value=None, *, inclusive: bool = True, action: str =
     elif kind == "lsn":
         value = format_lsn(parse_lsn(value))
     elif kind == "xid":
-        if not str(value).strip().isdigit() or int(value) < 3:
-            raise ConfigError(f"transaction id {value!r} is not a valid xid (a positive integer >= 3)")
-        value = str(int(value))
+        value = str(parse_xid(value))
     elif kind == "name":
         _check("restore point name", value)
     else:
@@ -200,65 +222,148 @@ def archive_window(repo: Repository, cluster: str, meta: dict) -> dict:
             path.append(nxt)
     end_tli = path[-1]
     win = {"backup_id": meta["backup_id"], "start_lsn": meta["stop_lsn"], "start_time": meta.get("finished_at"),
-           "end_lsn": cont["end_lsn"], "end_segment": cont["end_segment"], "end_time": None, "gap_after": None,
+           "end_lsn": cont["end_lsn"], "end_segment": cont["end_segment"], "end_time": None,
+           "last_record_lsn": None, "end_time_none": False, "gap_after": None,
            "timeline": tli, "timelines": path, "newest_timeline": newest_tli}
     if cont["end_segment"]:
         nxt = segment_name(end_tli, segno_of(cont["end_segment"], seg) + 1, seg)
         later = [n for n in segs.get(end_tli, []) if n > nxt]
         if later:
             win["gap_after"] = nxt  # missing, while newer segments exist
-        win["end_time"] = _last_commit_time(repo, cluster, meta, cont["end_segment"], seg)
+        win.update(archive_end(repo, cluster, meta["pg_major"], cont["end_segment"], seg, start // seg))
     elif segs.get(tli):
         win["gap_after"] = segment_name(tli, start // seg, seg)
     return win
 
 
-_COMMIT_RE = re.compile(r"(?:COMMIT|ABORT) (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) (\S+)")
+# pg_waldump's description of the records a time target can stop at (recoveryStopsBefore looks at
+# these four only): "COMMIT <time> <zone>[; subxacts: ...][; inval msgs: ...][; rels: ...][; origin: ...]",
+# "COMMIT_PREPARED <xid>: <time> <zone>[; ...]", and the same for ABORT / ABORT_PREPARED (PREPARE is not one)
+# a record's line up to its description (anchored: a PREPARE's gid may hold any text)
+_RECORD = (r"^rmgr: {rmgr} +len \(rec/tot\): +\d+/ *\d+, tx: +\d+, lsn: ([0-9A-F]+/[0-9A-F]+), "
+           r"prev [0-9A-F]+/[0-9A-F]+, desc: ")
+_XACT_END_RE = re.compile(_RECORD.format(rmgr="Transaction") + r"(?:COMMIT|ABORT)(?:_PREPARED \d+:)? "
+                          r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) ([^\s;]+)", re.M)
+_RECORD_LSN_RE = re.compile(_RECORD.format(rmgr=r"\S+"), re.M)
+_UTC_ZONES = ("UTC", "GMT", "UCT", "Z", "+00", "+0000", "+00:00")
+WALDUMP_SEGMENTS = 4  # how far back from the archive's end to look for the last transaction end
 
 
-def _last_commit_time(repo, cluster, meta, last_segment, seg) -> str | None:
+def parse_waldump(text: str) -> dict:
+    """From pg_waldump's output: the start LSN of the last complete record, and the latest time
+    of a transaction end (commit/abort, prepared or not), ISO 8601 in UTC. pg_waldump runs with
+    TZ=UTC, so times print in UTC; a time in any other zone is not guessed at (None)."""
+    last = None
+    tail = text.rfind("\nrmgr: ") + 1
+    m = _RECORD_LSN_RE.search(text, tail)
+    if m:
+        last = m.group(1)
+    times = []
+    for _, ts, zone in _XACT_END_RE.findall(text):
+        if zone not in _UTC_ZONES:
+            log.warning("pg_waldump printed a transaction end time in zone %r, not UTC: the archive's last commit "
+                        "time is not known", zone)
+            return {"last_record_lsn": last, "end_time": None}
+        times.append(dt.datetime.fromisoformat(ts).replace(tzinfo=dt.timezone.utc))
+    return {"last_record_lsn": last, "end_time": max(times).isoformat() if times else None}
+
+
+def _waldump(waldump: str, directory: str, first: str, last: str) -> str:
+    from .server import server_environment
+
+    r = subprocess.run([waldump, "-p", directory, first, last], capture_output=True, text=True,
+                       env=server_environment({"TZ": "UTC", "LC_ALL": "C"}))
+    return r.stdout  # exit 1 at the end of valid WAL ("invalid record length") is its normal end here
+
+
+def archive_end(repo: Repository, cluster: str, major: int, last_segment: str, seg: int,
+                first_segno: int = 0) -> dict:
+    """The last point recovery can reach in the archive ending with `last_segment`: the start LSN
+    of its last complete record (`last_record_lsn`) and the time of the last transaction end
+    (`end_time`), read with pg_waldump from the last segments (at most WALDUMP_SEGMENTS, not
+    before `first_segno`). `end_time_none` says no transaction ended in the whole range read from
+    `first_segno` on. Unknown values are None (pg_waldump missing, a segment unreadable)."""
+    out = {"last_record_lsn": None, "end_time": None, "end_time_none": False}
     try:
-        waldump = find_program("pg_waldump", meta["pg_major"])
-    except Exception:
-        return None
-    segno = segno_of(last_segment, seg)
-    tli = int(last_segment[:8], 16)
+        waldump = find_program("pg_waldump", major)
+    except Exception as e:
+        log.warning("cannot read the end of the WAL archive: %s", e)
+        return out
+    segno, tli = segno_of(last_segment, seg), int(last_segment[:8], 16)
     with tempfile.TemporaryDirectory(prefix="pgincr-waldump-") as d:
-        for s in range(segno, max(segno - 4, -1), -1):
+        for s in range(segno, max(segno - WALDUMP_SEGMENTS, first_segno - 1), -1):
             name = segment_name(tli, s, seg)
             try:
                 (Path(d) / name).write_bytes(fetch_bytes(repo, cluster, name, seg))
-            except Exception:
-                return None
-            r = subprocess.run([waldump, "-p", d, name], capture_output=True, text=True)
-            times = _COMMIT_RE.findall(r.stdout)
-            if times:
-                ts, zone = times[-1]
-                t = dt.datetime.fromisoformat(ts)
-                if zone in ("UTC", "GMT"):
-                    t = t.replace(tzinfo=dt.timezone.utc)
-                else:
-                    return None  # a server time zone we would have to resolve: do not guess
-                return t.isoformat()
-    return None
+            except Exception as e:  # the end stays unknown: the window check says so
+                log.warning("cannot read WAL segment %s to find the end of the archive: %s", name, e)
+                return out
+            # this segment and the next: a record crossing into the next one is read whole
+            found = parse_waldump(_waldump(waldump, d, name, segment_name(tli, min(s + 1, segno), seg)))
+            if found["last_record_lsn"] is None:  # nothing readable: no conclusion from here on
+                return out
+            out["last_record_lsn"] = out["last_record_lsn"] or found["last_record_lsn"]
+            if found["end_time"]:
+                out["end_time"] = found["end_time"]
+                return out
+        out["end_time_none"] = s <= first_segno  # read back to the window's start: no transaction ended
+    return out
 
 
 def check_window(target: RecoveryTarget, win: dict) -> None:
+    """Refuse, before anything is touched, a target recovery cannot reach with this backup and the
+    archived WAL (TargetBeyondArchive when it lies beyond the archive's end)."""
     where = (f"recoverable window with backup {win['backup_id']}: from {win['start_time']} (LSN {win['start_lsn']}) "
-             f"to {win['end_time'] or 'the end of the archive'} (LSN {win['end_lsn']})")
+             f"to {win['end_time'] or 'the end of the archive'} (LSN {win['last_record_lsn'] or win['end_lsn']})")
     if win["end_lsn"] is None and target.kind != "immediate":
         raise WalGap(f"the archive has no WAL after backup {win['backup_id']}'s end (first missing segment "
                      f"{win['gap_after']}): only its own end point (target 'immediate') is restorable. {where}")
-    if target.kind == "lsn" and parse_lsn(target.value) > parse_lsn(win["end_lsn"]):
-        gap = f"; segment {win['gap_after']} is missing from the archive" if win["gap_after"] else ""
-        raise RestoreError(f"target LSN {target.value} lies outside the {where}{gap}")
-    if target.kind == "time" and win["end_time"] and parse_time(target.value) > parse_time(win["end_time"]):
-        gap = f"; segment {win['gap_after']} is missing from the archive" if win["gap_after"] else ""
-        raise RestoreError(f"target time {target.value} lies outside the {where}{gap}")
+    if target.kind == "lsn":
+        _check_lsn_reachable(target, win, where)
+    if target.kind == "time":
+        _check_time_reachable(target, win, where)
     if target.kind == "latest" and win["gap_after"]:
         raise WalGap(f"segment {win['gap_after']} is missing from the archive while newer WAL exists: 'latest' "
                      f"would silently stop at LSN {win['end_lsn']}. Restore to an explicit target at or before "
                      f"that LSN, or repair the archive. ({where})")
+
+
+def _last_reachable(win: dict) -> str:
+    gap = f"; segment {win['gap_after']} is missing from the archive" if win["gap_after"] else ""
+    at = [f"LSN {win['last_record_lsn']} (the last archived record)"] if win["last_record_lsn"] else []
+    if win["end_time"]:
+        at.append(f"a time before {win['end_time']} (the last archived commit or abort; that time itself with "
+                  "an exclusive target)")
+    point = " or ".join(at) or f"an LSN before {win['end_lsn']}"
+    return (f"{gap}. The last reachable point is {point}; to restore everything archived, use target 'latest' "
+            "(--target latest)")
+
+
+def _check_lsn_reachable(target: RecoveryTarget, win: dict, where: str) -> None:
+    # recovery stops at an LSN target on reading a record that starts at or after it
+    want = parse_lsn(target.value)
+    last = win["last_record_lsn"]
+    if (want > parse_lsn(last)) if last else (want >= parse_lsn(win["end_lsn"])):
+        raise TargetBeyondArchive(f"target LSN {target.value} lies outside the {where}: recovery stops there only "
+                                  f"on reading a record that starts at or after it{_last_reachable(win)}")
+
+
+def _check_time_reachable(target: RecoveryTarget, win: dict, where: str) -> None:
+    # recovery stops at a time target on reading a commit/abort later than it (inclusive), or at
+    # least as late (exclusive): the archive's last one bounds what is reachable
+    if win["end_time"] is None:
+        if win["end_time_none"]:
+            raise TargetBeyondArchive(f"target time {target.value} lies outside the {where}: no transaction "
+                                      f"committed or aborted in the archived WAL after the backup, and recovery "
+                                      f"stops at a time only on reading one{_last_reachable(win)}")
+        log.warning("the time of the archive's last commit is unknown: target time %s cannot be checked against the "
+                    "end of the archive", target.value)
+        return
+    want, end = parse_time(target.value), parse_time(win["end_time"])
+    if want > end or (target.inclusive and want == end):
+        raise TargetBeyondArchive(f"target time {target.value} lies outside the {where}: recovery stops there only "
+                                  f"on reading a commit or abort {'later than' if target.inclusive else 'at or after'} "
+                                  f"it{_last_reachable(win)}")
 
 
 def restore_command(repo: Repository, cluster: str) -> str:
@@ -267,14 +372,21 @@ def restore_command(repo: Repository, cluster: str) -> str:
     return (f"{sys.executable} -S {walcmd.__file__} fetch --repo {repo.url} --cluster {cluster} %f %p")
 
 
+# how our S3 client reaches the endpoint (certificates, proxies, retries): the restore_command needs
+# the same, and the server it runs under gets none of our environment otherwise
+S3_REACH_ENV = ("AWS_CA_BUNDLE", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR", "HTTPS_PROXY", "https_proxy",
+                "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy", "PGINCR_S3_MAX_ATTEMPTS")
+
+
 def repo_env(repo: Repository) -> dict:
     """Environment the restore_command needs to reach the repository (S3 credentials); passed to
     the server process only, never written to a file."""
     if not isinstance(repo, S3Repository):
         return {}
     client = repo.client
-    env = {"PGINCR_S3_ENDPOINT_URL": client.meta.endpoint_url or "", "AWS_DEFAULT_REGION": client.meta.region_name
-           or "us-east-1"}
+    env = {k: v for k, v in os.environ.items() if k in S3_REACH_ENV}  # the server's environment is clean
+    env.update({"PGINCR_S3_ENDPOINT_URL": client.meta.endpoint_url or "", "AWS_DEFAULT_REGION": client.meta.region_name
+                or "us-east-1"})
     creds = client._request_signer._credentials
     if creds is not None:
         fc = creds.get_frozen_credentials()
@@ -307,15 +419,21 @@ def configure_recovery(target_dir: Path, repo: Repository, cluster: str, target:
     chown_tree(target_dir / "recovery.signal", os_user)
 
 
-_STOP_RE = re.compile(r"recovery stopping (before|after) (.*)")
+# "recovery stopping before|after commit of transaction ..., time ...", "... after WAL location (LSN)
+# ...", "... after reaching consistency", "recovery stopping at restore point "name", time ..."
+_STOP_RE = re.compile(r"recovery stopping (before|after|at) (.*)")
 
 
 def restore_pitr(repo: Repository, cluster: str, target: RecoveryTarget, target_dir: str | os.PathLike, *,
                  backup_id: str | None = None, os_user: str | None = None, port: int | None = None,
                  verify: bool = True, keep_running: bool = False, checks: list[str] | None = None,
-                 timeout_s: float = 3600, allow_archive: bool = False, progress_interval: float = 10.0) -> dict:
+                 timeout_s: float = 3600, allow_archive: bool = False, progress_interval: float = 10.0,
+                 keep_failed: bool = False) -> dict:
     """Restore `cluster` to `target` in `target_dir`; returns the report (and the running server
-    under key 'server' when keep_running, for the caller to stop)."""
+    under key 'server' when keep_running, for the caller to stop). A failure after the checks
+    stops the server and removes everything the restore wrote (the target's contents, or the
+    target it created, and the log, pg_hba and socket beside it); the error keeps the server log's
+    relevant lines. `keep_failed` keeps it all for debugging (the error says where)."""
     validate_cluster(cluster)
     t0 = time.monotonic()
     meta = choose_backup(repo, cluster, target, backup_id)
@@ -327,24 +445,21 @@ def restore_pitr(repo: Repository, cluster: str, target: RecoveryTarget, target_
         repository_readable_by(repo.root, os_user)
     log.info("point-in-time restore of %s to %s %s (action %s) from backup %s; WAL available up to %s",
              cluster, target.kind, target.value or "", target.action, meta["backup_id"], win["end_lsn"])
-    res = restore_backup(repo, cluster, meta["backup_id"], target_path, verify=verify, os_user=os_user,
-                         progress_interval=progress_interval)
+    written = Footprint(target_path)
     srv = None
     try:
+        res = restore_backup(repo, cluster, meta["backup_id"], target_path, verify=verify, os_user=os_user,
+                             progress_interval=progress_interval, keep_failed=keep_failed)
         configure_recovery(target_path, repo, cluster, target, allow_archive=allow_archive, os_user=os_user)
         srv = PgServer(target_path, major=meta["pg_major"], port=port, os_user=os_user, listen="")
-        hba = target_path.parent / f"{target_path.name}.pg_hba.conf"
-        hba.write_text("local all all trust\n")
-        chown_tree(hba, os_user)
-        settings = dict(SCRATCH_SETTINGS, hba_file=str(hba))
+        settings = dict(SCRATCH_SETTINGS, hba_file=str(write_private_hba(target_path, os_user)))
         if not allow_archive:
             settings["archive_mode"] = "off"
         if meta["pg_major"] < 17:
             settings.pop("summarize_wal", None)
         report = _run_recovery(srv, settings, target, repo_env(repo), timeout_s)
-    except BaseException:
-        if srv is not None:
-            srv.stop("immediate")
+    except BaseException as e:
+        _after_failure(e, srv, written, keep_failed)
         raise
     report.update({"cluster": cluster, "backup_id": meta["backup_id"], "chain": res.get("chain"),
                    "target": target.to_dict(),
@@ -365,10 +480,37 @@ def restore_pitr(repo: Repository, cluster: str, target: RecoveryTarget, target_
     return report
 
 
+def _after_failure(e: BaseException, srv: PgServer | None, written: Footprint, keep_failed: bool) -> None:
+    """Stop the server, then remove what the restore wrote (or keep it, saying where); the error
+    message gets the server log's relevant lines first (the log itself goes)."""
+    if srv is not None:
+        srv.stop("immediate")
+    msg = str(e)
+    logtext = srv.log_file.read_text(errors="replace") if srv is not None and srv.log_file.exists() else ""
+    excerpt = _fatal_lines(logtext)
+    if excerpt and excerpt.splitlines()[0] not in msg:  # the log's lines are not in the error yet
+        msg += "\nserver log:\n" + excerpt
+    if keep_failed:
+        msg += f"\nkept for debugging (remove before retrying): {written.describe()}"
+    else:
+        written.discard()
+        msg += ("\nthe restore removed everything it wrote; keep_failed (--keep-failed) keeps it for debugging")
+    if isinstance(e, PgIncrError):
+        e.args = (msg,)
+    else:
+        log.error("restore failed: %s", msg)
+
+
 def _run_recovery(srv: PgServer, settings: dict, target: RecoveryTarget, env: dict, timeout_s: float) -> dict:
     from .pgconn import query_one
 
-    srv.start(settings, env=env, wait=target.action != "shutdown")
+    try:
+        srv.start(settings, env=env, wait=target.action != "shutdown")
+    except ServerError as e:  # recovery failed while pg_ctl waited: say why, cause first
+        cause = _fatal_lines(srv.log_file.read_text(errors="replace") if srv.log_file.exists() else "")
+        if "FATAL:" in cause.split("\n", 1)[0] or "PANIC:" in cause.split("\n", 1)[0]:
+            raise RestoreError("recovery failed: " + cause) from e
+        raise
     deadline = time.monotonic() + timeout_s
     conn = srv.local_conninfo()
     state = None
@@ -424,10 +566,28 @@ def _run_recovery(srv: PgServer, settings: dict, target: RecoveryTarget, env: di
     return report
 
 
+# FATAL lines of our own polling connections while the server starts or stops: not the cause
+_CONNECTION_NOISE = ("the database system is starting up", "not yet accepting connections",
+                     "the database system is shutting down", "the database system is in recovery mode")
+_CONTEXT = ("starting point-in-time recovery", "starting archive recovery", "recovery stopping", "restored log file",
+            "pgincr wal-fetch", "redo starts", "redo done", "last completed transaction", "consistent recovery state")
+
+
 def _fatal_lines(logtext: str) -> str:
-    lines = [ln for ln in logtext.splitlines() if any(k in ln for k in ("FATAL", "recovery stopping", "restored log",
-                                                                          "pgincr wal-fetch", "LOG:  redo"))]
-    return "\n".join(lines[-12:])
+    """What a failed recovery's log says, cause first: PostgreSQL's FATAL/PANIC lines (with their
+    DETAIL/HINT), then the last lines that say how far recovery got."""
+    lines = logtext.splitlines()
+    cause, follow = [], False
+    for ln in lines:
+        if ("FATAL:" in ln or "PANIC:" in ln) and not any(n in ln for n in _CONNECTION_NOISE):
+            cause.append(ln)
+            follow = True
+        elif follow and any(k in ln for k in ("DETAIL:", "HINT:", "CONTEXT:")):
+            cause.append(ln)
+        else:
+            follow = False
+    context = [ln for ln in lines if any(k in ln for k in _CONTEXT)]
+    return "\n".join(cause[-6:] + context[-8:])
 
 
 def plan_restore(repo: Repository, cluster: str, target: RecoveryTarget, backup_id: str | None = None) -> dict:

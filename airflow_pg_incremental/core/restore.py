@@ -118,8 +118,10 @@ def _extract_with_tarfile(repo: Repository, info: ObjectInfo, dest: Path, what: 
 
 
 def restore_backup(repo: Repository, cluster: str, backup_id: str | None, target_dir: str | os.PathLike, *,
-                   verify: bool = True, os_user: str | None = None, progress_interval: float = 10.0) -> dict:
-    """Restore backup `backup_id` ('latest' for the newest) of `cluster` into `target_dir`."""
+                   verify: bool = True, os_user: str | None = None, progress_interval: float = 10.0,
+                   keep_failed: bool = False) -> dict:
+    """Restore backup `backup_id` ('latest' for the newest) of `cluster` into `target_dir`. On
+    failure what it wrote is removed (kept with `keep_failed`, for debugging)."""
     validate_cluster(cluster)
     if backup_id not in (None, "latest"):
         validate_backup_id(backup_id)  # bad input is refused before any I/O
@@ -156,7 +158,8 @@ def restore_backup(repo: Repository, cluster: str, backup_id: str | None, target
         os.chmod(target, 0o700)
         chown_tree(target, os_user)
     except BaseException:
-        _undo(target, created)
+        if not keep_failed:
+            _undo(target, created)
         raise
     took = time.monotonic() - t0
     log.info("backup %s restored into %s in %.1f s%s", meta["backup_id"], target, took,
@@ -225,6 +228,37 @@ def _run(cmd):
     return subprocess.run(cmd, capture_output=True, text=True)
 
 
+# what starting a server on a restored copy writes beside its data directory (PgServer's defaults
+# and the private pg_hba of start_restored / restore_pitr)
+SIBLING_SUFFIXES = (".log", ".pg_hba.conf", ".sock")
+
+
+class Footprint:
+    """What a restore into `target` writes: the target (or its contents, when it existed) and the
+    files beside it that did not exist before. discard() removes exactly those."""
+
+    def __init__(self, target: Path):
+        self.target = target
+        self.created = not target.exists()
+        self.siblings = [p for p in (target.parent / f"{target.name}{s}" for s in SIBLING_SUFFIXES)
+                         if not os.path.lexists(p)]
+
+    def discard(self) -> None:
+        _undo(self.target, self.created)
+        self.discard_siblings()
+
+    def discard_siblings(self) -> None:
+        for p in self.siblings:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            elif os.path.lexists(p):
+                p.unlink(missing_ok=True)
+
+    def describe(self) -> str:
+        kept = [f"data directory {self.target}"] if self.target.exists() else []
+        return ", ".join(kept + [str(p) for p in self.siblings if os.path.lexists(p)]) or "nothing was written"
+
+
 def _undo(target: Path, created: bool) -> None:
     if not target.exists():
         return
@@ -249,24 +283,40 @@ SCRATCH_SETTINGS = {
 
 
 def start_restored(target_dir: str | os.PathLike, major: int, *, port: int | None = None,
-                   os_user: str | None = None, settings: dict | None = None, tcp: bool = False) -> PgServer:
+                   os_user: str | None = None, settings: dict | None = None, tcp: bool = False,
+                   keep_failed: bool = False) -> PgServer:
     """Start a server on a restored data directory: private unix socket, private pg_hba (local trust
-    only), archive_mode=off. Returns the running PgServer (call .stop())."""
+    only), archive_mode=off. Returns the running PgServer (call .stop()). When it does not start,
+    the files it wrote beside the data directory (pg_hba, socket directory, log: its tail is in the
+    error) are removed, unless `keep_failed`; the data directory is the caller's."""
     target = Path(target_dir)
     ensure_traversable(target.parent)
+    beside = Footprint(target)
     srv = PgServer(target, major=major, port=port, os_user=os_user, listen="127.0.0.1" if tcp else "")
+    try:
+        hba = write_private_hba(target, os_user, tcp=tcp)
+        s = dict(SCRATCH_SETTINGS)
+        s["hba_file"] = str(hba)
+        if major < 17:
+            s.pop("summarize_wal")
+        if tcp:
+            s["listen_addresses"] = "127.0.0.1"
+        s.update(settings or {})
+        srv.start(s)
+    except BaseException:
+        srv.stop("immediate")
+        if not keep_failed:
+            beside.discard_siblings()
+        raise
+    return srv
+
+
+def write_private_hba(target: Path, os_user: str | None, tcp: bool = False) -> Path:
+    """The pg_hba of a restored copy, beside its data directory: local trust only (and loopback)."""
     hba = target.parent / f"{target.name}.pg_hba.conf"
     hba.write_text("local all all trust\n" + ("host all all 127.0.0.1/32 trust\n" if tcp else ""))
     chown_tree(hba, os_user)
-    s = dict(SCRATCH_SETTINGS)
-    s["hba_file"] = str(hba)
-    if major < 17:
-        s.pop("summarize_wal")
-    if tcp:
-        s["listen_addresses"] = "127.0.0.1"
-    s.update(settings or {})
-    srv.start(s)
-    return srv
+    return hba
 
 
 def run_checks(srv: PgServer, checks: list[str], dbname: str = "postgres", user: str = "postgres") -> list[dict]:

@@ -144,6 +144,22 @@ def ensure_traversable(path: str | os.PathLike) -> None:
             os.chmod(parent, st.st_mode | 0o001)
 
 
+# what a server (and the restore_command / archive_command it runs) inherits from us: nothing that
+# could be a secret (PGPASSWORD, AWS keys, Airflow's connections ...), only locale, time zone and
+# where programs and temporary files are; the caller adds exactly what the server needs
+SERVER_ENV_ALLOWED = ("PATH", "LANG", "LANGUAGE", "TZ", "TMPDIR", "LD_LIBRARY_PATH", "PG_OOM_ADJUST_FILE",
+                      "PG_OOM_ADJUST_VALUE")
+
+
+def server_environment(extra: dict | None = None) -> dict:
+    """The environment of a PostgreSQL program we start: the allow-list above (and LC_*) from ours,
+    plus `extra` (e.g. the repository credentials the restore_command needs)."""
+    env = {k: v for k, v in os.environ.items() if k in SERVER_ENV_ALLOWED or k.startswith("LC_")}
+    env.setdefault("PATH", os.defpath)
+    env.update(extra or {})
+    return env
+
+
 class PgServer:
     """A PostgreSQL server on `data_dir`, listening on a private unix socket (and TCP if asked)."""
 
@@ -165,7 +181,7 @@ class PgServer:
              env: dict | None = None) -> subprocess.CompletedProcess:
         cmd = as_user([os.path.join(self.bindir, prog)] + args, self.os_user)
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                           env={**os.environ, **(env or {})}, cwd="/")
+                           env=server_environment(env), cwd="/")
         if check and r.returncode != 0:
             raise ServerError(f"{prog} failed (exit {r.returncode}): {r.stderr.strip() or r.stdout.strip()}")
         return r

@@ -40,7 +40,7 @@ class PgRestoreTestOperator(_PgBackupBase):
         self.timeout_s = timeout_s
 
     def execute(self, context: Context) -> dict:
-        from airflow_pg_incremental.core.errors import RestoreError
+        from airflow_pg_incremental.core.errors import TargetBeyondArchive
         from airflow_pg_incremental.core.pitr import parse_target, plan_restore
         from airflow_pg_incremental.core.restoretest import run_restore_test
 
@@ -52,13 +52,10 @@ class PgRestoreTestOperator(_PgBackupBase):
         note = None
         try:
             plan_restore(repo, self.cluster, target)
-        except RestoreError as e:
-            if "outside the recoverable window" in str(e) and "before the oldest" not in str(e):
-                note = f"{when} is beyond the archived WAL: testing the end of the archive instead ({e})"
-                self.log.warning("%s", note)
-                target = parse_target("latest")
-            else:
-                raise
+        except TargetBeyondArchive as e:
+            note = f"{when} is beyond the archived WAL: testing the end of the archive instead ({e})"
+            self.log.warning("%s", note)
+            target = parse_target("latest")
         rec = run_restore_test(repo, self.cluster, target, checks=list(self.checks), databases=self.databases,
                                amcheck=self.amcheck, catalog=self._catalog(), airflow=self._airflow_ids(context),
                                scratch_parent=self.scratch_dir, timeout_s=self.timeout_s)
