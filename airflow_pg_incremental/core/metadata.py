@@ -42,6 +42,20 @@ def object_info(meta: dict, name: str):
     return None
 
 
+def wal_span(meta: dict) -> tuple[int, int, str, str] | None:
+    """(timeline, segment size, first segment, last segment) of the WAL from the backup's start to
+    its stop; None when backup.json does not record them."""
+    from .lsn import DEFAULT_SEGMENT_SIZE, parse_lsn, wal_file_name, wal_file_name_ending
+
+    if not meta.get("start_lsn") or not meta.get("stop_lsn") or not meta.get("timeline"):
+        return None
+    seg = int(meta.get("wal_segment_size") or DEFAULT_SEGMENT_SIZE)
+    tli = int(meta["timeline"])
+    first = meta.get("start_wal_file") or wal_file_name(tli, parse_lsn(meta["start_lsn"]), seg)
+    last = meta.get("stop_wal_file") or wal_file_name_ending(tli, parse_lsn(meta["stop_lsn"]), seg)
+    return tli, seg, first, last
+
+
 def backups_prefix(cluster: str) -> str:
     return f"{validate_cluster(cluster)}/backups"
 

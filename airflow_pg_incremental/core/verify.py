@@ -62,14 +62,10 @@ from .errors import (
     RestoreError,
 )
 from .lsn import (
-    DEFAULT_SEGMENT_SIZE,
     format_lsn,
-    parse_lsn,
     segment_name,
     segno_of,
     timeline_of,
-    wal_file_name,
-    wal_file_name_ending,
 )
 from .metadata import (
     META_NAME,
@@ -81,6 +77,7 @@ from .metadata import (
     require_cluster,
     resolve_backup,
     unseal,
+    wal_span,
 )
 from .names import validate_cluster
 from .progress import CountingReader, Progress, human_bytes
@@ -411,18 +408,6 @@ def _segments(repo: Repository, cluster: str, cache: dict) -> dict[int, list[str
     return cache["segments"]
 
 
-def _wal_span(meta: dict) -> tuple[int, int, str, str] | None:
-    """(timeline, segment size, first segment, last segment) of the WAL from the backup's start to
-    its stop; None when backup.json does not record them."""
-    if not meta.get("start_lsn") or not meta.get("stop_lsn") or not meta.get("timeline"):
-        return None
-    seg = int(meta.get("wal_segment_size") or DEFAULT_SEGMENT_SIZE)
-    tli = int(meta["timeline"])
-    first = meta.get("start_wal_file") or wal_file_name(tli, parse_lsn(meta["start_lsn"]), seg)
-    last = meta.get("stop_wal_file") or wal_file_name_ending(tli, parse_lsn(meta["stop_lsn"]), seg)
-    return tli, seg, first, last
-
-
 def _wal_fix(cluster: str) -> str:
     return (f"Fix: capture the missing WAL now (`pgincr capture --cluster {cluster}`, or the cluster's hourly DAG) if "
             "the server still has it; otherwise set up WAL archiving (capture or archive_command) and take a new "
@@ -431,7 +416,7 @@ def _wal_fix(cluster: str) -> str:
 
 def _wal_check(repo: Repository, cluster: str, meta: dict, tail: bool, cache: dict) -> dict:
     bid = meta["backup_id"]
-    span = _wal_span(meta)
+    span = wal_span(meta)
     if span is None:
         return _check("wal", False, f"backup {bid}: backup.json records no start/stop LSN or timeline; the WAL "
                       "it needs cannot be determined")
@@ -537,18 +522,18 @@ def _read_segment(repo: Repository, cluster: str, name: str, seg: int, want_sha2
     try:
         data = fetch_bytes(repo, cluster, name, seg)
     except ObjectNotFound:
-        return {"problem": f"{key} was listed but can no longer be read (removed meanwhile?)", "header": None}
+        return {"problem": f"{key} was listed but can no longer be read (removed meanwhile?)", "read": False}
     except ChecksumMismatch as e:
-        return {"problem": str(e) if key in str(e) else f"{key}: {e}", "header": None}
+        return {"problem": str(e) if key in str(e) else f"{key}: {e}", "read": False}
     except Exception as e:  # e.g. a connection reset from S3
-        return {"problem": f"{key} cannot be read from {repo.url}: {type(e).__name__}: {e}", "header": None}
+        return {"problem": f"{key} cannot be read from {repo.url}: {type(e).__name__}: {e}", "read": False}
     problem = None
     if want_sha256:
         got = hashlib.sha256(data).hexdigest()
         if got != want_sha256:
             problem = (f"{key}: content SHA-256 {got[:16]}... differs from {want_sha256[:16]}... recorded in the "
                        "catalog when it was captured")
-    return {"problem": problem, "header": parse_long_page_header(data)}
+    return {"problem": problem, "read": True, "header": parse_long_page_header(data)}
 
 
 def _recorded_sha256(catalog, cluster: str, cache: dict) -> dict[str, str]:
@@ -590,9 +575,9 @@ def _wal_object_names(meta: dict, tail: bool, previous: dict | None, segs: dict[
     """The archived segments a backup vouches for, on its timeline: from the stop of the previous
     backup on that timeline (or its own start) to its stop, for the newest of a chain to the
     newest archived segment."""
-    tli, seg, first, last = _wal_span(meta)
+    tli, seg, first, last = wal_span(meta)
     lo, hi = segno_of(first, seg), segno_of(last, seg)
-    prev_span = _wal_span(previous) if previous else None
+    prev_span = wal_span(previous) if previous else None
     if prev_span and prev_span[0] == tli and prev_span[1] == seg:
         lo = min(lo, segno_of(prev_span[3], seg))
     names = segs.get(tli, [])
@@ -604,9 +589,9 @@ def _wal_object_names(meta: dict, tail: bool, previous: dict | None, segs: dict[
 def _wal_objects_check(repo: Repository, cluster: str, meta: dict, tail: bool, cache: dict, catalog,
                        progress_interval: float) -> dict | None:
     bid = meta["backup_id"]
-    if _wal_span(meta) is None:
+    if wal_span(meta) is None:
         return None  # the 'wal' check says so
-    seg = _wal_span(meta)[1]
+    seg = wal_span(meta)[1]
     names = _wal_object_names(meta, tail, cache.get("previous", {}).get(bid), _segments(repo, cluster, cache))
     if not names:
         return None  # nothing archived in its range: the 'wal' check fails
@@ -616,11 +601,12 @@ def _wal_objects_check(repo: Repository, cluster: str, meta: dict, tail: bool, c
     bad = []
     for n in names:
         r = cache["objects"][n]
-        problem = r["problem"] or segment_header_problem(r["header"], n, seg,
-                                                         system_identifier=meta.get("system_identifier"),
-                                                         pg_major=meta.get("pg_major"))
-        if problem:
-            bad.append((n, problem))
+        problems = [r["problem"]]
+        if r["read"]:  # decompressed: what it holds (also when its SHA-256 differs, to tell what it is)
+            problems.append(segment_header_problem(r["header"], n, seg, system_identifier=meta.get("system_identifier"),
+                                                   pg_major=meta.get("pg_major")))
+        if any(problems):
+            bad.append((n, "; ".join(p for p in problems if p)))
     if not bad:
         return _check("wal_objects", True, f"{len(names)} archived segment(s) {names[0]} .. {names[-1]} read: zstd "
                       f"checksums, sizes and page headers (system identifier, position, timeline) match "
@@ -629,7 +615,7 @@ def _wal_objects_check(repo: Repository, cluster: str, meta: dict, tail: bool, c
 
     first = bad[0][0]
     who = ("from a backup older than this one (this backup starts later and does not need it)"
-           if segno_of(first, seg) < segno_of(_wal_span(meta)[2], seg) else "from this backup and from any older one")
+           if segno_of(first, seg) < segno_of(wal_span(meta)[2], seg) else "from this backup and from any older one")
     listed = "; ".join(f"{n}: {p}" for n, p in bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
     return _check("wal_objects", False, (
         f"backup {bid}: {len(bad)} of {len(names)} archived WAL segment(s) it relies on are unusable: {listed}. "
