@@ -21,8 +21,10 @@ For each backup:
   WAL while the server still has it, else a new full backup once archiving works).
 - **wal_objects** (with ``check_wal``; a check of its own, so that damage is told apart from WAL
   not archived yet): every archived segment the backup vouches for is read and checked: from the
-  stop of the backup that started before it on its timeline (or its own start) to its stop, for
-  the newest of a chain up to the newest archived segment of its timeline. Each object must be one
+  stop of the backup that started just before it (when on the same timeline; else from its own
+  start) to its stop, for the newest of a chain up to the newest archived segment of its timeline
+  (so the WAL archived between two backups is read when the later one is verified, even when the
+  earlier one is skipped as verified already). Each object must be one
   whole zstd frame with a matching content checksum, decompress to exactly the segment size, match
   the raw SHA-256 the catalog recorded at capture (when there is one), and carry in its long page
   header (XLogLongPageHeaderData) the backup's system identifier, its own start address, a
