@@ -504,7 +504,11 @@ def wal_beyond_archive(conn: ConnInfo, newest_segment: str | None) -> dict:
 
 def check_continuity(repo: Repository, cluster: str, *, catalog=None, fail_on_gap: bool = True) -> dict:
     """Gaps in the archive from the oldest complete backup's start to the newest WAL, timeline
-    switches and missing history files; archived segments are (re)recorded in the catalog."""
+    switches and missing history files, and every backup's WAL from its start to its stop segment
+    on its timeline (in particular the newest backup's stop segment: an archive that ends before it
+    has no gap, yet no point-in-time recovery from that backup is possible). A gap or unarchived
+    backup WAL older than the newest backup's start is reported but does not fail. Archived
+    segments are (re)recorded in the catalog."""
     from .metadata import list_backups, require_cluster
     from .wal import WalGap, continuity, list_segments
 
@@ -516,8 +520,8 @@ def check_continuity(repo: Repository, cluster: str, *, catalog=None, fail_on_ga
     rep = continuity(repo, cluster, from_lsn=start, timeline=(oldest or {}).get("timeline"), segment_size=seg)
     rep["oldest_backup"] = oldest["backup_id"] if oldest else None
     rep["backups"] = len(backups)
+    segs = list_segments(repo, cluster)
     if catalog is not None:
-        segs = list_segments(repo, cluster)
         catalog.record_wal(cluster, [{"name": n} for names in segs.values() for n in names], method="scan",
                            segment_size=seg)
     # a gap older than the newest backup's start no longer breaks recovery to now (the advice below,
@@ -538,6 +542,15 @@ def check_continuity(repo: Repository, cluster: str, *, catalog=None, fail_on_ga
         problems.append(f"{len(fatal)} missing segment(s), first {fatal[0]}")
     if rep["missing_history"]:
         problems.append(f"missing timeline history: {', '.join(rep['missing_history'])}")
+    rep["backups_without_wal"] = _backups_without_wal(backups, segs)
+    for b in rep["backups_without_wal"]:
+        b["fails"] = newest_seg is None or segno_of(b["last_missing"], seg) >= newest_seg
+        if b["fails"]:
+            problems.append(_unarchived_backup_wal(cluster, b))
+        else:
+            log.warning("WAL of the older backup %s is not all archived (%s): point-in-time recovery from it is "
+                        "impossible; recovery from the newest backup %s is unaffected", b["backup_id"],
+                        ", ".join(b["missing"][:3]), newest["backup_id"])
     rep["problems"] = problems
     rep["ok"] = not problems
     rep["timelines"] = {str(k): v for k, v in rep["timelines"].items()}
@@ -552,3 +565,31 @@ def check_continuity(repo: Repository, cluster: str, *, catalog=None, fail_on_ga
                  rep["timelines"] and min(v["first"] for v in rep["timelines"].values()),
                  rep["timelines"] and max(v["last"] for v in rep["timelines"].values()))
     return rep
+
+
+def _backups_without_wal(backups: list[dict], segs: dict[int, list[str]]) -> list[dict]:
+    """The backups whose WAL from start to stop segment is not all archived on their timeline."""
+    from .metadata import wal_span
+
+    out = []
+    for b in backups:
+        span = wal_span(b)
+        if span is None:
+            continue
+        tli, seg, first, last = span
+        have = {segno_of(n, seg) for n in segs.get(tli, [])}
+        missing = [segment_name(tli, s, seg) for s in range(segno_of(first, seg), segno_of(last, seg) + 1)
+                   if s not in have]
+        if missing:
+            out.append({"backup_id": b["backup_id"], "timeline": tli, "first": first, "last": last,
+                        "missing": missing[:100], "missing_count": len(missing), "last_missing": missing[-1]})
+    return out
+
+
+def _unarchived_backup_wal(cluster: str, b: dict) -> str:
+    what = (f"its stop segment {b['last']} is not archived" if b["last_missing"] == b["last"] else
+            f"segment(s) {', '.join(b['missing'][:3])} are not archived")
+    return (f"backup {b['backup_id']}'s WAL ({b['first']} .. {b['last']}, timeline {b['timeline']}) is not all in the "
+            f"archive: {what} ({b['missing_count']} missing), so no point-in-time recovery from it is possible. Capture "
+            f"WAL now: `pgincr capture --cluster {cluster}` / the hourly DAG, if the server still has it; otherwise "
+            "take a new full backup once archiving works")

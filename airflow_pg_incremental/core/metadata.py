@@ -6,7 +6,11 @@
     <cluster>/backups/<backup-id>/backup.json           written last: the backup exists once it does
 
 A backup directory without backup.json is incomplete: never listed, never restored, and removed
-by `cleanup_incomplete`.
+by `cleanup_incomplete`. A backup.json that cannot be read (bad JSON, checksum) is *damaged*: it
+is left out of listings, but 'latest' (and a point-in-time target the damaged backup may serve)
+refuses rather than silently falling back to an older backup (`DamagedBackup`, naming the
+`--backup-id` that restores without it). Backup ids sort by time (20261121T124048Z-F), so a
+damaged backup's position is known from its directory name.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import re
 
 from .errors import BackupNotFound, ChecksumMismatch, ClusterNotFound, ObjectNotFound
 from .names import validate_backup_id, validate_cluster
@@ -35,6 +40,20 @@ def object_info(meta: dict, name: str):
         if o["key"].rsplit("/", 1)[-1] == name:
             return ObjectInfo.from_dict(o)
     return None
+
+
+def wal_span(meta: dict) -> tuple[int, int, str, str] | None:
+    """(timeline, segment size, first segment, last segment) of the WAL from the backup's start to
+    its stop; None when backup.json does not record them."""
+    from .lsn import DEFAULT_SEGMENT_SIZE, parse_lsn, wal_file_name, wal_file_name_ending
+
+    if not meta.get("start_lsn") or not meta.get("stop_lsn") or not meta.get("timeline"):
+        return None
+    seg = int(meta.get("wal_segment_size") or DEFAULT_SEGMENT_SIZE)
+    tli = int(meta["timeline"])
+    first = meta.get("start_wal_file") or wal_file_name(tli, parse_lsn(meta["start_lsn"]), seg)
+    last = meta.get("stop_wal_file") or wal_file_name_ending(tli, parse_lsn(meta["stop_lsn"]), seg)
+    return tli, seg, first, last
 
 
 def backups_prefix(cluster: str) -> str:
@@ -96,19 +115,99 @@ def list_backup_ids(repo: Repository, cluster: str) -> list[str]:
     return repo.list_dirs(backups_prefix(cluster))
 
 
+class DamagedBackup(ChecksumMismatch):
+    """A backup whose backup.json cannot be read may be the one asked for ('latest', or the
+    backup a point-in-time target needs): refused, never silently replaced by an older backup."""
+
+    def __init__(self, message: str, backup_id: str, fallback_id: str | None = None):
+        super().__init__(message)
+        self.backup_id = backup_id
+        self.fallback_id = fallback_id
+
+
+def _read_meta(repo: Repository, cluster: str, bid: str) -> dict | None:
+    """backup.json of `bid`; None when the directory has none (an incomplete or running backup);
+    ChecksumMismatch when it cannot be read."""
+    key = f"{backups_prefix(cluster)}/{bid}/{META_NAME}"
+    try:
+        return unseal(repo.get_bytes(key), key)
+    except ObjectNotFound:
+        return None
+
+
 def list_backups(repo: Repository, cluster: str) -> list[dict]:
-    """Complete backups of `cluster`, oldest first. Damaged metadata is logged and skipped."""
+    """Complete backups of `cluster`, oldest first. Damaged metadata is logged and skipped (see
+    `refuse_damaged_newer` for the commands that must not skip it)."""
     out = []
     for bid in list_backup_ids(repo, cluster):
-        key = f"{backups_prefix(cluster)}/{bid}/{META_NAME}"
         try:
-            out.append(unseal(repo.get_bytes(key), key))
-        except ObjectNotFound:
-            continue  # incomplete
+            meta = _read_meta(repo, cluster, bid)
         except ChecksumMismatch as e:
             log.error("skipping backup %s: %s", bid, e)
+            continue
+        if meta is not None:
+            out.append(meta)
     out.sort(key=lambda m: (m.get("started_at", ""), m["backup_id"]))
     return out
+
+
+_ID_TIME_RE = re.compile(r"^(\d{8}T\d{6}Z)(?:[.-]|$)")
+
+
+def backup_id_time(backup_id: str) -> dt.datetime | None:
+    """When a backup started, from its id (20261121T124048Z-F); None for an id of another form."""
+    m = _ID_TIME_RE.match(backup_id)
+    if not m:
+        return None
+    try:
+        return dt.datetime.strptime(m.group(1), "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.timezone.utc)
+    except ValueError:
+        return None
+
+
+def _maybe_newer(bid: str, chosen: dict) -> bool:
+    """Whether backup `bid` may have started after `chosen` (True when its id tells no time)."""
+    t, tc = backup_id_time(bid), backup_id_time(chosen["backup_id"])
+    if t is None or tc is None:
+        return bid != chosen["backup_id"]
+    return (t, bid) > (tc, chosen["backup_id"])
+
+
+def damaged_backups(repo: Repository, cluster: str, newer_than: dict | None = None) -> list[tuple[str, str]]:
+    """[(backup id, problem)] of the backup directories whose backup.json cannot be read, oldest
+    first; with `newer_than`, only those that may be newer than that backup (only their
+    backup.json is read)."""
+    out = []
+    for bid in list_backup_ids(repo, cluster):
+        if newer_than is not None and not _maybe_newer(bid, newer_than):
+            continue
+        try:
+            _read_meta(repo, cluster, bid)
+        except ChecksumMismatch as e:
+            out.append((bid, str(e)))
+    return out
+
+
+def refuse_damaged_newer(repo: Repository, cluster: str, chosen: dict, *, what: str = "'latest'",
+                         until: str | dt.datetime | None = None) -> dict:
+    """`chosen` (the newest readable backup fitting a request), unless a backup whose backup.json
+    cannot be read may be newer (and, with `until`, started at or before that time): then
+    DamagedBackup, naming it and the `--backup-id` that restores `chosen` explicitly."""
+    damaged = damaged_backups(repo, cluster, newer_than=chosen)
+    if until is not None:
+        limit = dt.datetime.fromisoformat(until) if isinstance(until, str) else until
+        damaged = [(b, p) for b, p in damaged if (backup_id_time(b) or limit) <= limit]
+    if not damaged:
+        return chosen
+    bid, problem = damaged[-1]
+    raise DamagedBackup(
+        f"backup {bid} of cluster {cluster!r} cannot be read ({problem}); it is newer than backup "
+        f"{chosen['backup_id']}, the one {what} would otherwise use, so {what} is refused instead of silently "
+        f"using an older backup. To restore without it, name the older backup explicitly: --backup-id "
+        f"{chosen['backup_id']} (backup_id='{chosen['backup_id']}' in a DAG). To repair: restore "
+        f"{backup_prefix(cluster, bid)}/{META_NAME} from a copy of the repository, or take a new full backup "
+        f"(then 'latest' is that one); `pgincr verify --cluster {cluster} --backup-id {bid}` shows the damage",
+        bid, chosen["backup_id"])
 
 
 def list_clusters(repo: Repository) -> list[str]:
@@ -129,12 +228,20 @@ def require_cluster(repo: Repository, cluster: str) -> None:
 
 
 def resolve_backup(repo: Repository, cluster: str, backup_id: str | None) -> dict:
-    """'latest' / None -> newest complete backup."""
+    """'latest' / None -> newest complete backup; DamagedBackup when the newest backup directory
+    holding a backup.json cannot be read (never an older backup in its place)."""
     if backup_id is None or backup_id == "latest":
         backups = list_backups(repo, cluster)
         if not backups:
+            damaged = damaged_backups(repo, cluster)
+            if damaged:
+                bid, problem = damaged[-1]
+                raise DamagedBackup(
+                    f"backup {bid} of cluster {cluster!r} cannot be read ({problem}), and the cluster has no other "
+                    f"complete backup in {repo.url}: restore {backup_prefix(cluster, bid)}/{META_NAME} from a copy "
+                    "of the repository, or take a new full backup", bid)
             raise BackupNotFound(f"cluster {cluster!r} has no complete backup in {repo.url}; take a full backup first")
-        return backups[-1]
+        return refuse_damaged_newer(repo, cluster, backups[-1])
     return load_backup(repo, cluster, backup_id)
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from .binaries import find_program
 from .errors import ConfigError, ObjectNotFound, PgIncrError, RestoreError, ServerError, TargetBeyondArchive
 from .lsn import format_lsn, parse_lsn, segment_name, segno_of
-from .metadata import list_backups, load_backup, require_cluster
+from .metadata import list_backups, load_backup, refuse_damaged_newer, require_cluster
 from .names import _check, validate_cluster
 from .repository import LocalRepository, Repository, S3Repository
 from .restore import SCRATCH_SETTINGS, Footprint, check_target_dir, restore_backup, write_private_hba
@@ -163,7 +163,7 @@ def choose_backup(repo: Repository, cluster: str, target: RecoveryTarget, backup
     if skipped:
         log.info("backups on an abandoned timeline branch, not usable for this target: %s", ", ".join(skipped))
     if target.kind in ("latest", "immediate"):
-        return usable[-1]
+        return refuse_damaged_newer(repo, cluster, usable[-1], what=f"target {target.kind}")
     fits = [b for b in usable if _before(b, target, repo, cluster)]
     if not fits:
         oldest = usable[0]
@@ -172,7 +172,8 @@ def choose_backup(repo: Repository, cluster: str, target: RecoveryTarget, backup
             f"({oldest['backup_id']}: {oldest.get('finished_at')}, LSN {oldest.get('stop_lsn')})"
             f"{' among those on the timeline path' if skipped else ''}; the recoverable "
             f"window starts there")
-    return fits[-1]
+    return refuse_damaged_newer(repo, cluster, fits[-1], what=f"target {target.kind} {target.value}",
+                                until=target.value if target.kind == "time" else None)
 
 
 def _before(meta: dict, target: RecoveryTarget, repo: Repository, cluster: str) -> bool:

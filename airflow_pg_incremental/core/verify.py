@@ -17,7 +17,23 @@ For each backup:
   and, for the newest backup of a chain, the archive is continuous from its stop to the newest
   archived segment of its timeline. Backups carry their own WAL (``-X fetch``) and restore without
   the archive, so a failed 'wal' check means point-in-time recovery from (or across) the backup is
-  impossible, not that the backup is damaged; the message says so.
+  impossible, not that the backup is damaged; the message says so, and names the fix (capture the
+  WAL while the server still has it, else a new full backup once archiving works).
+- **wal_objects** (with ``check_wal``; a check of its own, so that damage is told apart from WAL
+  not archived yet): every archived segment the backup vouches for is read and checked: from the
+  stop of the backup that started just before it (when on the same timeline; else from its own
+  start) to its stop, for the newest of a chain up to the newest archived segment of its timeline
+  (so the WAL archived between two backups is read when the later one is verified, even when the
+  earlier one is skipped as verified already). Each object must be one
+  whole zstd frame with a matching content checksum, decompress to exactly the segment size, match
+  the raw SHA-256 the catalog recorded at capture (when there is one), and carry in its long page
+  header (XLogLongPageHeaderData) the backup's system identifier, its own start address, a
+  timeline at most its own and the segment size: a valid segment of another cluster or position
+  stored under this name is caught too. Each segment is read once per run, however many backups
+  need it, by a few threads (``WAL_READERS``; zstd and SHA-256 release the GIL; one segment in
+  memory per thread), with progress lines (segments, MiB/s). A failure names the damaged
+  segment(s), the consequence (recovery past it is impossible) and the fix (archive the server's
+  copy again, else a new full backup).
 
 Each verified backup gets a row in the catalog's ``verifications`` table (ok, checks, error,
 Airflow ids). With ``only_unverified`` the backups whose last verification passed are skipped.
@@ -26,13 +42,16 @@ No Airflow import here.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
+import struct
 import subprocess
 import tarfile
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from .binaries import find_program
@@ -45,21 +64,22 @@ from .errors import (
     RestoreError,
 )
 from .lsn import (
-    DEFAULT_SEGMENT_SIZE,
-    parse_lsn,
+    format_lsn,
     segment_name,
     segno_of,
-    wal_file_name,
-    wal_file_name_ending,
+    timeline_of,
 )
 from .metadata import (
     META_NAME,
+    DamagedBackup,
     backups_prefix,
     list_backup_ids,
+    list_backups,
     load_backup,
     require_cluster,
     resolve_backup,
     unseal,
+    wal_span,
 )
 from .names import validate_cluster
 from .progress import CountingReader, Progress, human_bytes
@@ -130,12 +150,12 @@ def verify_backup(repo: Repository, cluster: str, backup_id: str | None = None, 
 
     for bid, msg in broken:
         finish(bid, _damaged_metadata_result(bid, msg))
-    wal_cache: dict = {}
+    wal_cache: dict = {"previous": _previous_backups(repo, cluster, todo) if check_wal and todo else {}}
     for n, meta in enumerate(todo, start=1):
         log.info("backup %s (%s, %d of %d): verifying", meta["backup_id"], meta.get("kind"), n, len(todo))
         finish(meta["backup_id"], _verify_one(
             repo, cluster, meta, verifybackup=verifybackup[int(meta["pg_major"])], check_wal=check_wal,
-            tail=meta["backup_id"] in newest_of_chain, staging_parent=staging, wal_cache=wal_cache,
+            tail=meta["backup_id"] in newest_of_chain, staging_parent=staging, wal_cache=wal_cache, catalog=catalog,
             progress_interval=progress_interval))
     out["duration_s"] = round(time.monotonic() - t0, 3)
     if out["failed"]:
@@ -179,6 +199,8 @@ def _select(repo: Repository, cluster: str, backup_id: str | None, chain: bool) 
         return metas, broken
     try:
         meta = resolve_backup(repo, cluster, backup_id)  # unknown id: BackupNotFound, raised
+    except DamagedBackup as e:  # 'latest' is a backup that cannot be read: it fails, no older one stands in
+        return [], [(e.backup_id, str(e))]
     except ChecksumMismatch as e:
         return [], [(backup_id, str(e))]
     if not chain or meta.get("kind", "full") == "full":
@@ -210,6 +232,19 @@ def _newest_of_chains(selected: list[dict], backup_id: str | None) -> set[str]:
     return set(newest.values())
 
 
+def _previous_backups(repo: Repository, cluster: str, todo: list[dict]) -> dict[str, dict]:
+    """For each backup to verify, the complete backup of the cluster that started just before it
+    (any chain): the WAL between the two is vouched for by the later one."""
+    every = list_backups(repo, cluster)  # oldest first
+    ids = [b["backup_id"] for b in every]
+    out = {}
+    for m in todo:
+        i = ids.index(m["backup_id"]) if m["backup_id"] in ids else 0
+        if i > 0:
+            out[m["backup_id"]] = every[i - 1]
+    return out
+
+
 def _damaged_metadata_result(backup_id: str, message: str) -> dict:
     return {"kind": None, "ok": False, "duration_s": 0.0,
             "checks": [{"name": "metadata", "ok": False,
@@ -221,7 +256,7 @@ def _check(name: str, ok: bool | None, detail: str, **extra) -> dict:
 
 
 def _verify_one(repo: Repository, cluster: str, meta: dict, *, verifybackup: str, check_wal: bool, tail: bool,
-                staging_parent: Path, wal_cache: dict, progress_interval: float) -> dict:
+                staging_parent: Path, wal_cache: dict, progress_interval: float, catalog=None) -> dict:
     bid = meta["backup_id"]
     t0 = time.monotonic()
     checks = []
@@ -237,6 +272,12 @@ def _verify_one(repo: Repository, cluster: str, meta: dict, *, verifybackup: str
             checks.append(_wal_check(repo, cluster, meta, tail, wal_cache))
         except Exception as e:  # e.g. the repository cannot be listed
             checks.append(_check("wal", False, f"backup {bid}: the WAL archive could not be checked: {e}"))
+        try:
+            checks.append(_wal_objects_check(repo, cluster, meta, tail, wal_cache, catalog, progress_interval))
+        except Exception as e:
+            checks.append(_check("wal_objects", False, f"backup {bid}: the archived WAL could not be read: "
+                                 f"{type(e).__name__}: {e}"))
+        checks = [c for c in checks if c is not None]
     ok = all(c["ok"] is not False for c in checks) and any(c["ok"] for c in checks)
     return {"kind": meta.get("kind"), "ok": ok, "duration_s": round(time.monotonic() - t0, 3), "checks": checks}
 
@@ -359,6 +400,8 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
 
 
 # ------------------------------------------------------------------------------------------
+# The WAL archive: which segments a backup needs ('wal'), and what they hold ('wal_objects')
+
 def _segments(repo: Repository, cluster: str, cache: dict) -> dict[int, list[str]]:
     if "segments" not in cache:
         from .wal import list_segments
@@ -367,16 +410,19 @@ def _segments(repo: Repository, cluster: str, cache: dict) -> dict[int, list[str
     return cache["segments"]
 
 
+def _wal_fix(cluster: str) -> str:
+    return (f"Fix: capture the missing WAL now (`pgincr capture --cluster {cluster}`, or the cluster's hourly DAG) if "
+            "the server still has it; otherwise set up WAL archiving (capture or archive_command) and take a new "
+            "full backup, whose point-in-time recovery needs only WAL archived after it")
+
+
 def _wal_check(repo: Repository, cluster: str, meta: dict, tail: bool, cache: dict) -> dict:
     bid = meta["backup_id"]
-    if not meta.get("start_lsn") or not meta.get("stop_lsn") or not meta.get("timeline"):
+    span = wal_span(meta)
+    if span is None:
         return _check("wal", False, f"backup {bid}: backup.json records no start/stop LSN or timeline; the WAL "
                       "it needs cannot be determined")
-    seg = int(meta.get("wal_segment_size") or DEFAULT_SEGMENT_SIZE)
-    tli = int(meta["timeline"])
-    start, stop = parse_lsn(meta["start_lsn"]), parse_lsn(meta["stop_lsn"])
-    first = meta.get("start_wal_file") or wal_file_name(tli, start, seg)
-    last = meta.get("stop_wal_file") or wal_file_name_ending(tli, stop, seg)
+    tli, seg, first, last = span
     segs = _segments(repo, cluster, cache)
     consequence = ("the backup itself is consistent and restores on its own (its WAL was included with -X fetch), "
                    "but the archive is not continuous through it: point-in-time recovery from this backup is refused "
@@ -384,8 +430,8 @@ def _wal_check(repo: Repository, cluster: str, meta: dict, tail: bool, cache: di
                    "replay across this range")
     if not segs:
         return _check("wal", False, f"backup {bid}: the WAL archive of cluster {cluster} in {repo.url} holds no "
-                      f"segment at all (needed: {first} .. {last}, timeline {tli}): {consequence}. Capture or archive "
-                      "WAL, or verify with check_wal off when the cluster has no WAL archive")
+                      f"segment at all (needed: {first} .. {last}, timeline {tli}): {consequence}. {_wal_fix(cluster)}; "
+                      "or verify with check_wal off when the cluster has no WAL archive")
     have = {segno_of(n, seg) for n in segs.get(tli, [])}
     missing = [segment_name(tli, s, seg) for s in range(segno_of(first, seg), segno_of(last, seg) + 1)
                if s not in have]
@@ -393,7 +439,7 @@ def _wal_check(repo: Repository, cluster: str, meta: dict, tail: bool, cache: di
         names = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         return _check("wal", False, f"backup {bid}: WAL segment(s) {names} between its start {meta['start_lsn']} and "
                       f"stop {meta['stop_lsn']} (timeline {tli}, segments {first} .. {last}) are missing from the WAL "
-                      f"archive: {consequence}", missing=missing[:100])
+                      f"archive: {consequence}. {_wal_fix(cluster)}", missing=missing[:100])
     detail = f"segments {first} .. {last} archived"
     if tail:
         from .wal import continuity
@@ -407,7 +453,7 @@ def _wal_check(repo: Repository, cluster: str, meta: dict, tail: bool, cache: di
             return _check("wal", False, f"backup {bid}: WAL segment {gap} after its stop {meta['stop_lsn']} is missing "
                           f"from the WAL archive while newer WAL up to {newest} (timeline {tli}) is archived: the "
                           f"backup restores on its own, but point-in-time recovery from it can reach only LSN "
-                          f"{cont.get('end_lsn') or meta['stop_lsn']}", missing=[gap])
+                          f"{cont.get('end_lsn') or meta['stop_lsn']}. {_wal_fix(cluster)}", missing=[gap])
         detail += f"; continuous from its stop to {end} (LSN {cont['end_lsn']}), the newest on timeline {tli}"
         newer = sorted(t for t in segs if t > tli)
         if newer:
@@ -416,3 +462,168 @@ def _wal_check(repo: Repository, cluster: str, meta: dict, tail: bool, cache: di
                           else "") + ")")
     return _check("wal", True, detail)
 
+
+# -- wal_objects ---------------------------------------------------------------------------
+# XLogLongPageHeaderData, the first 40 bytes of every WAL segment (little-endian): xlp_magic,
+# xlp_info, xlp_tli, xlp_pageaddr, xlp_rem_len (then padding), xlp_sysid, xlp_seg_size,
+# xlp_xlog_blcksz
+_LONG_PAGE_HEADER = struct.Struct("<HHIQI4xQII")
+XLP_LONG_HEADER = 0x0002
+XLP_ALL_FLAGS = 0x000F
+XLOG_PAGE_MAGIC = {15: 0xD110, 16: 0xD113, 17: 0xD116, 18: 0xD118}
+WAL_READERS = min(4, (os.cpu_count() or 2) + 1)  # threads reading WAL objects (zstd and SHA-256 release the GIL)
+
+
+def parse_long_page_header(data: bytes) -> dict | None:
+    if len(data) < _LONG_PAGE_HEADER.size:
+        return None
+    magic, info, tli, pageaddr, rem_len, sysid, seg_size, blcksz = _LONG_PAGE_HEADER.unpack_from(data)
+    return {"magic": magic, "info": info, "tli": tli, "pageaddr": pageaddr, "rem_len": rem_len, "sysid": sysid,
+            "seg_size": seg_size, "blcksz": blcksz}
+
+
+def segment_header_problem(header: dict | None, name: str, seg: int, *, system_identifier=None,
+                           pg_major=None) -> str | None:
+    """Why the segment stored as `name` is not that segment of this cluster (its long page header
+    names another database system, position, timeline or format), or None."""
+    if header is None:
+        return "shorter than a WAL page header"
+    want_magic = XLOG_PAGE_MAGIC.get(int(pg_major)) if pg_major else None
+    if want_magic is not None and header["magic"] != want_magic:
+        return (f"not a PostgreSQL {pg_major} WAL segment (page magic 0x{header['magic']:04X}, expected "
+                f"0x{want_magic:04X})")
+    if want_magic is None and header["magic"] >> 8 not in (0xD0, 0xD1):
+        return f"not a WAL segment (page magic 0x{header['magic']:04X})"
+    problems = []
+    if not header["info"] & XLP_LONG_HEADER or header["info"] & ~XLP_ALL_FLAGS:
+        problems.append(f"its first page has no long page header (xlp_info 0x{header['info']:04X})")
+    if system_identifier and str(header["sysid"]) != str(system_identifier):
+        problems.append(f"it belongs to another database system (system identifier {header['sysid']}, the "
+                        f"backup's is {system_identifier})")
+    own = segno_of(name, seg) * seg
+    if header["pageaddr"] != own:
+        problems.append(f"it holds the WAL of LSN {format_lsn(header['pageaddr'])} (segment "
+                        f"{segment_name(timeline_of(name), header['pageaddr'] // seg, seg)}), not of its own position "
+                        f"LSN {format_lsn(own)}")
+    if not 1 <= header["tli"] <= timeline_of(name):
+        problems.append(f"its page header names timeline {header['tli']}, impossible in a segment of timeline "
+                        f"{timeline_of(name)}")
+    if header["seg_size"] != seg:
+        problems.append(f"its header gives a segment size of {header['seg_size']} bytes, not {seg}")
+    if header["blcksz"] not in (1024, 2048, 4096, 8192, 16384, 32768, 65536):
+        problems.append(f"its header gives an impossible WAL block size {header['blcksz']}")
+    return "; ".join(problems) or None
+
+
+def _read_segment(repo: Repository, cluster: str, name: str, seg: int, want_sha256: str | None) -> dict:
+    """Read one archived segment: whole zstd frame with its checksum, exact size, the SHA-256
+    recorded at capture (when there is one), its long page header. Holds one segment in memory."""
+    from .wal import fetch_bytes, wal_key
+
+    key = wal_key(cluster, name)
+    try:
+        data = fetch_bytes(repo, cluster, name, seg)
+    except ObjectNotFound:
+        return {"problem": f"{key} was listed but can no longer be read (removed meanwhile?)", "read": False}
+    except ChecksumMismatch as e:
+        return {"problem": str(e) if key in str(e) else f"{key}: {e}", "read": False}
+    except Exception as e:  # e.g. a connection reset from S3
+        return {"problem": f"{key} cannot be read from {repo.url}: {type(e).__name__}: {e}", "read": False}
+    problem = None
+    if want_sha256:
+        got = hashlib.sha256(data).hexdigest()
+        if got != want_sha256:
+            problem = (f"{key}: content SHA-256 {got[:16]}... differs from {want_sha256[:16]}... recorded in the "
+                       "catalog when it was captured")
+    return {"problem": problem, "read": True, "header": parse_long_page_header(data)}
+
+
+def _recorded_sha256(catalog, cluster: str, cache: dict) -> dict[str, str]:
+    """The raw SHA-256 of segments as recorded by pull capture in the catalog ({} without one)."""
+    if "recorded" not in cache:
+        cache["recorded"] = {}
+        if catalog is not None and hasattr(catalog, "_select"):
+            try:
+                rows = catalog._select("SELECT segment, raw_sha256 FROM {s}.wal_segments WHERE cluster = %s AND "
+                                       "raw_sha256 IS NOT NULL", (cluster,))
+                cache["recorded"] = {r["segment"]: r["raw_sha256"] for r in rows}
+            except Exception as e:
+                log.warning("the catalog's WAL checksums could not be read (%s): WAL objects are checked by their "
+                            "zstd checksums, sizes and page headers only", e)
+    return cache["recorded"]
+
+
+def _read_wal_objects(repo: Repository, cluster: str, names: list[str], seg: int, cache: dict, recorded: dict,
+                      what: str, progress_interval: float) -> None:
+    """Read the segments not read yet in this run, in parallel; results into cache['objects']."""
+    objects = cache.setdefault("objects", {})
+    todo = [n for n in names if n not in objects]
+    if not todo:
+        return
+    progress = Progress(what, len(todo) * seg, log, progress_interval)
+    pool = ThreadPoolExecutor(max_workers=WAL_READERS, thread_name_prefix="pgincr-verify-wal")
+    try:
+        futures = {pool.submit(_read_segment, repo, cluster, n, seg, recorded.get(n)): n for n in todo}
+        for done, fut in enumerate(as_completed(futures), start=1):
+            objects[futures[fut]] = fut.result()
+            progress.extra = f"{done} of {len(todo)} segment(s)"
+            progress.add(seg)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    progress.finish()
+
+
+def _wal_object_names(meta: dict, tail: bool, previous: dict | None, segs: dict[int, list[str]]) -> list[str]:
+    """The archived segments a backup vouches for, on its timeline: from the stop of the previous
+    backup on that timeline (or its own start) to its stop, for the newest of a chain to the
+    newest archived segment."""
+    tli, seg, first, last = wal_span(meta)
+    lo, hi = segno_of(first, seg), segno_of(last, seg)
+    prev_span = wal_span(previous) if previous else None
+    if prev_span and prev_span[0] == tli and prev_span[1] == seg:
+        lo = min(lo, segno_of(prev_span[3], seg))
+    names = segs.get(tli, [])
+    if tail and names:
+        hi = max(hi, segno_of(names[-1], seg))
+    return [n for n in names if lo <= segno_of(n, seg) <= hi]
+
+
+def _wal_objects_check(repo: Repository, cluster: str, meta: dict, tail: bool, cache: dict, catalog,
+                       progress_interval: float) -> dict | None:
+    bid = meta["backup_id"]
+    if wal_span(meta) is None:
+        return None  # the 'wal' check says so
+    seg = wal_span(meta)[1]
+    names = _wal_object_names(meta, tail, cache.get("previous", {}).get(bid), _segments(repo, cluster, cache))
+    if not names:
+        return None  # nothing archived in its range: the 'wal' check fails
+    t0 = time.monotonic()
+    _read_wal_objects(repo, cluster, names, seg, cache, _recorded_sha256(catalog, cluster, cache),
+                      f"backup {bid}: reading WAL objects {names[0]} .. {names[-1]}", progress_interval)
+    bad = []
+    for n in names:
+        r = cache["objects"][n]
+        problems = [r["problem"]]
+        if r["read"]:  # decompressed: what it holds (also when its SHA-256 differs, to tell what it is)
+            problems.append(segment_header_problem(r["header"], n, seg, system_identifier=meta.get("system_identifier"),
+                                                   pg_major=meta.get("pg_major")))
+        if any(problems):
+            bad.append((n, "; ".join(p for p in problems if p)))
+    if not bad:
+        return _check("wal_objects", True, f"{len(names)} archived segment(s) {names[0]} .. {names[-1]} read: zstd "
+                      f"checksums, sizes and page headers (system identifier, position, timeline) match "
+                      f"({time.monotonic() - t0:.1f} s)", segments=len(names))
+    from .wal import wal_key
+
+    first = bad[0][0]
+    who = ("from a backup older than this one (this backup starts later and does not need it)"
+           if segno_of(first, seg) < segno_of(wal_span(meta)[2], seg) else "from this backup and from any older one")
+    listed = "; ".join(f"{n}: {p}" for n, p in bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+    return _check("wal_objects", False, (
+        f"backup {bid}: {len(bad)} of {len(names)} archived WAL segment(s) it relies on are unusable: {listed}. "
+        f"A restore replaying them fails: point-in-time recovery past LSN {format_lsn(segno_of(first, seg) * seg)} "
+        f"(into segment {first}) is impossible {who}. Fix: if the server still "
+        f"has the segment(s) in its pg_wal, delete the damaged object(s) (e.g. {wal_key(cluster, first)}) and archive "
+        f"them again from there (`pgincr wal-push --cluster {cluster} <data directory>/pg_wal/{first}`); otherwise "
+        "take a new full backup now (recovery from it does not need this WAL)"),
+        segments=len(names), damaged=[n for n, _ in bad][:100])

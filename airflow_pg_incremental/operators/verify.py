@@ -17,7 +17,9 @@ class PgBackupVerifyOperator(_PgBackupBase):
     """Verifies backups in the repository without touching the database server: every object is
     re-read (sizes, SHA-256, zstd checksums), the base is staged in a temporary directory and
     checked by ``pg_verifybackup`` (removed afterwards), and with ``check_wal`` the WAL archive is
-    checked to cover each backup (and the newest backup's end up to the newest archived segment).
+    checked to cover each backup (and the newest backup's end up to the newest archived segment),
+    and every archived segment in that range is read (zstd checksum, size, page header: system
+    identifier, position, timeline).
     Each result is recorded in the catalog (``catalog_conn_id``) when one is configured.
 
     ``backup_id`` (templated): one backup, e.g. ``"{{ ti.xcom_pull(task_ids='full_backup')['backup_id'] }}"``,
@@ -28,7 +30,8 @@ class PgBackupVerifyOperator(_PgBackupBase):
     or set ``check_wal=False``.
 
     Fails when any check fails, naming the backup and the object or check; damaged objects fail
-    without retry (AirflowFailException), WAL gaps and unrecorded results with AirflowException.
+    (damaged WAL objects and unreadable metadata included) without retry (AirflowFailException),
+    WAL gaps (a late capture may fill them) and unrecorded results with AirflowException.
     XCom: {cluster, verified, failed, skipped, duration_s}.
     """
 

@@ -7,13 +7,14 @@ from __future__ import annotations
 import io
 import os
 import stat
+import struct
 import tarfile
 from pathlib import Path
 
 import pytest
 
 from airflow_pg_incremental.core import verify as V
-from airflow_pg_incremental.core.codec import CompressingReader
+from airflow_pg_incremental.core.codec import CompressingReader, compress_bytes
 from airflow_pg_incremental.core.errors import BackupNotFound, ConfigError
 from airflow_pg_incremental.core.metadata import META_NAME, backup_prefix, write_meta
 from airflow_pg_incremental.core.wal import wal_key
@@ -21,6 +22,7 @@ from tests.unit.fakes import new_repo
 
 SEG = 16 * 1024 * 1024
 CL = "vc"
+SYSID = 7712132246622886859
 
 
 class FakeCatalog:
@@ -96,6 +98,7 @@ def _backup(repo, bid, *, kind="full", parent=None, segno=3, nseg=1, started="20
             "parent_id": parent["backup_id"] if parent else None,
             "chain_root_id": (parent.get("chain_root_id") or parent["backup_id"]) if parent else bid,
             "status": "complete", "started_at": started, "pg_major": 18, "timeline": 1, "wal_segment_size": SEG,
+            "system_identifier": str(SYSID),
             "start_lsn": f"0/{segno * SEG + 0x28:X}", "stop_lsn": f"0/{(segno + nseg - 1) * SEG + 0x120:X}",
             "start_wal_file": f"00000001000000000000{segno:04X}",
             "stop_wal_file": f"00000001000000000000{segno + nseg - 1:04X}", "objects": objects}
@@ -103,9 +106,16 @@ def _backup(repo, bid, *, kind="full", parent=None, segno=3, nseg=1, started="20
     return meta
 
 
-def _wal(repo, *segnos):
+def _segment(segno, *, tli=1, sysid=SYSID, pageaddr=None, magic=0xD118) -> bytes:
+    """A WAL segment as PostgreSQL 18 writes it: its long page header, then (here) zeros."""
+    header = struct.pack("<HHIQI4xQII", magic, 0x0002, tli, segno * SEG if pageaddr is None else pageaddr, 0,
+                         sysid, SEG, 8192)
+    return header + bytes(SEG - len(header))
+
+
+def _wal(repo, *segnos, **kw):
     for s in segnos:
-        repo.put_bytes(wal_key(CL, f"00000001000000000000{s:04X}"), b"x")
+        repo.put_bytes(wal_key(CL, f"00000001000000000000{s:04X}"), compress_bytes(_segment(s, **kw)))
 
 
 def _flip(repo, key, at=None):
@@ -124,7 +134,11 @@ def test_good_backup_verifies_and_is_recorded(env):
                           airflow={"dag_id": "d", "run_id": "r"})
     assert res["verified"] == [m["backup_id"]] and res["failed"] == [] and res["skipped"] == []
     checks = {c["name"]: c for c in res["results"][0]["checks"]}
-    assert list(checks) == ["objects", "pg_verifybackup", "wal"] and all(c["ok"] for c in checks.values())
+    assert list(checks) == ["objects", "pg_verifybackup", "wal", "wal_objects"]
+    assert all(c["ok"] for c in checks.values())
+    # every segment from its start to the newest archived one was read (not segment 2, before its start)
+    assert checks["wal_objects"]["segments"] == 3 and "000000010000000000000003 .. 000000010000000000000005" in \
+        checks["wal_objects"]["detail"]
     assert [o["key"] for o in checks["objects"]["objects"]] == [o["key"] for o in m["objects"]]
     assert "newest on timeline 1" in checks["wal"]["detail"] and "000000010000000000000005" in checks["wal"]["detail"]
     assert env["state"]["calls"][0][:2] == [env["progs"]["ok"], "--quiet"]  # WAL parsing on for a full
@@ -253,8 +267,8 @@ def test_wal_checks(env):
     [fail] = res["failed"]
     assert fail["check"] == "wal" and "000000010000000000000004 between its start" in fail["message"]
     assert "restores on its own" in fail["message"] and "point-in-time recovery" in fail["message"]
-    # only the objects and pg_verifybackup passed
-    assert [c["ok"] for c in res["results"][0]["checks"]] == [True, True, False]
+    # only the objects, pg_verifybackup and the archived segments there passed
+    assert [c["ok"] for c in res["results"][0]["checks"]] == [True, True, False, True]
     _wal(repo, 4)
     res = V.verify_backup(repo, CL, f["backup_id"], staging_parent=env["stage"])
     [fail] = res["failed"]
@@ -313,6 +327,9 @@ def test_operator_contract(monkeypatch):
     with pytest.raises(AirflowFailException, match="FAILED for 1 backup.s.: objects check: checksum mismatch for "
                                                    "c1/backups/B1/x"):
         op.execute({})
+    result["failed"] = [{"backup_id": "B1", "check": "wal_objects", "message": "backup B1: segment X is damaged"}]
+    with pytest.raises(AirflowFailException, match="wal_objects check: backup B1: segment X is damaged"):
+        op.execute({})  # damaged WAL does not heal on a retry
     result["failed"] = [{"backup_id": "B1", "check": "wal", "message": "segment missing"}]
     with pytest.raises(AirflowException, match="backup B1: wal check: segment missing") as e:
         op.execute({})
@@ -321,3 +338,137 @@ def test_operator_contract(monkeypatch):
     result["catalog_errors"] = ["B1: connection refused"]
     with pytest.raises(AirflowException, match="could not be recorded"):
         op.execute({})
+
+
+# -- wal_objects: every archived segment a backup vouches for is read --------------------------------------------
+def _seg_name(segno):
+    return f"00000001000000000000{segno:04X}"
+
+
+def _wal_fail(res, bid):
+    r = next(r for r in res["results"] if r["backup_id"] == bid)
+    return next(c for c in r["checks"] if c["name"] == "wal_objects")
+
+
+def test_wal_objects_damage_of_every_kind_is_named(env):
+    repo = env["repo"]
+    f = _backup(repo, "20260101T000000Z-F", segno=3, nseg=2)  # vouches for 3..4, and (newest) up to 8
+    _wal(repo, 3, 4, 5, 6, 7, 8)
+    assert V.verify_backup(repo, CL, f["backup_id"], staging_parent=env["stage"])["failed"] == []
+    # 4: a flipped byte (zstd frame checksum); 5: its checksum cut off (an incomplete frame);
+    # 6: a valid segment of another cluster; 7: a valid segment of another position; 8: PostgreSQL 17's
+    _flip(repo, wal_key(CL, _seg_name(4)), at=30)
+    p = repo.root / wal_key(CL, _seg_name(5))
+    p.write_bytes(p.read_bytes()[:-4])
+    repo.put_bytes(wal_key(CL, _seg_name(6)), compress_bytes(_segment(6, sysid=SYSID + 1)))
+    repo.put_bytes(wal_key(CL, _seg_name(7)), compress_bytes(_segment(2)))
+    repo.put_bytes(wal_key(CL, _seg_name(8)), compress_bytes(_segment(8, magic=0xD116)))
+    res = V.verify_backup(repo, CL, f["backup_id"], staging_parent=env["stage"])
+    assert [(x["backup_id"], x["check"]) for x in res["failed"]] == [(f["backup_id"], "wal_objects")]
+    check = _wal_fail(res, f["backup_id"])
+    assert check["damaged"] == [_seg_name(s) for s in (4, 5, 6, 7, 8)]
+    msg = check["detail"]
+    assert f"{wal_key(CL, _seg_name(4))}: damaged zstd data" in msg
+    assert f"{wal_key(CL, _seg_name(5))}: truncated zstd data" in msg
+    assert f"{_seg_name(6)}: it belongs to another database system (system identifier {SYSID + 1}, the backup's " \
+           f"is {SYSID})" in msg
+    assert f"{_seg_name(7)}: it holds the WAL of LSN 0/2000000 (segment {_seg_name(2)}), not of its own position " \
+           "LSN 0/7000000" in msg
+    assert f"{_seg_name(8)}: not a PostgreSQL 18 WAL segment (page magic 0xD116, expected 0xD118)" in msg
+    assert "point-in-time recovery past LSN 0/4000000 (into segment 000000010000000000000004) is impossible" in msg
+    assert f"pgincr wal-push --cluster {CL}" in msg and "take a new full backup" in msg
+    # the other checks are untouched: the backup restores on its own
+    r = res["results"][0]
+    assert {c["name"]: c["ok"] for c in r["checks"]} == {"objects": True, "pg_verifybackup": True, "wal": True,
+                                                          "wal_objects": False}
+
+
+def test_segment_header_checks():
+    hdr = V.parse_long_page_header(_segment(5))
+    name = _seg_name(5)
+    assert V.segment_header_problem(hdr, name, SEG, system_identifier=str(SYSID), pg_major=18) is None
+    assert V.parse_long_page_header(b"short") is None
+    assert "shorter than" in V.segment_header_problem(None, name, SEG)
+    # a later timeline's segment may begin with its parent's pages (the switch segment), not a newer one's
+    assert V.segment_header_problem(V.parse_long_page_header(_segment(5, tli=1)), "000000020000000000000005",
+                                    SEG) is None
+    p = V.segment_header_problem(V.parse_long_page_header(_segment(5, tli=3)), "000000020000000000000005", SEG)
+    assert "names timeline 3, impossible in a segment of timeline 2" in p
+    assert "not a WAL segment" in V.segment_header_problem(V.parse_long_page_header(bytes(64)), name, SEG)
+    # an unknown major version: any plausible magic
+    assert V.segment_header_problem(V.parse_long_page_header(_segment(5, magic=0xD120)), name, SEG, pg_major=19) \
+        is None
+
+
+def test_wal_objects_read_once_in_parallel_with_progress_and_catalog_checksums(env, monkeypatch, caplog):
+    import hashlib
+    import logging
+    import threading
+
+    repo = env["repo"]
+    f = _backup(repo, "20260101T000000Z-F", segno=3)
+    i1 = _backup(repo, "20260101T010000Z-I", kind="incremental", parent=f, segno=6, started="2026-01-01T01:00:00")
+    i2 = _backup(repo, "20260101T020000Z-I", kind="incremental", parent=i1, segno=9, started="2026-01-01T02:00:00")
+    _wal(repo, *range(3, 13))
+    reads, threads = [], set()
+    orig = V._read_segment
+
+    def counting(*a):
+        reads.append(a[2])
+        threads.add(threading.current_thread().name)
+        return orig(*a)
+
+    monkeypatch.setattr(V, "_read_segment", counting)
+
+    class Cat(FakeCatalog):
+        def _select(self, sql, params):
+            assert "raw_sha256" in sql and params == (CL,)
+            return [{"segment": _seg_name(10), "raw_sha256": hashlib.sha256(b"another content").hexdigest()},
+                    {"segment": _seg_name(11), "raw_sha256": hashlib.sha256(_segment(11)).hexdigest()}]
+
+    with caplog.at_level(logging.INFO, logger="airflow_pg_incremental.core.verify"):
+        res = V.verify_backup(repo, CL, None, catalog=Cat(), staging_parent=env["stage"], progress_interval=0)
+    # each segment once, though the newest backup's range overlaps the others' (the WAL between two
+    # backups is vouched for by the later one)
+    assert sorted(reads) == [_seg_name(s) for s in range(3, 13)]
+    assert all(t.startswith("pgincr-verify-wal") for t in threads)
+    # progress: segments done and the rate, per backup for the segments it reads first
+    assert "backup 20260101T020000Z-I: reading WAL objects 000000010000000000000006 .. 00000001000000000000000C" \
+        in caplog.text and "6 of 6 segment(s) (done in" in caplog.text and "MiB/s" in caplog.text
+    assert [(x["backup_id"], x["check"]) for x in res["failed"]] == [(i2["backup_id"], "wal_objects")]
+    msg = res["failed"][0]["message"]
+    assert f"{wal_key(CL, _seg_name(10))}: content SHA-256" in msg and "recorded in the catalog" in msg
+    assert _seg_name(11) not in msg
+    assert _wal_fail(res, i1["backup_id"])["segments"] == 4  # 3 .. 6: from the full's stop on
+    assert _wal_fail(res, i2["backup_id"])["segments"] == 7  # 6 .. 12: to the newest archived
+
+
+def test_wal_objects_before_the_backup_start_concern_older_backups(env):
+    repo = env["repo"]
+    f = _backup(repo, "20260101T000000Z-F", segno=3)
+    g = _backup(repo, "20260101T010000Z-F", segno=6, started="2026-01-01T01:00:00")
+    _wal(repo, *range(3, 8))
+    _flip(repo, wal_key(CL, _seg_name(4)), at=30)
+    res = V.verify_backup(repo, CL, g["backup_id"], staging_parent=env["stage"])
+    [fail] = res["failed"]
+    assert fail["check"] == "wal_objects" and _seg_name(4) in fail["message"]
+    assert "from a backup older than this one" in fail["message"]
+    assert f["backup_id"] not in res["verified"]  # a full's chain is itself
+
+
+def test_damaged_latest_fails_verify_instead_of_an_older_backup(env):
+    repo = env["repo"]
+    old = _backup(repo, "20260101T000000Z-F")
+    new = _backup(repo, "20260102T000000Z-F", started="2026-01-02T00:00:00")
+    _wal(repo, 3)
+    key = f"{backup_prefix(CL, new['backup_id'])}/{META_NAME}"
+    (repo.root / key).write_bytes((repo.root / key).read_bytes()[:-20])
+    repo.put_bytes(f"{backup_prefix(CL, '20260103T000000Z-F')}/in_progress.json", b"{}")  # running: ignored
+    cat = FakeCatalog()
+    for bid in ("latest", None):
+        res = V.verify_backup(repo, CL, bid or "latest", catalog=cat, staging_parent=env["stage"])
+        assert res["verified"] == [] and old["backup_id"] not in [r["backup_id"] for r in res["results"]]
+        assert [(x["backup_id"], x["check"]) for x in res["failed"]] == [(new["backup_id"], "metadata")]
+        msg = res["failed"][0]["message"]
+        assert key in msg and f"--backup-id {old['backup_id']}" in msg
+    assert cat.rows[-1]["backup_id"] == new["backup_id"] and cat.rows[-1]["ok"] is False
