@@ -3,6 +3,7 @@ small JSON dict as XCom."""
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -26,7 +27,9 @@ class StopsEngineOnKill:
         self.log.warning("Task killed: stopped %d server(s), killed %d child program(s), removed %d scratch "
                          "director(ies) the engine had started%s", done["servers"], done["children"], done["dirs"],
                          f"; errors: {'; '.join(done['errors'])}" if done["errors"] else "")
-        if threading.current_thread() is threading.main_thread():
+        # not when an exception is on its way out already: the task runner calls on_kill from its
+        # `except AirflowTaskTimeout` too (execution_timeout), and that timeout must stay what fails the task
+        if threading.current_thread() is threading.main_thread() and sys.exc_info()[1] is None:
             from airflow.sdk.exceptions import AirflowTaskTerminated
 
             raise AirflowTaskTerminated(f"task {self.task_id} was killed; what it had started was stopped")

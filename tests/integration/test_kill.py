@@ -52,14 +52,19 @@ def backed_up(pg, workdir):
 
 
 @pytest.fixture
-def engine_registry(pg):
-    """The session's own PostgreSQL is the test session's, not the code under test's: a
-    terminate_all() in this process must not stop it. Afterwards the process may start servers again."""
+def engine_registry():
+    """What other fixtures started (the session's PostgreSQL ...) belongs to them, not to the code
+    under test: a terminate_all() in this process must not stop it. Set aside for the test, given
+    back afterwards, and the process may start servers again."""
     from airflow_pg_incremental.core import procs
 
-    procs.release(pg.server)
+    saved = [dict(r) for r in (procs._servers, procs._children, procs._dirs)]
+    for r in (procs._servers, procs._children, procs._dirs):
+        r.clear()
     yield procs
     procs.reset()
+    for r, before in zip((procs._servers, procs._children, procs._dirs), saved):
+        r.update(before)
 
 
 @pytest.fixture
@@ -130,6 +135,25 @@ def test_restore_test_on_kill_from_another_thread(backed_up, engine_registry, sc
     assert time.monotonic() - seen["at"] < 10, "execute went on after on_kill"
     assert seen["after_on_kill"] == {"postgres": [], "entries": []}
     assert leftovers(scratch_parent) == {"postgres": [], "entries": []}
+
+
+def test_on_kill_after_an_execution_timeout_keeps_the_timeout(engine_registry, tmp_path):
+    """The task runner calls on_kill() in `except AirflowTaskTimeout:` (execution_timeout): it
+    cleans up, and the timeout (which may be retried) stays the task's error."""
+    from airflow.sdk.exceptions import AirflowTaskTimeout
+
+    from airflow_pg_incremental.operators.backup import PgBaseBackupOperator
+
+    op = PgBaseBackupOperator(task_id="full_backup", cluster="c", postgres_conn_id="x", repository=str(tmp_path))
+    leftover = engine_registry.register_dir(tmp_path / "scratch")
+    leftover.mkdir()
+    with pytest.raises(AirflowTaskTimeout):
+        try:
+            raise AirflowTaskTimeout()
+        except AirflowTaskTimeout:
+            op.on_kill()
+            raise
+    assert not leftover.exists() and engine_registry.terminated()
 
 
 def test_killed_backup_is_not_published(pg, repo, engine_registry):
