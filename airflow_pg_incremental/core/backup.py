@@ -14,6 +14,7 @@ import tempfile
 import time
 
 from .. import __version__
+from . import procs
 from .binaries import find_program, major_from_version_num
 from .codec import CompressingReader, PipeReader
 from .errors import BackupFailed, ConfigError, PgIncrError, ServerError
@@ -170,6 +171,7 @@ def take_backup(conn: ConnInfo, repo: Repository, cluster: str, *, kind: str = "
     log.info("running: %s", " ".join(cmd))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr_file, env={**os.environ, **conn.env()},
                             cwd="/")
+    procs.register_child(proc)  # killed by procs.terminate_all (a killed task): the backup then fails
     scanner = TarScanner()
     progress = Progress(f"{kind} backup {backup_id}", facts["size_estimate"], log, progress_interval)
 
@@ -246,6 +248,7 @@ def take_backup(conn: ConnInfo, repo: Repository, cluster: str, *, kind: str = "
             raise BackupFailed(f"backup {backup_id} failed: {conn.redact(str(e))}") from e
         raise
     finally:
+        procs.forget_child(proc)
         pipe.close()
         stderr_file.close()
         if parent_manifest is not None:

@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 import time
 
+from . import procs
 from .binaries import find_program, major_from_version_num
 from .errors import ConfigError, ServerError, SlotRetentionExceeded, WalCaptureError
 from .lsn import format_lsn, parse_lsn, segment_name, segno_of
@@ -269,6 +270,7 @@ def capture_wal_pull(conn: ConnInfo, repo: Repository, cluster: str, *, slot: st
 
     staging = tempfile.mkdtemp(prefix=f"pgincr-recv-{cluster}-", dir=staging_parent)
     t0 = time.monotonic()
+    proc = None
     try:
         # placeholder: a sparse '<start segment>.partial' of the right size makes pg_receivewal stream
         # from the beginning of that segment (a complete placeholder of segment 0 would be ignored)
@@ -282,6 +284,7 @@ def capture_wal_pull(conn: ConnInfo, repo: Repository, cluster: str, *, slot: st
         with open(err_path, "wb") as err:
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, **conn.env()},
                                     cwd=staging)
+        procs.register_child(proc)  # killed by procs.terminate_all: the capture then fails
         uploaded: set[str] = set()
         last_log = time.monotonic()
         deadline = time.monotonic() + timeout_s
@@ -319,6 +322,8 @@ def capture_wal_pull(conn: ConnInfo, repo: Repository, cluster: str, *, slot: st
                 raise classify_connect_error(conn, msg)
             raise WalCaptureError(f"pg_receivewal failed (exit {proc.returncode}): {msg}")
     finally:
+        if proc is not None:
+            procs.forget_child(proc)
         shutil.rmtree(staging, ignore_errors=True)
     # everything up to target is stored: check, then let the server recycle it
     segs = list_segments(repo, cluster)

@@ -8,11 +8,11 @@ reached, the checks and the outcome are recorded in the catalog.
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 import time
 from pathlib import Path
 
+from . import procs
 from .pitr import RecoveryTarget, parse_target, restore_pitr
 from .repository import Repository
 
@@ -39,6 +39,7 @@ def run_restore_test(repo: Repository, cluster: str, target: RecoveryTarget | No
     target = target or parse_target("latest")
     os_user = os_user if os_user is not None else default_os_user()
     scratch = Path(tempfile.mkdtemp(prefix=f"pgincr-restoretest-{cluster}-", dir=scratch_parent))
+    procs.register_dir(scratch)  # removed, with the server in it, by procs.terminate_all (a killed task)
     scratch.chmod(0o755)
     t0 = time.monotonic()
     rec = {"cluster": cluster, "ok": False, "target_kind": target.kind, "target_value": target.value,
@@ -71,7 +72,8 @@ def run_restore_test(repo: Repository, cluster: str, target: RecoveryTarget | No
     finally:
         if srv is not None:
             srv.stop("immediate")
-        shutil.rmtree(scratch, ignore_errors=True)
+        procs.remove_dir(scratch)  # and a server still running in it, e.g. one whose start was interrupted
+        procs.forget_dir(scratch)
     if catalog is not None:
         try:
             catalog.record_restore_test(**rec)

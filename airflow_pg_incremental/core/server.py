@@ -16,6 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from . import procs
 from .binaries import find_program
 from .errors import ConfigError, ServerError
 from .pgconn import ConnInfo
@@ -176,6 +177,7 @@ class PgServer:
         self.log_file = Path(log_file) if log_file else base / f"{self.data_dir.name}.log"
         self.bindir = server_bindir(major, os_user)
         self.started = False
+        self.starting = False
 
     def _run(self, prog: str, args: list[str], check: bool = True, timeout: float = 300,
              env: dict | None = None) -> subprocess.CompletedProcess:
@@ -202,6 +204,15 @@ class PgServer:
         s.update(extra or {})
         return s
 
+    def _start_args(self, settings: dict | None, timeout: int, wait: bool) -> list[str]:
+        opts = " ".join(f"-c {k}={_quote_opt(v)}" for k, v in self.settings(settings).items())
+        return ["-D", str(self.data_dir), "-l", str(self.log_file), "-o", opts, "-w" if wait else "-W", "-t",
+                str(timeout), "start"]
+
+    def start_command(self, settings: dict | None = None) -> list[str]:
+        """The command line that starts this server as start() does (to tell a user how to start it)."""
+        return as_user([os.path.join(self.bindir, "pg_ctl"), *self._start_args(settings, 120, True)], self.os_user)
+
     def start(self, settings: dict | None = None, timeout: int = 120, env: dict | None = None,
               wait: bool = True) -> None:
         make_user_dir(self.socket_dir, self.os_user)
@@ -209,22 +220,28 @@ class PgServer:
         if not self.log_file.exists():
             self.log_file.touch()
         chown_tree(self.log_file, self.os_user)
-        opts = " ".join(f"-c {k}={_quote_opt(v)}" for k, v in self.settings(settings).items())
-        r = self._run("pg_ctl", ["-D", str(self.data_dir), "-l", str(self.log_file), "-o", opts,
-                                 "-w" if wait else "-W", "-t", str(timeout), "start"], check=False,
-                      timeout=timeout + 30, env=env)
+        procs.register_server(self)  # before pg_ctl: a kill during the start finds it
+        self.starting = True
+        try:
+            r = self._run("pg_ctl", self._start_args(settings, timeout, wait), check=False, timeout=timeout + 30,
+                          env=env)
+        finally:
+            self.starting = False
         if r.returncode != 0:
+            procs.forget_server(self)
             tail = self.log_tail()
             raise ServerError(f"PostgreSQL did not start on {self.data_dir} (port {self.port}): "
                               f"{r.stderr.strip() or r.stdout.strip()}\nserver log:\n{tail}")
         self.started = True
+        if procs.terminated():  # killed while pg_ctl was starting it
+            self.stop("immediate")
+            procs.check_running()
 
     def stop(self, mode: str = "fast") -> None:
-        if not (self.data_dir / "postmaster.pid").exists():
-            self.started = False
-            return
-        self._run("pg_ctl", ["-D", str(self.data_dir), "-m", mode, "-w", "-t", "120", "stop"], check=False)
+        if (self.data_dir / "postmaster.pid").exists():
+            self._run("pg_ctl", ["-D", str(self.data_dir), "-m", mode, "-w", "-t", "120", "stop"], check=False)
         self.started = False
+        procs.forget_server(self)
 
     def log_tail(self, n: int = 30) -> str:
         try:

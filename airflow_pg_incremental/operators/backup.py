@@ -3,13 +3,39 @@ small JSON dict as XCom."""
 
 from __future__ import annotations
 
+import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
 from airflow.sdk import BaseOperator, Context
 
 
-class _PgBackupBase(BaseOperator):
+class StopsEngineOnKill:
+    """on_kill for operators that run the engine: Airflow's supervisor stops a task with SIGTERM,
+    whose handler calls on_kill() in the task's main thread and then lets execute() go on. The
+    PostgreSQL servers the engine started (restores, restore tests) run in a session of their own
+    and would outlive the task, so: stop every server and child program the engine started in this
+    process, remove its scratch directories (core.procs.terminate_all), then, in the main thread,
+    raise AirflowTaskTerminated so that execute() ends at once (its own cleanup runs on the way
+    out). From another thread, the engine refuses to start anything more instead."""
+
+    def on_kill(self) -> None:
+        from airflow_pg_incremental.core import procs
+
+        done = procs.terminate_all(f"task {self.task_id} killed")
+        self.log.warning("Task killed: stopped %d server(s), killed %d child program(s), removed %d scratch "
+                         "director(ies) the engine had started%s", done["servers"], done["children"], done["dirs"],
+                         f"; errors: {'; '.join(done['errors'])}" if done["errors"] else "")
+        # not when an exception is on its way out already: the task runner calls on_kill from its
+        # `except AirflowTaskTimeout` too (execution_timeout), and that timeout must stay what fails the task
+        if threading.current_thread() is threading.main_thread() and sys.exc_info()[1] is None:
+            from airflow.sdk.exceptions import AirflowTaskTerminated
+
+            raise AirflowTaskTerminated(f"task {self.task_id} was killed; what it had started was stopped")
+
+
+class _PgBackupBase(StopsEngineOnKill, BaseOperator):
     template_fields: Sequence[str] = ("cluster", "postgres_conn_id", "repository", "aws_conn_id", "catalog_conn_id")
     ui_color = "#d3e4f5"
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from airflow.sdk import BaseOperator, Context
 
-from airflow_pg_incremental.operators.backup import _PgBackupBase
+from airflow_pg_incremental.operators.backup import StopsEngineOnKill, _PgBackupBase
 
 
 def _fail(msg: str):
@@ -70,7 +70,7 @@ class PgRestoreTestOperator(_PgBackupBase):
         return out
 
 
-class PgRestoreOperator(BaseOperator):
+class PgRestoreOperator(StopsEngineOnKill, BaseOperator):
     """On-demand restore, driven by the restore DAG's params form. Every value is validated and
     the restore is planned (backup, chain, WAL range, window) before anything is touched; a dry run
     stops there and prints the plan. The restored copy is left stopped in `destination`, at the
@@ -131,13 +131,17 @@ class PgRestoreOperator(BaseOperator):
         if dry:
             self.log.info("dry run: nothing restored")
             return small
+        from airflow_pg_incremental.core import procs
         from airflow_pg_incremental.core.server import default_os_user
 
+        procs.register_dir(dest, keep_root=dest.exists())  # a killed restore leaves nothing in it
         try:
             rep = restore_pitr(repo, self.cluster, target, dest, backup_id=backup_id, timeout_s=self.timeout_s,
                                os_user=default_os_user())
         except PgIncrError as e:
             raise _fail(f"restore of {self.cluster} failed: {e}") from None
+        finally:
+            procs.forget_dir(dest)
         small.update({k: rep.get(k) for k in ("state", "reached_lsn", "stopped_at", "restore_seconds")})
         return small
 
