@@ -146,6 +146,7 @@ def cmd_info(args) -> int:
         list_clusters,
         require_cluster,
     )
+    from .core.metadata import damaged_backups
     from .core.progress import human_bytes
     from .core.wal import continuity, list_history
 
@@ -175,9 +176,8 @@ def cmd_info(args) -> int:
             "timelines": {str(k): {kk: v[kk] for kk in ("first", "last", "count", "missing_count")}
                           for k, v in cont["timelines"].items()},
             "history": list_history(repo, cl), "gaps": cont["gaps"][:20], "missing_history": cont["missing_history"],
-            "continuous": cont["ok"],
-            "window": {"from_backup": bl[0]["backup_id"], "start_lsn": bl[0]["stop_lsn"],
-                       "start_time": bl[0]["finished_at"], "end_lsn": cont["end_lsn"]} if bl else None}
+            "continuous": cont["ok"], "window": _window(repo, cl, backups)}
+        out["clusters"][cl]["damaged"] = [{"backup_id": b, "problem": p} for b, p in damaged_backups(repo, cl)]
     cat = _catalog(args)
     if cat is not None:
         for cl, d in out["clusters"].items():
@@ -204,8 +204,12 @@ def cmd_info(args) -> int:
             print(f"  WAL timeline {tl}: {v['count']} segment(s) {v['first']} .. {v['last']}{missing}")
         if wal["window"]:
             w = wal["window"]
-            print(f"  recoverable window: {w['start_time']} (LSN {w['start_lsn']}) .. LSN {w['end_lsn'] or '?'}"
+            end = (f"{w['end_time'] or 'time unknown'} (LSN {w['end_lsn']})" if w.get("end_lsn") else
+                   "its start only (no WAL archived after it)")
+            print(f"  recoverable window: {w['start_time']} (LSN {w['start_lsn']}) .. {end}"
                   f"{'' if wal['continuous'] else '  (GAPS: ' + ', '.join(wal['gaps'][:3]) + ')'}")
+        for dmg in d["damaged"]:
+            print(f"  DAMAGED backup {dmg['backup_id']}: {dmg['problem']}")
         if d.get("last_restore_test"):
             t = d["last_restore_test"]
             print(f"  last restore test: {t['started_at']} {'PASSED' if t['ok'] else 'FAILED'} to {t['target_kind']} "
@@ -224,6 +228,26 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _window(repo, cluster: str, backups: list[dict]) -> dict | None:
+    """The recoverable window from the oldest backup on: its start, and the last point recovery
+    can reach (the last archived record's LSN and the last commit's time)."""
+    from .core.pitr import archive_window
+
+    if not backups:
+        return None
+    first = backups[0]
+    out = {"from_backup": first["backup_id"], "start_lsn": first.get("stop_lsn"), "start_time": first.get("finished_at"),
+           "end_lsn": None, "end_time": None, "archive_end_lsn": None}
+    try:
+        win = archive_window(repo, cluster, first)
+    except Exception as e:  # e.g. a missing history file: shown, not fatal for info
+        out["problem"] = str(e)
+        return out
+    out.update(end_lsn=win.get("last_record_lsn") or win.get("end_lsn"), end_time=win.get("end_time"),
+               archive_end_lsn=win.get("end_lsn"), gap_after=win.get("gap_after"))
+    return out
+
+
 def _target(args):
     given = [(k, getattr(args, f"target_{k}")) for k in ("time", "lsn", "xid", "name") if getattr(args, f"target_{k}")]
     if args.target:
@@ -240,7 +264,6 @@ def _target(args):
 
 
 def cmd_restore(args) -> int:
-    from .core.restore import restore_backup, run_checks, start_restored
     from .core.server import default_os_user
 
     os_user = args.os_user if args.os_user is not None else default_os_user()
@@ -254,16 +277,7 @@ def cmd_restore(args) -> int:
                            checks=args.check, timeout_s=args.timeout, **_keep_failed(args))
         rep.pop("server", None)
     else:
-        rep = restore_backup(_repo(args), args.cluster, args.backup_id, args.target_dir, verify=not args.no_verify,
-                             os_user=os_user)
-        if args.start or args.check:
-            srv = start_restored(args.target_dir, rep["pg_major"], port=args.port, os_user=os_user)
-            try:
-                rep["checks"] = run_checks(srv, args.check or ["SELECT 1"], user=rep["bootstrap_superuser"])
-                rep.update(server_running=bool(args.start), port=srv.port, socket_dir=str(srv.socket_dir))
-            finally:
-                if not args.start:
-                    srv.stop()
+        rep = _restore_and_check(args, os_user)
     _emit(args, rep, _restore_lines(rep, target))
     failed = [c for c in rep.get("checks", []) if not c["ok"]]
     if failed:
@@ -274,13 +288,36 @@ def cmd_restore(args) -> int:
 
 
 def _keep_failed(args) -> dict:
-    import inspect
+    return {"keep_failed": bool(args.keep_failed)}
 
-    from .core.pitr import restore_pitr
 
-    if "keep_failed" in inspect.signature(restore_pitr).parameters:
-        return {"keep_failed": bool(args.keep_failed)}
-    return {}
+def _restore_and_check(args, os_user) -> dict:
+    """Restore a backup (no recovery target), then start it for --start / --check. When the
+    server does not start or a check cannot run, what the restore wrote is removed (unless
+    --keep-failed), as a failed PITR does; a check that runs and fails leaves the copy (exit 3)."""
+    from pathlib import Path
+
+    from .core.restore import Footprint, restore_backup, run_checks, start_restored
+
+    written = Footprint(Path(args.target_dir))
+    rep = restore_backup(_repo(args), args.cluster, args.backup_id, args.target_dir, verify=not args.no_verify,
+                         os_user=os_user, **_keep_failed(args))
+    if not (args.start or args.check):
+        return rep
+    try:
+        srv = start_restored(args.target_dir, rep["pg_major"], port=args.port, os_user=os_user,
+                             **_keep_failed(args))
+        try:
+            rep["checks"] = run_checks(srv, args.check or ["SELECT 1"], user=rep["bootstrap_superuser"])
+            rep.update(server_running=bool(args.start), port=srv.port, socket_dir=str(srv.socket_dir))
+        finally:
+            if not args.start:
+                srv.stop()
+    except BaseException:
+        if not args.keep_failed:
+            written.discard()
+        raise
+    return rep
 
 
 def _restore_lines(rep: dict, target) -> list[str]:
@@ -626,7 +663,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .core import procs
+
     args = build_parser().parse_args(argv)
+    # SIGTERM: stop the servers and programs the engine started, remove its scratch, exit 143
+    previous = procs.install_sigterm_handler() if args.func not in (cmd_wal_push, cmd_wal_fetch) else None
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
@@ -636,6 +677,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)  # when called as a function (tests, other programs)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import datetime as dt
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,7 +30,7 @@ from .lsn import format_lsn, parse_lsn, segment_name, segno_of
 from .metadata import list_backups, load_backup, refuse_damaged_newer, require_cluster
 from .names import _check, validate_cluster
 from .repository import LocalRepository, Repository, S3Repository
-from .restore import SCRATCH_SETTINGS, Footprint, check_target_dir, restore_backup, write_private_hba
+from .restore import Footprint, check_target_dir, restore_backup, scratch_settings
 from .server import PgServer, chown_tree, python_usable_by, repository_readable_by
 from .wal import (
     WalGap,
@@ -453,11 +454,9 @@ def restore_pitr(repo: Repository, cluster: str, target: RecoveryTarget, target_
                              progress_interval=progress_interval, keep_failed=keep_failed)
         configure_recovery(target_path, repo, cluster, target, allow_archive=allow_archive, os_user=os_user)
         srv = PgServer(target_path, major=meta["pg_major"], port=port, os_user=os_user, listen="")
-        settings = dict(SCRATCH_SETTINGS, hba_file=str(write_private_hba(target_path, os_user)))
-        if not allow_archive:
-            settings["archive_mode"] = "off"
-        if meta["pg_major"] < 17:
-            settings.pop("summarize_wal", None)
+        settings = scratch_settings(target_path, meta["pg_major"], os_user)
+        if allow_archive:
+            settings.pop("archive_mode")
         report = _run_recovery(srv, settings, target, repo_env(repo), timeout_s)
     except BaseException as e:
         _after_failure(e, srv, written, keep_failed)
@@ -476,6 +475,11 @@ def restore_pitr(repo: Repository, cluster: str, target: RecoveryTarget, target_
     else:
         srv.stop()
         report["server_running"] = False
+        # the private pg_hba and socket directory served the recovery only; its log stays beside it
+        for p in written.siblings:
+            if p != srv.log_file and p.exists():
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    report["server_log"] = str(srv.log_file)
     log.info("restore of %s reached %s (%s) in %.1f s", cluster, report.get("reached_lsn"),
              report.get("stopped_at") or "end of archive", report["restore_seconds"])
     return report
@@ -516,14 +520,21 @@ def _run_recovery(srv: PgServer, settings: dict, target: RecoveryTarget, env: di
     conn = srv.local_conninfo()
     state = None
     seen_running = False  # pg_ctl start -W returns before postmaster.pid exists
+    from . import procs
+
     while time.monotonic() < deadline:
-        alive = (srv.data_dir / "postmaster.pid").exists()
-        seen_running = seen_running or alive
+        procs.check_running()  # killed (on_kill from another thread): stop waiting
+        alive = procs.postmaster_running(srv.data_dir)  # a postmaster killed -9 leaves its pid file
         logtext = srv.log_file.read_text(errors="replace") if srv.log_file.exists() else ""
         if "FATAL" in logtext and ("recovery ended before configured recovery target was reached" in logtext
                                    or "could not locate" in logtext or "database system is shut down" in logtext
                                    and target.action != "shutdown"):
             raise RestoreError("recovery failed: " + _fatal_lines(logtext))
+        if seen_running and not alive and target.action != "shutdown":
+            cause = _fatal_lines(logtext) if ("FATAL" in logtext or "PANIC" in logtext) else \
+                f"the server stopped during recovery without saying why; its log ends:\n{srv.log_tail(10)}"
+            raise RestoreError("recovery failed: " + cause)
+        seen_running = seen_running or alive
         if target.action == "shutdown":
             shut = "database system is shut down" in logtext and "recovery stopping" in logtext
             if not alive and (seen_running or shut):

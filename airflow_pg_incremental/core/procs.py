@@ -186,6 +186,11 @@ def postmaster_pid(data_dir: str | os.PathLike) -> int | None:
     return pid if os.path.realpath(d) == cwd or str(d.absolute()) == cwd else None
 
 
+def postmaster_running(data_dir: str | os.PathLike) -> bool:
+    pid = postmaster_pid(data_dir)
+    return pid is not None and _alive(pid)
+
+
 def stop_postmaster(data_dir: str | os.PathLike, timeout: float = 10.0) -> bool | None:
     """Immediate shutdown (SIGQUIT) of the postmaster on `data_dir`, SIGKILL after `timeout`.
     None when none runs there, True once it is gone."""

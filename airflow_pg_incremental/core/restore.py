@@ -294,13 +294,7 @@ def start_restored(target_dir: str | os.PathLike, major: int, *, port: int | Non
     beside = Footprint(target)
     srv = PgServer(target, major=major, port=port, os_user=os_user, listen="127.0.0.1" if tcp else "")
     try:
-        hba = write_private_hba(target, os_user, tcp=tcp)
-        s = dict(SCRATCH_SETTINGS)
-        s["hba_file"] = str(hba)
-        if major < 17:
-            s.pop("summarize_wal")
-        if tcp:
-            s["listen_addresses"] = "127.0.0.1"
+        s = scratch_settings(target, major, os_user, tcp=tcp)
         s.update(settings or {})
         srv.start(s)
     except BaseException:
@@ -309,6 +303,47 @@ def start_restored(target_dir: str | os.PathLike, major: int, *, port: int | Non
             beside.discard_siblings()
         raise
     return srv
+
+
+def scratch_settings(target: Path, major: int, os_user: str | None, *, tcp: bool = False) -> dict:
+    """Settings of a server started on a restored copy: SCRATCH_SETTINGS, its private pg_hba, and
+    the primary's values of the settings hot standby needs at least as high as the primary's
+    (from the copy's control file: a primary started with `-c max_connections=500`, or
+    max_prepared_transactions > 0, has no trace of it in the copied postgresql.conf, and recovery
+    would stop with "insufficient parameter settings")."""
+    s = dict(SCRATCH_SETTINGS, hba_file=str(write_private_hba(target, os_user, tcp=tcp)))
+    if major < 17:
+        s.pop("summarize_wal")
+    if tcp:
+        s["listen_addresses"] = "127.0.0.1"
+    s.update(primary_settings(target, major))
+    return s
+
+
+_CONTROL_SETTINGS = {"max_connections setting": "max_connections",
+                     "max_worker_processes setting": "max_worker_processes",
+                     "max_wal_senders setting": "max_wal_senders",
+                     "max_prepared_xacts setting": "max_prepared_transactions",
+                     "max_locks_per_xact setting": "max_locks_per_transaction"}
+
+
+def primary_settings(target: Path, major: int) -> dict:
+    """The hot-standby-relevant settings the primary ran with, read from the restored control file."""
+    import subprocess
+
+    try:
+        out = subprocess.run([find_program("pg_controldata", major), str(target)], capture_output=True, text=True,
+                             env={"LC_ALL": "C", "PATH": os.environ.get("PATH", "")}, timeout=60).stdout
+    except Exception as e:  # the server's own check still applies
+        log.warning("could not read the control file of %s (%s): the restored server uses its copied settings",
+                    target, e)
+        return {}
+    found = {}
+    for line in out.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in _CONTROL_SETTINGS and value.strip().isdigit():
+            found[_CONTROL_SETTINGS[key.strip()]] = int(value.strip())
+    return found
 
 
 def write_private_hba(target: Path, os_user: str | None, tcp: bool = False) -> Path:

@@ -174,6 +174,7 @@ class PgServer:
         self.listen = listen
         base = self.data_dir.parent
         self.socket_dir = Path(socket_dir) if socket_dir else base / f"{self.data_dir.name}.sock"
+        self._own_socket_dir = False  # a short one under /tmp, made by start() (see _short_socket_dir)
         self.log_file = Path(log_file) if log_file else base / f"{self.data_dir.name}.log"
         self.bindir = server_bindir(major, os_user)
         self.started = False
@@ -215,6 +216,7 @@ class PgServer:
 
     def start(self, settings: dict | None = None, timeout: int = 120, env: dict | None = None,
               wait: bool = True) -> None:
+        self._short_socket_dir()
         make_user_dir(self.socket_dir, self.os_user)
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         if not self.log_file.exists():
@@ -242,6 +244,20 @@ class PgServer:
             self._run("pg_ctl", ["-D", str(self.data_dir), "-m", mode, "-w", "-t", "120", "stop"], check=False)
         self.started = False
         procs.forget_server(self)
+        if self._own_socket_dir:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
+
+    # a unix socket path holds at most 107 bytes (sun_path): beside a data directory with a long
+    # path, the socket goes into a private directory under /tmp instead
+    _MAX_SOCKET_PATH = 100
+
+    def _short_socket_dir(self) -> None:
+        if len(f"{self.socket_dir}/.s.PGSQL.{self.port}.lock") <= self._MAX_SOCKET_PATH or self._own_socket_dir:
+            return
+        import tempfile
+
+        self.socket_dir = Path(tempfile.mkdtemp(prefix="pgincr-sock-", dir="/tmp" if os.path.isdir("/tmp") else None))
+        self._own_socket_dir = True
 
     def log_tail(self, n: int = 30) -> str:
         try:

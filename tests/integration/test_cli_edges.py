@@ -138,7 +138,12 @@ def test_cli_backup_makes_sure_its_wal_will_be_archived(pg, workdir, scratch):
         assert r.returncode == 0, r.stderr
         r = pgincr("capture", "--repo", repo, "--cluster", cluster, *_conn_args(ci), env=env)
         assert r.returncode == 0 and "captured" in r.stdout, r.stderr
-        # later backups find the slot by themselves (auto)
+        # info shows where the window ends, as a time and an LSN
+        r = pgincr("info", "--repo", repo, "--cluster", cluster, "--json")
+        w = json.loads(r.stdout)["clusters"][cluster]["wal"]["window"]
+        assert w["end_time"] and w["end_lsn"], w
+        r = pgincr("info", "--repo", repo, "--cluster", cluster)
+        assert f".. {w['end_time']} (LSN {w['end_lsn']})" in r.stdout, r.stdout
         r = pgincr("verify", "--repo", repo, "--cluster", cluster, env=env)
         assert r.returncode == 0, r.stdout + r.stderr
         r = pgincr("restore", "--repo", repo, "--cluster", cluster, "--target", "latest", "--target-dir",

@@ -33,9 +33,7 @@ SIBLINGS = (".log", ".pg_hba.conf", ".sock")
 
 class Edges:
     """A server of the test's own (no autovacuum: the last transaction end in the archive is always
-    the test's; 2PC allowed if asked), a local repository with a full backup and the WAL after it.
-    (A restored copy of a server with max_prepared_transactions > 0 set on its command line does not
-    start: hot standby needs it at least as large, and the copy's postgresql.conf does not say so.)"""
+    the test's; 2PC allowed if asked), a local repository with a full backup and the WAL after it."""
 
     def __init__(self, workdir: Path, major: int, two_phase: bool = False):
         self.major = major
@@ -86,7 +84,8 @@ def edges18(workdir):
 
 @pytest.fixture(scope="module", params=[18, 15])
 def edges(request, workdir):
-    """A server allowing two-phase commit, PostgreSQL 18 and 15 (not restored: see Edges)."""
+    """A server allowing two-phase commit (set on its command line, not in postgresql.conf),
+    PostgreSQL 18 and 15."""
     if request.param == 15 and not PG15:
         pytest.skip("PostgreSQL 15 is not installed (apt-get install postgresql-15)")
     e = Edges(workdir, request.param, two_phase=True)
@@ -94,6 +93,20 @@ def edges(request, workdir):
         yield e
     finally:
         e.pg.stop()
+
+
+def test_a_primary_run_with_command_line_settings_restores(edges, scratch):
+    """max_prepared_transactions=5 was given on the primary's command line: the copied
+    postgresql.conf does not have it, and hot standby needs it at least as large ("recovery aborted
+    because of insufficient parameter settings"). The restored server takes it from the control file."""
+    e = edges
+    e.marker()
+    e.archive()
+    if e.major == 15:
+        pytest.skip("PostgreSQL 15 copies are not restored here (the 18 run covers the control-file read)")
+    rep, got = e.restore(parse_target("latest"), scratch / f"cmdline{e.major}")
+    assert rep["state"] == "promoted"
+    assert got["public.m"]["rows"] == e.n
 
 
 def _siblings(d: Path) -> list[Path]:
@@ -263,3 +276,18 @@ def test_restored_server_gets_none_of_our_secrets(edges18, scratch, monkeypatch)
         assert data_fingerprint(srv.local_conninfo()) == data_fingerprint(e.pg.superuser())
     finally:
         srv.stop()
+
+
+def test_a_long_target_path_still_starts(edges18, scratch):
+    """The server's socket goes beside the data directory; a path too long for a unix socket
+    (107 bytes) moves it to a private directory under /tmp instead of failing to start."""
+    e = edges18
+    e.marker()
+    e.archive()
+    deep = scratch / ("a-rather-long-directory-name-" * 3) / "restored"
+    deep.parent.mkdir()
+    os.chmod(deep.parent, 0o755)
+    assert len(str(deep.parent / f"{deep.name}.sock" / ".s.PGSQL.65535")) > 107
+    rep, got = e.restore(parse_target("latest"), deep)
+    assert rep["state"] == "promoted" and got["public.m"]["rows"] == e.n
+    assert not rep["socket_dir"].startswith(str(scratch)) and not os.path.exists(rep["socket_dir"])
