@@ -250,6 +250,12 @@ class Catalog:
             c.commit()
         return len(rows)
 
+    def wal_checksums(self, cluster: str) -> dict[str, str]:
+        """{segment: raw SHA-256} of the segments whose content checksum was recorded (pull capture)."""
+        rows = self._select(f"SELECT segment, raw_sha256 FROM {self.schema}.wal_segments WHERE cluster = %s AND "
+                            "raw_sha256 IS NOT NULL", (cluster,))
+        return {r["segment"]: r["raw_sha256"] for r in rows}
+
     def wal_segments(self, cluster: str) -> list[dict]:
         with self._connect() as c, c.cursor() as cur:
             cur.execute(f"SELECT timeline, segment, start_lsn::text, end_lsn::text, raw_bytes, stored_bytes, method, "

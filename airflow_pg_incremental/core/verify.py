@@ -542,11 +542,9 @@ def _recorded_sha256(catalog, cluster: str, cache: dict) -> dict[str, str]:
     """The raw SHA-256 of segments as recorded by pull capture in the catalog ({} without one)."""
     if "recorded" not in cache:
         cache["recorded"] = {}
-        if catalog is not None and hasattr(catalog, "_select"):
+        if catalog is not None and hasattr(catalog, "wal_checksums"):
             try:
-                rows = catalog._select("SELECT segment, raw_sha256 FROM {s}.wal_segments WHERE cluster = %s AND "
-                                       "raw_sha256 IS NOT NULL", (cluster,))
-                cache["recorded"] = {r["segment"]: r["raw_sha256"] for r in rows}
+                cache["recorded"] = catalog.wal_checksums(cluster)
             except Exception as e:
                 log.warning("the catalog's WAL checksums could not be read (%s): WAL objects are checked by their "
                             "zstd checksums, sizes and page headers only", e)

@@ -216,13 +216,69 @@ def test_backup_killed_midway_leaves_no_restorable_backup(pg, tmp_path):
     assert len(inc) == 1
     # the stream's temp file is invisible to listings, but cleanup finds it (after 6 h by default)
     tmp = list(root.glob("killed/backups/*/.base.tar.zst.tmp-*"))
-    assert len(tmp) == 1 and tmp[0].stat().st_size > 0
+    assert len(tmp) == 1
     assert cleanup_abandoned_writes(repo, "killed") == []  # too recent: maybe still being written
     assert [w["kind"] for w in cleanup_abandoned_writes(repo, "killed", older_than_s=0)] == ["temp file"]
     assert not tmp[0].exists()
     assert cleanup_incomplete(repo, "killed", older_than_s=0) == [inc[0]["backup_id"]]
     assert repo.list("killed") == []
     assert not any(root.rglob(".*.tmp-*"))
+
+
+@pytest.mark.slow
+def test_s3_backup_killed_midway_leaves_an_upload_that_cleanup_aborts(pg, s3):
+    """A real crash into S3: SIGKILL while the base stream is a multipart upload (parts of 16 MiB:
+    random data makes it that large). Nothing is listed as restorable; `info` shows the unfinished
+    upload; `pgincr cleanup` aborts it, so its parts stop costing storage."""
+    import signal
+    import sys
+    import time
+    import uuid
+
+    from airflow_pg_incremental.core.repository import S3Repository
+
+    prefix = "killed-" + uuid.uuid4().hex[:6]
+    repo = created(S3Repository(s3.client(), s3.bucket, prefix))
+    pg.psql("CREATE TABLE kill_random AS SELECT g, decode(string_agg(md5(random()::text || g || b), ''), 'hex') AS p "
+            "FROM generate_series(1, 2400) g, generate_series(1, 800) b GROUP BY g")  # ~30 MB, incompressible
+    code = ("import sys, time; from airflow_pg_incremental.core import backup as b;"
+            "from airflow_pg_incremental.core.repository import open_repository;"
+            "from airflow_pg_incremental.core.pgconn import ConnInfo;"
+            "import airflow_pg_incremental.core.codec as c; orig = c.HashingReader.read\n"
+            "def slow(self, n=-1):\n d = orig(self, n); time.sleep(0.05); return d\n"
+            "c.HashingReader.read = slow\n"
+            "ci = ConnInfo(host='127.0.0.1', port=int(sys.argv[1]), user=sys.argv[2], dbname='postgres',"
+            " password=__import__('os').environ['PGPASSWORD'])\n"
+            "b.take_full_backup(ci, open_repository(sys.argv[3]), 'killed')\n")
+    ci = pg.conninfo()
+    client = s3.client()
+    try:
+        p = subprocess.Popen([sys.executable, "-c", code, str(ci.port), ci.user, repo.url],
+                             env={**os.environ, **s3.env(), "PGPASSWORD": ci.password})
+        deadline = time.time() + 60
+        while time.time() < deadline and not client.list_multipart_uploads(
+                Bucket=s3.bucket, Prefix=prefix + "/").get("Uploads"):
+            time.sleep(0.1)
+        time.sleep(0.5)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    finally:
+        pg.psql("DROP TABLE kill_random")
+    uploads = client.list_multipart_uploads(Bucket=s3.bucket, Prefix=prefix + "/").get("Uploads")
+    assert uploads and uploads[0]["Key"].endswith("/base.tar.zst"), "the kill came before the multipart upload"
+    assert list_backups(repo, "killed") == []
+    env = {**s3.env()}
+    r = subprocess.run([sys.executable, "-m", "airflow_pg_incremental.cli", "info", "--repo", repo.url, "--cluster",
+                        "killed"], capture_output=True, text=True, env={**os.environ, **env})
+    assert r.returncode == 0 and "unfinished writes" in r.stdout and "incomplete" in r.stdout, r.stdout + r.stderr
+    r = subprocess.run([sys.executable, "-m", "airflow_pg_incremental.cli", "cleanup", "--repo", repo.url, "--cluster",
+                        "killed", "--older-than-hours", "0", "--json"], capture_output=True, text=True,
+                       env={**os.environ, **env})
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert len(out["removed"]) == 1 and [w["kind"] for w in out["unfinished_writes"]] == ["multipart upload"]
+    assert not client.list_multipart_uploads(Bucket=s3.bucket, Prefix=prefix + "/").get("Uploads")
+    assert repo.list("killed") == []
 
 
 def test_full_disk_gives_clear_error_and_publishes_nothing(pg, tmp_path):

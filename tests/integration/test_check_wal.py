@@ -44,8 +44,10 @@ def test_check_wal_fails_until_the_newest_backups_wal_is_archived(pg, tmp_path):
         assert rep["backups_without_wal"][0]["backup_id"] == bid
         with pytest.raises(WalGap, match=f"backup {bid}'s WAL"):
             check_continuity(repo, cl)
-        r = pgincr(*args)
+        r = pgincr(*args, "--json")
         assert r.returncode == 4 and bid in json.loads(r.stdout)["problems"][0]
+        r = pgincr(*args)
+        assert r.returncode == 4 and f"PROBLEM: backup {bid}'s WAL" in r.stdout, r.stdout
 
         capture_wal_pull(pg.conninfo(), repo, cl, upto_lsn=switch_wal(pg.conninfo())["lsn"])
         rep = check_continuity(repo, cl)

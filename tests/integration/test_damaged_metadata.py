@@ -35,6 +35,8 @@ def test_damaged_newest_backup_json_is_refused_not_skipped(pg, tmp_path, scratch
     res = verify_backup(repo, cl, "latest", check_wal=False, staging_parent=scratch)
     assert res["verified"] == [] and [(f["backup_id"], f["check"]) for f in res["failed"]] == [(newer, "metadata")]
     r = pgincr("verify", *base, "--no-wal")
+    assert r.returncode == 5 and f"FAILED  {newer}: metadata" in r.stdout, r.stdout + r.stderr[-2000:]
+    r = pgincr("verify", *base, "--no-wal", "--json")
     assert r.returncode == 5, r.stderr[-2000:]
     out = json.loads(r.stdout)
     assert out["verified"] == [] and out["failed"][0]["backup_id"] == newer and key in out["failed"][0]["message"]
@@ -51,7 +53,7 @@ def test_damaged_newest_backup_json_is_refused_not_skipped(pg, tmp_path, scratch
 
     # the way out works: the older backup restores and runs
     r = pgincr("restore", *base, "--backup-id", older, "--target-dir", str(scratch / "older"), "--check",
-               "SELECT count(*) FROM pgbench_accounts")
+               "SELECT count(*) FROM pgbench_accounts", "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout)
     assert res["backup_id"] == older and res["checks"][0]["rows"] == [["100000"]]

@@ -241,6 +241,8 @@ def test_cli_verify_fails_on_a_damaged_wal_segment(pg, tmp_path, scratch):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     _flip(repo, wal_key(cl, victim))
     r = pgincr(*args)
+    assert r.returncode == 5 and f"FAILED  {f['backup_id']}: wal_objects" in r.stdout and victim in r.stdout
+    r = pgincr(*args, "--json")
     assert r.returncode == 5
     out = json.loads(r.stdout)
     assert [(x["backup_id"], x["check"]) for x in out["failed"]] == [(f["backup_id"], "wal_objects")]

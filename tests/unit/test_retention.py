@@ -382,6 +382,27 @@ def test_leftovers_of_interrupted_backups(wrepo):
     assert wrepo.exists(f"{md.backup_prefix(C, 'RUNNING')}/base.tar.zst")
 
 
+def test_unfinished_writes_of_killed_processes_are_planned_and_removed(wrepo):
+    """A killed backup's or push's temp file is invisible to listings; retention finds it once it is
+    older than a day, lists it in the plan (dry run first) and removes it."""
+    import time
+
+    d = wrepo.root / md.backup_prefix(C, "KILLED")
+    d.mkdir(parents=True)
+    old, fresh = d / ".base.tar.zst.tmp-0123456789ab", d / ".backup_manifest.zst.tmp-0123456789ac"
+    old.write_bytes(b"x" * 1000)
+    fresh.write_bytes(b"y")
+    os.utime(old, (time.time() - 2 * 86400,) * 2)
+    plan = plan_retention(wrepo, C, RetentionPolicy(keep_full_chains=4), now=NOW)
+    assert [(a["key"], a["kind"], a["bytes"]) for a in plan["abandoned_writes"]] == [
+        (f"{md.backup_prefix(C, 'KILLED')}/base.tar.zst", "temp file", 1000)]
+    assert "unfinished temp file" in format_plan(plan) and plan["bytes_by_kind"]["unfinished_writes"] == 1000
+    dry = apply_retention(wrepo, C, RetentionPolicy(keep_full_chains=4), now=NOW, dry_run=True)
+    assert old.exists() and dry["abandoned_writes"]
+    res = apply_retention(wrepo, C, plan)  # the approved plan
+    assert res["applied"]["unfinished_writes"] == 1 and not old.exists() and fresh.exists()
+
+
 def test_broken_chain_is_left_alone_and_keeps_its_wal(wrepo):
     # I1a's backup.json vanished (by hand): I1b cannot be restored; F1 no longer has dependents
     wrepo.delete(f"{md.backup_prefix(C, 'I1a')}/{md.META_NAME}")
