@@ -40,7 +40,7 @@ from .core.progress import human_bytes
 from .core.repository import LocalRepository, S3Repository
 from .core.restore import restore_backup, start_restored
 from .core.server import as_user
-from .core.sandbox import (
+from .sandbox import (
     BACKUP_USER,
     SandboxPostgres,
     SeaweedS3,

@@ -35,7 +35,7 @@ import zstandard
 
 from airflow_pg_incremental.core.binaries import find_program
 from airflow_pg_incremental.core.repository import S3Repository
-from airflow_pg_incremental.core.sandbox import SandboxPostgres, SeaweedS3
+from airflow_pg_incremental.sandbox import SandboxPostgres, SeaweedS3
 from _common import run_bench, tail  # noqa: E402
 
 HERE = Path(__file__).resolve().parent

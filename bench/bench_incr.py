@@ -535,7 +535,7 @@ class Bench:
         return find_program(prog, major)
 
     def phase_pg18(self) -> None:
-        from airflow_pg_incremental.core.sandbox import SandboxPostgres
+        from airflow_pg_incremental.sandbox import SandboxPostgres
 
         a = self.a
         t = time.monotonic()
@@ -788,7 +788,7 @@ class Bench:
         return time.monotonic() - t0
 
     def phase_pgbackrest(self) -> None:
-        from airflow_pg_incremental.core.sandbox import SandboxPostgres
+        from airflow_pg_incremental.sandbox import SandboxPostgres
         from airflow_pg_incremental.core.server import chown_tree
 
         a = self.a

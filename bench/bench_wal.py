@@ -44,7 +44,7 @@ from _common import run_bench, tail  # noqa: E402
 import airflow_pg_incremental
 from airflow_pg_incremental.core.lsn import format_lsn, parse_lsn, segno_of
 from airflow_pg_incremental.core.repository import LocalRepository, S3Repository
-from airflow_pg_incremental.core.sandbox import SandboxPostgres, SeaweedS3
+from airflow_pg_incremental.sandbox import SandboxPostgres, SeaweedS3
 from airflow_pg_incremental.core.server import as_user, chown_tree, make_user_dir
 from airflow_pg_incremental.core.wal import fetch_bytes, list_segments
 

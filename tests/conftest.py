@@ -46,7 +46,7 @@ def workdir() -> Path:
 @pytest.fixture(scope="session")
 def pg(workdir):
     """PostgreSQL 18 with pgbench (scale 1), a table of random bytes and a catalog database."""
-    from airflow_pg_incremental.core.sandbox import (
+    from airflow_pg_incremental.sandbox import (
         BACKUP_USER,
         SandboxPostgres,
         make_random_table,
@@ -65,7 +65,7 @@ def pg(workdir):
 
 @pytest.fixture(scope="session")
 def s3(workdir):
-    from airflow_pg_incremental.core.sandbox import SeaweedS3
+    from airflow_pg_incremental.sandbox import SeaweedS3
 
     server = SeaweedS3(workdir / "s3").start()
     try:

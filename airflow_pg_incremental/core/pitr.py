@@ -45,6 +45,10 @@ from .wal import (
 
 log = logging.getLogger(__name__)
 
+# the restore_command program (walcmd.py sits beside the package's core/; found by path, not imported:
+# the engine imports nothing from above it)
+WALCMD_PATH = str(Path(__file__).resolve().parent.parent / "walcmd.py")
+
 TARGET_KINDS = ("time", "lsn", "xid", "name", "latest", "immediate")
 ACTIONS = ("promote", "pause", "shutdown")
 
@@ -369,9 +373,7 @@ def _check_time_reachable(target: RecoveryTarget, win: dict, where: str) -> None
 
 
 def restore_command(repo: Repository, cluster: str) -> str:
-    import airflow_pg_incremental.walcmd as walcmd
-
-    return (f"{sys.executable} -S {walcmd.__file__} fetch --repo {repo.url} --cluster {cluster} %f %p")
+    return f"{sys.executable} -S {WALCMD_PATH} fetch --repo {repo.url} --cluster {cluster} %f %p"
 
 
 # how our S3 client reaches the endpoint (certificates, proxies, retries): the restore_command needs

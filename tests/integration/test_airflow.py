@@ -60,7 +60,7 @@ def test_weekly_dag_runs_and_records(airflow_clusters, pg, s3, cluster, scratch)
     from airflow_pg_incremental.core.metadata import list_backups
     from airflow_pg_incremental.core.repository import LocalRepository, S3Repository
     from airflow_pg_incremental.core.restore import restore_backup, start_restored
-    from airflow_pg_incremental.core.sandbox import data_fingerprint
+    from airflow_pg_incremental.sandbox import data_fingerprint
 
     dag = _dags()[f"pgincr_{cluster}_weekly_full"]
     before = data_fingerprint(pg.superuser())

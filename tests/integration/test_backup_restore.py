@@ -35,7 +35,7 @@ from airflow_pg_incremental.core.restore import (
     run_checks,
     start_restored,
 )
-from airflow_pg_incremental.core.sandbox import data_fingerprint
+from airflow_pg_incremental.sandbox import data_fingerprint
 from tests.conftest import created
 
 pytestmark = pytest.mark.integration

@@ -22,7 +22,7 @@ from airflow_pg_incremental.core.errors import SlotRetentionExceeded
 from airflow_pg_incremental.core.metadata import claim_backup_id, list_backup_ids
 from airflow_pg_incremental.core.preflight import preflight_full
 from airflow_pg_incremental.core.repository import LocalRepository, S3Repository
-from airflow_pg_incremental.core.sandbox import SandboxPostgres
+from airflow_pg_incremental.sandbox import SandboxPostgres
 from airflow_pg_incremental.core.wal import list_segments
 from tests.conftest import created
 

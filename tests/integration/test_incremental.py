@@ -17,7 +17,7 @@ from airflow_pg_incremental.core.metadata import backup_prefix, list_backups
 from airflow_pg_incremental.core.pitr import parse_target, restore_pitr
 from airflow_pg_incremental.core.repository import LocalRepository, S3Repository
 from airflow_pg_incremental.core.restore import restore_backup, start_restored
-from airflow_pg_incremental.core.sandbox import SandboxPostgres, data_fingerprint
+from airflow_pg_incremental.sandbox import SandboxPostgres, data_fingerprint
 from tests.conftest import created
 
 pytestmark = pytest.mark.integration

@@ -19,7 +19,7 @@ from airflow_pg_incremental.core.incremental import take_planned_backup
 from airflow_pg_incremental.core.pgconn import query
 from airflow_pg_incremental.core.pitr import parse_target, restore_pitr
 from airflow_pg_incremental.core.repository import LocalRepository
-from airflow_pg_incremental.core.sandbox import SandboxPostgres, data_fingerprint
+from airflow_pg_incremental.sandbox import SandboxPostgres, data_fingerprint
 from tests.conftest import created
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(

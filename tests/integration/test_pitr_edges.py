@@ -21,7 +21,7 @@ from airflow_pg_incremental.core.lsn import format_lsn, parse_lsn
 from airflow_pg_incremental.core.pitr import archive_window, choose_backup, parse_target, restore_pitr
 from airflow_pg_incremental.core.repository import LocalRepository
 from airflow_pg_incremental.core.restore import restore_backup, start_restored
-from airflow_pg_incremental.core.sandbox import SandboxPostgres, data_fingerprint
+from airflow_pg_incremental.sandbox import SandboxPostgres, data_fingerprint
 from tests.conftest import created
 
 pytestmark = pytest.mark.integration

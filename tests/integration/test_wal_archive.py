@@ -25,7 +25,7 @@ from airflow_pg_incremental.core.lsn import segno_of
 from airflow_pg_incremental.core.pgconn import query
 from airflow_pg_incremental.core.pitr import parse_target, restore_pitr
 from airflow_pg_incremental.core.repository import LocalRepository, S3Repository
-from airflow_pg_incremental.core.sandbox import (
+from airflow_pg_incremental.sandbox import (
     SandboxPostgres,
     SeaweedS3,
     data_fingerprint,

@@ -18,7 +18,7 @@ from airflow_pg_incremental.core.errors import ConfigError, RestoreError
 from airflow_pg_incremental.core.pgconn import query
 from airflow_pg_incremental.core.pitr import parse_target, restore_pitr
 from airflow_pg_incremental.core.repository import LocalRepository, S3Repository
-from airflow_pg_incremental.core.sandbox import SandboxPostgres
+from airflow_pg_incremental.sandbox import SandboxPostgres
 from tests.conftest import created
 
 pytestmark = pytest.mark.integration

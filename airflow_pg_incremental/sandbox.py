@@ -1,5 +1,6 @@
-"""Throw-away servers for the demo, tests and benchmarks: an embedded PostgreSQL configured for
-backups, and a SeaweedFS `weed mini` S3 server on loopback with every port explicit."""
+"""Throw-away servers for the demo, tests and benchmarks (not part of the engine): an embedded
+PostgreSQL configured for backups, and a SeaweedFS `weed mini` S3 server on loopback with every
+port explicit."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from .pgconn import ConnInfo
-from .server import PgServer, default_os_user, ensure_os_user, ensure_traversable, free_port
+from .core.pgconn import ConnInfo
+from .core.server import PgServer, default_os_user, ensure_os_user, ensure_traversable, free_port
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ class SandboxPostgres:
 
 def data_fingerprint(conn: ConnInfo) -> dict:
     """Row count and content hash of every user table: compares a restored copy with its source."""
-    from .pgconn import connect
+    from .core.pgconn import connect
 
     out = {}
     with connect(conn) as c, c.cursor() as cur:
@@ -128,7 +129,7 @@ def data_fingerprint(conn: ConnInfo) -> dict:
 
 
 def make_random_table(conn: ConnInfo, rows: int = 2000, table: str = "random_bytes") -> None:
-    from .pgconn import connect
+    from .core.pgconn import connect
 
     with connect(conn) as c, c.cursor() as cur:
         cur.execute(f"CREATE TABLE IF NOT EXISTS {table} (id bigserial PRIMARY KEY, payload bytea, note text)")
