@@ -421,10 +421,10 @@ def test_wal_objects_read_once_in_parallel_with_progress_and_catalog_checksums(e
     monkeypatch.setattr(V, "_read_segment", counting)
 
     class Cat(FakeCatalog):
-        def _select(self, sql, params):
-            assert "raw_sha256" in sql and params == (CL,)
-            return [{"segment": _seg_name(10), "raw_sha256": hashlib.sha256(b"another content").hexdigest()},
-                    {"segment": _seg_name(11), "raw_sha256": hashlib.sha256(_segment(11)).hexdigest()}]
+        def wal_checksums(self, cluster):
+            assert cluster == CL
+            return {_seg_name(10): hashlib.sha256(b"another content").hexdigest(),
+                    _seg_name(11): hashlib.sha256(_segment(11)).hexdigest()}
 
     with caplog.at_level(logging.INFO, logger="airflow_pg_incremental.core.verify"):
         res = V.verify_backup(repo, CL, None, catalog=Cat(), staging_parent=env["stage"], progress_interval=0)
