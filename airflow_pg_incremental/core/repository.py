@@ -675,18 +675,9 @@ class S3Repository(Repository):
             raise self._err(e, f"deleting {key}") from e
 
     def check_writable(self) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            self.client.head_bucket(Bucket=self.bucket)
-        except ClientError as e:
-            code = str(e.response.get("Error", {}).get("Code", ""))
-            if code in ("404", "NoSuchBucket", "NotFound"):
-                raise RepositoryError(f"bucket {self.bucket!r} does not exist: create it or fix the repository "
-                                      "URL") from None
-            raise self._err(e, "checking the bucket") from e
-        except BotoCoreError as e:
-            raise self._err(e, "checking the bucket") from e
+        missing = self._location_note()
+        if missing:
+            raise RepositoryError(f"{missing}: create it or fix the repository URL")
         self.identity()
         probe = f".pgincr-write-test-{uuid.uuid4().hex[:8]}"
         self.put_bytes(probe, b"ok")
@@ -757,6 +748,7 @@ class S3Repository(Repository):
         return None
 
     def _location_note(self) -> str:
+        """'the bucket ... does not exist', or '' when it does (other errors raise, explained)."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:

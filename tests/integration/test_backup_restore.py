@@ -182,6 +182,19 @@ def test_interrupted_backup_is_never_listed_and_is_cleaned_up(pg, repo, catalog)
     assert load_backup(repo, "intr", good["backup_id"])["status"] == "complete"
 
 
+# a full backup of cluster 'killed' into the repository argv[3] (a path or s3:// URL), slowed down so
+# that a test can kill it while it streams
+SLOW_BACKUP = ("import sys, time; from airflow_pg_incremental.core import backup as b;"
+               "from airflow_pg_incremental.core.repository import open_repository;"
+               "from airflow_pg_incremental.core.pgconn import ConnInfo;"
+               "import airflow_pg_incremental.core.codec as c; orig = c.HashingReader.read\n"
+               "def slow(self, n=-1):\n d = orig(self, n); time.sleep(0.05); return d\n"
+               "c.HashingReader.read = slow\n"
+               "ci = ConnInfo(host='127.0.0.1', port=int(sys.argv[1]), user=sys.argv[2], dbname='postgres',"
+               " password=__import__('os').environ['PGPASSWORD'])\n"
+               "b.take_full_backup(ci, open_repository(sys.argv[3]), 'killed')\n")
+
+
 def test_backup_killed_midway_leaves_no_restorable_backup(pg, tmp_path):
     """A real crash: SIGKILL the process running the backup while it streams."""
     import signal
@@ -192,15 +205,7 @@ def test_backup_killed_midway_leaves_no_restorable_backup(pg, tmp_path):
 
     root = tmp_path / "repo"
     created(LocalRepository(root))
-    code = ("import sys, time; from airflow_pg_incremental.core import backup as b;"
-            "from airflow_pg_incremental.core.repository import LocalRepository;"
-            "from airflow_pg_incremental.core.pgconn import ConnInfo;"
-            "import airflow_pg_incremental.core.codec as c; orig = c.HashingReader.read\n"
-            "def slow(self, n=-1):\n d = orig(self, n); time.sleep(0.05); return d\n"
-            "c.HashingReader.read = slow\n"
-            "ci = ConnInfo(host='127.0.0.1', port=int(sys.argv[1]), user=sys.argv[2], dbname='postgres',"
-            " password=__import__('os').environ['PGPASSWORD'])\n"
-            "b.take_full_backup(ci, LocalRepository(sys.argv[3]), 'killed')\n")
+    code = SLOW_BACKUP
     ci = pg.conninfo()
     p = subprocess.Popen([sys.executable, "-c", code, str(ci.port), ci.user, str(root)],
                          env={**os.environ, "PGPASSWORD": ci.password})
@@ -241,15 +246,7 @@ def test_s3_backup_killed_midway_leaves_an_upload_that_cleanup_aborts(pg, s3):
     repo = created(S3Repository(s3.client(), s3.bucket, prefix))
     pg.psql("CREATE TABLE kill_random AS SELECT g, decode(string_agg(md5(random()::text || g || b), ''), 'hex') AS p "
             "FROM generate_series(1, 2400) g, generate_series(1, 800) b GROUP BY g")  # ~30 MB, incompressible
-    code = ("import sys, time; from airflow_pg_incremental.core import backup as b;"
-            "from airflow_pg_incremental.core.repository import open_repository;"
-            "from airflow_pg_incremental.core.pgconn import ConnInfo;"
-            "import airflow_pg_incremental.core.codec as c; orig = c.HashingReader.read\n"
-            "def slow(self, n=-1):\n d = orig(self, n); time.sleep(0.05); return d\n"
-            "c.HashingReader.read = slow\n"
-            "ci = ConnInfo(host='127.0.0.1', port=int(sys.argv[1]), user=sys.argv[2], dbname='postgres',"
-            " password=__import__('os').environ['PGPASSWORD'])\n"
-            "b.take_full_backup(ci, open_repository(sys.argv[3]), 'killed')\n")
+    code = SLOW_BACKUP
     ci = pg.conninfo()
     client = s3.client()
     try:

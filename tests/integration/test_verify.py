@@ -286,9 +286,21 @@ if _PARAMS.exists():
 '''
 
 
-def test_operator_in_airflow_fails_on_a_corrupted_backup(airflow_db, pg, tmp_path, catalog, capfd):
+
+def _run_dag(dags_dir: Path, specs: list[dict], dag_id: str):
+    """dag.test() of one of the DAGs DAG_SOURCE builds from `specs`; (dag run, task states)."""
     from airflow.dag_processing.dagbag import DagBag
     from airflow.utils.session import create_session
+
+    (dags_dir / PARAMS_FILE).write_text(json.dumps(specs))
+    (dags_dir / DAG_FILE).write_text(DAG_SOURCE)
+    bag = DagBag(dag_folder=str(dags_dir / DAG_FILE))
+    assert bag.import_errors == {}
+    dr = bag.get_dag(dag_id).test()
+    with create_session() as s:
+        return dr, {ti.task_id: ti.state for ti in dr.get_task_instances(session=s)}
+
+def test_operator_in_airflow_fails_on_a_corrupted_backup(airflow_db, pg, tmp_path, catalog, capfd):
 
     from tests.conftest import conn_json
 
@@ -304,14 +316,8 @@ def test_operator_in_airflow_fails_on_a_corrupted_backup(airflow_db, pg, tmp_pat
     dags_dir = Path(os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
     specs = [{"dag_id": f"pgincr_it_verify_{name}", "cluster": cl, "repository": str(r.root),
               "schema": catalog.schema, "backup_id": meta["backup_id"]} for name, r in (("good", good), ("bad", bad))]
-    (dags_dir / PARAMS_FILE).write_text(json.dumps(specs))
-    (dags_dir / DAG_FILE).write_text(DAG_SOURCE)
     try:
-        bag = DagBag(dag_folder=str(dags_dir / DAG_FILE))
-        assert bag.import_errors == {}
-        dr = bag.get_dag("pgincr_it_verify_bad").test()
-        with create_session() as s:
-            states = {ti.task_id: ti.state for ti in dr.get_task_instances(session=s)}
+        dr, states = _run_dag(dags_dir, specs, "pgincr_it_verify_bad")
         assert dr.state == "failed" and states == {"full_backup": "success", "verify": "failed"}
         row = catalog.last_verification(cl, meta["backup_id"])
         assert row["ok"] is False and key in row["error"]
@@ -319,7 +325,7 @@ def test_operator_in_airflow_fails_on_a_corrupted_backup(airflow_db, pg, tmp_pat
         logged = "".join(capfd.readouterr())
         assert f"verification of cluster '{cl}' FAILED" in logged and key in logged
 
-        dr = bag.get_dag("pgincr_it_verify_good").test()
+        dr, _ = _run_dag(dags_dir, specs, "pgincr_it_verify_good")
         assert dr.state == "success"
         row = catalog.last_verification(cl, meta["backup_id"])
         assert row["ok"] is True and (row["dag_id"], row["run_id"]) == ("pgincr_it_verify_good", dr.run_id)
@@ -330,8 +336,6 @@ def test_operator_in_airflow_fails_on_a_corrupted_backup(airflow_db, pg, tmp_pat
 
 
 def test_operator_in_airflow_fails_on_a_damaged_wal_segment(airflow_db, pg, tmp_path, catalog, capfd):
-    from airflow.dag_processing.dagbag import DagBag
-    from airflow.utils.session import create_session
 
     from tests.conftest import conn_json
 
@@ -348,14 +352,8 @@ def test_operator_in_airflow_fails_on_a_damaged_wal_segment(airflow_db, pg, tmp_
     dags_dir = Path(os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
     spec = {"dag_id": "pgincr_it_verify_wal", "cluster": cl, "repository": str(repo.root), "schema": catalog.schema,
             "backup_id": meta["backup_id"], "check_wal": True}
-    (dags_dir / PARAMS_FILE).write_text(json.dumps([spec]))
-    (dags_dir / DAG_FILE).write_text(DAG_SOURCE)
     try:
-        bag = DagBag(dag_folder=str(dags_dir / DAG_FILE))
-        assert bag.import_errors == {}
-        dr = bag.get_dag("pgincr_it_verify_wal").test()
-        with create_session() as s:
-            states = {ti.task_id: ti.state for ti in dr.get_task_instances(session=s)}
+        dr, states = _run_dag(dags_dir, [spec], "pgincr_it_verify_wal")
         assert dr.state == "failed" and states == {"full_backup": "success", "verify": "failed"}
         row = catalog.last_verification(cl, meta["backup_id"])
         assert row["ok"] is False and "wal_objects" in row["error"] and victim in row["error"]
