@@ -1,0 +1,48 @@
+"""The backup repository: one interface, two drivers (local directory, S3).
+
+Keys are relative, '/'-separated, and validated so nothing can escape the repository root/prefix.
+Writes are atomic: an object becomes visible only once complete (local: temp file + fsync +
+rename; S3: single PUT or completed multipart upload). Reads and writes stream in bounded chunks.
+
+The interface and the repository's identity are in `base`, the drivers in `local` and `s3`;
+`open_repository` picks the driver for a URL.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from ..errors import ConfigError
+from .base import (CREATE_HINT, MARKER_KEY, MARKER_KIND, REPOSITORY_FORMAT, Repository,  # noqa: F401
+                   validate_key)
+from .local import LocalRepository
+from .s3 import S3Repository, s3_client_from_env
+
+_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+
+
+def open_repository(url: str, *, s3_client=None, origin: str | None = None) -> Repository:
+    """'/path', 'file:///path' or 's3://bucket/prefix'. Opening touches nothing; call
+    `identity()` (or `check_writable()`) to make sure a repository is there."""
+    if not url:
+        raise ConfigError("no repository given: pass a local directory or s3://bucket/prefix")
+    if url.startswith("s3://"):
+        if not url[5:].partition("/")[0]:
+            raise ConfigError(f"repository URL {url!r} names no bucket: write s3://bucket/prefix")
+        rest = url[5:]
+        bucket, _, prefix = rest.partition("/")
+        repo = S3Repository(s3_client or s3_client_from_env(), bucket, prefix)
+        repo.origin = origin
+        return repo
+    m = _SCHEME_RE.match(url)
+    if m and m.group(1).lower() in ("s3", "s3a", "s3n") and not url.startswith("s3://"):
+        raise ConfigError(f"malformed S3 repository URL {url!r}: write s3://bucket/prefix")
+    if url.startswith("file://"):
+        url = url[7:]
+    elif m and len(m.group(1)) > 1:  # (a one-letter 'scheme' would be a Windows drive)
+        raise ConfigError(f"unsupported repository URL {url!r}: use an absolute local directory, file:///path or "
+                          "s3://bucket/prefix")
+    if not os.path.isabs(url):
+        raise ConfigError(f"local repository path {url!r} must be absolute")
+    return LocalRepository(url)

@@ -1,0 +1,340 @@
+"""S3 driver (boto3 client, e.g. from Airflow's S3Hook): multipart uploads, conditional PUTs,
+streaming reads; errors name the fix in the user's terms (CLI environment or Airflow connection)."""
+
+from __future__ import annotations
+
+import datetime
+import io
+import logging
+import os
+import uuid
+from typing import BinaryIO, Iterator
+
+from ..codec import NonClosing
+from ..errors import ConfigError, ObjectExists, ObjectNotFound, RepositoryError
+from ..names import validate_prefix
+
+log = logging.getLogger(__name__)
+from .base import MARKER_KEY, Repository, validate_key
+
+
+class S3Repository(Repository):
+    """S3 or any S3-compatible store. `client` is a boto3 S3 client (e.g. from Airflow's S3Hook)."""
+
+    MULTIPART_CHUNK = 16 * 1024 * 1024
+    # how the user configured it: "cli" (environment, --env-file) or "airflow" (an aws connection);
+    # error messages name the fix in that language
+    origin: str | None = None
+    _FIX = {"endpoint": {"cli": "check PGINCR_S3_ENDPOINT_URL (or AWS_ENDPOINT_URL) and the network",
+                         "airflow": "check endpoint_url in the extra of the AWS connection, and the network",
+                         None: "check the S3 endpoint URL and the network"},
+            "credentials": {"cli": "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the AWS profile) and the "
+                                   "bucket policy",
+                            "airflow": "check the AWS connection's credentials and the bucket policy",
+                            None: "check the S3 credentials and the bucket policy"},
+            "none": {"cli": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or an AWS profile; for archive_command "
+                            "and restore_command, in the --env-file)",
+                     "airflow": "configure the credentials of the AWS connection",
+                     None: "configure S3 credentials"}}
+
+    def _fix(self, what: str) -> str:
+        return self._FIX[what].get(self.origin, self._FIX[what][None])
+
+    def __init__(self, client, bucket: str, prefix: str = ""):
+        if not bucket or "/" in bucket:
+            raise ConfigError(f"invalid bucket name {bucket!r}")
+        self.client = client
+        self.bucket = bucket
+        self.prefix = validate_prefix(prefix)
+        self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+
+    def _key(self, key: str) -> str:
+        key = validate_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _rel(self, full: str) -> str:
+        return full[len(self.prefix) + 1:] if self.prefix else full
+
+    def _err(self, e: Exception, what: str) -> RepositoryError:
+        from botocore.exceptions import (
+            ClientError,
+            EndpointConnectionError,
+            NoCredentialsError,
+        )
+
+        if isinstance(e, ClientError):
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            if code in ("NoSuchBucket",) or (code == "404" and "bucket" in what):
+                return RepositoryError(f"bucket {self.bucket!r} does not exist ({what}): create it or fix the "
+                                       "repository URL")
+            if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                return RepositoryError(f"access denied to s3://{self.bucket} ({what}, {code}): {self._fix('credentials')}")
+            return RepositoryError(f"S3 error {code} while {what} in {self.url}: {e}")
+        if isinstance(e, EndpointConnectionError):
+            return RepositoryError(f"S3 endpoint unreachable while {what}: {e}; {self._fix('endpoint')}")
+        if isinstance(e, NoCredentialsError):
+            return RepositoryError(f"no S3 credentials found while {what}: {self._fix('none')}")
+        return RepositoryError(f"S3 failure while {what} in {self.url}: {e}")
+
+    def put(self, key: str, src: BinaryIO, *, overwrite: bool = True) -> int:
+        from boto3.s3.transfer import TransferConfig
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        full = self._key(key)
+        if not overwrite and self.exists(key):
+            raise ObjectExists(f"object {key} exists already in {self.url}")
+        counter = _CountingReader(src)
+        cfg = TransferConfig(multipart_threshold=self.MULTIPART_CHUNK, multipart_chunksize=self.MULTIPART_CHUNK,
+                             max_concurrency=4, use_threads=True)
+        try:
+            self.client.upload_fileobj(NonClosing(counter), self.bucket, full, Config=cfg)
+        except (ClientError, BotoCoreError) as e:
+            raise self._err(e, f"writing {key}") from e
+        except Exception as e:  # S3 transfer wraps some errors
+            inner = e.__cause__ or e.__context__
+            if isinstance(inner, (ClientError, BotoCoreError)):
+                raise self._err(inner, f"writing {key}") from e
+            raise
+        return counter.size
+
+    def open(self, key: str) -> BinaryIO:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise ObjectNotFound(f"object {key} not found in {self.url}") from None
+            raise self._err(e, f"reading {key}") from e
+        except BotoCoreError as e:
+            raise self._err(e, f"reading {key}") from e
+        return _StreamingBody(resp["Body"])
+
+    def _head(self, key: str):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise self._err(e, f"checking {key}") from e
+        except BotoCoreError as e:
+            raise self._err(e, f"checking {key}") from e
+
+    def exists(self, key: str) -> bool:
+        return self._head(key) is not None
+
+    def size(self, key: str) -> int:
+        h = self._head(key)
+        if h is None:
+            raise ObjectNotFound(f"object {key} not found in {self.url}")
+        return int(h["ContentLength"])
+
+    def modified(self, key: str) -> datetime.datetime:
+        h = self._head(key)
+        if h is None:
+            raise ObjectNotFound(f"object {key} not found in {self.url}")
+        lm = h["LastModified"]
+        return lm if lm.tzinfo else lm.replace(tzinfo=datetime.timezone.utc)
+
+    def put_bytes(self, key: str, data: bytes, *, overwrite: bool = True) -> int:
+        """Small objects: one PUT request (no transfer threads); overwrite=False is a conditional
+        write (If-None-Match: *), atomic on stores that support it, checked by HEAD before as well."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        full = self._key(key)
+        if not overwrite and self.exists(key):
+            raise ObjectExists(f"object {key} exists already in {self.url}")
+        kwargs = {"Bucket": self.bucket, "Key": full, "Body": data}
+        if not overwrite:
+            kwargs["IfNoneMatch"] = "*"
+        try:
+            self.client.put_object(**kwargs)
+        except ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                raise ObjectExists(f"object {key} exists already in {self.url}") from None
+            raise self._err(e, f"writing {key}") from e
+        except BotoCoreError as e:
+            raise self._err(e, f"writing {key}") from e
+        return len(data)
+
+    def _paginate(self, prefix: str, delimiter: str | None) -> Iterator[dict]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        p = prefix.strip("/")
+        full = (self._key(p) + "/") if p else (self.prefix + "/" if self.prefix else "")
+        kwargs = {"Bucket": self.bucket, "Prefix": full}
+        if delimiter:
+            kwargs["Delimiter"] = delimiter
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(**kwargs):
+                yield page
+        except (ClientError, BotoCoreError) as e:
+            raise self._err(e, f"listing {prefix or '/'} (bucket)") from e
+
+    def list(self, prefix: str) -> list[str]:
+        out = []
+        for page in self._paginate(prefix, None):
+            out += [self._rel(o["Key"]) for o in page.get("Contents", [])]
+        return sorted(out)
+
+    def list_dirs(self, prefix: str) -> list[str]:
+        out = []
+        for page in self._paginate(prefix, "/"):
+            out += [cp["Prefix"].rstrip("/").rsplit("/", 1)[-1] for cp in page.get("CommonPrefixes", [])]
+        return sorted(out)
+
+    def delete(self, key: str) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except (ClientError, BotoCoreError) as e:
+            raise self._err(e, f"deleting {key}") from e
+
+    def check_writable(self) -> None:
+        missing = self._location_note()
+        if missing:
+            raise RepositoryError(f"{missing}: create it or fix the repository URL")
+        self.identity()
+        probe = f".pgincr-write-test-{uuid.uuid4().hex[:8]}"
+        self.put_bytes(probe, b"ok")
+        self.delete(probe)
+
+    def abandoned_writes(self, prefix: str, older_than_s: float) -> list[dict]:
+        """Multipart uploads below `prefix` initiated more than `older_than_s` ago and never
+        completed or aborted (a killed backup leaves one; its parts cost storage until aborted)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        p = prefix.strip("/")
+        full = (self._key(p) + "/") if p else (self.prefix + "/" if self.prefix else "")
+        now = datetime.datetime.now(datetime.timezone.utc)
+        out = []
+        kwargs = {"Bucket": self.bucket, "Prefix": full}
+        try:
+            while True:
+                resp = self.client.list_multipart_uploads(**kwargs)
+                for u in resp.get("Uploads", []) or []:
+                    init = u["Initiated"] if u["Initiated"].tzinfo else u["Initiated"].replace(
+                        tzinfo=datetime.timezone.utc)
+                    age = (now - init).total_seconds()
+                    if age >= older_than_s:
+                        out.append({"key": self._rel(u["Key"]), "kind": "multipart upload", "age_s": round(age),
+                                    "bytes": self._upload_bytes(u["Key"], u["UploadId"]), "id": u["UploadId"]})
+                if not resp.get("IsTruncated"):
+                    break
+                kwargs.update(KeyMarker=resp.get("NextKeyMarker"), UploadIdMarker=resp.get("NextUploadIdMarker"))
+        except (ClientError, BotoCoreError) as e:
+            raise self._err(e, f"listing unfinished uploads below {prefix or '/'}") from e
+        return sorted(out, key=lambda d: (d["key"], d["id"]))
+
+    def _upload_bytes(self, full_key: str, upload_id: str) -> int | None:
+        try:
+            parts = self.client.list_parts(Bucket=self.bucket, Key=full_key, UploadId=upload_id).get("Parts", [])
+            return sum(int(p.get("Size", 0)) for p in parts or [])
+        except Exception:  # the size is informative only
+            return None
+
+    def discard_write(self, item: dict) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=self._key(item["key"]), UploadId=item["id"])
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchUpload", "404"):
+                return  # completed or aborted meanwhile
+            raise self._err(e, f"aborting the unfinished upload of {item['key']}") from e
+        except BotoCoreError as e:
+            raise self._err(e, f"aborting the unfinished upload of {item['key']}") from e
+
+    def _top_level(self) -> tuple[list[str], list[str]]:
+        dirs, files = [], []
+        for page in self._paginate("", "/"):
+            dirs += [cp["Prefix"].rstrip("/").rsplit("/", 1)[-1] for cp in page.get("CommonPrefixes", [])]
+            files += [self._rel(o["Key"]) for o in page.get("Contents", [])]
+        return sorted(dirs), sorted(files)
+
+    def _ancestor_repository(self) -> str | None:
+        parts = self.prefix.split("/") if self.prefix else []
+        for i in range(len(parts) - 1, -1, -1):
+            key = "/".join(parts[:i] + [MARKER_KEY])
+            try:
+                self.client.head_object(Bucket=self.bucket, Key=key)
+            except Exception:
+                continue
+            return f"s3://{self.bucket}/{'/'.join(parts[:i])}".rstrip("/")
+        return None
+
+    def _location_note(self) -> str:
+        """'the bucket ... does not exist', or '' when it does (other errors raise, explained)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            if code in ("404", "NoSuchBucket", "NotFound"):
+                return f"the bucket {self.bucket!r} does not exist"
+            raise self._err(e, "checking the bucket") from e
+        except BotoCoreError as e:
+            raise self._err(e, "checking the bucket") from e
+        return ""
+
+
+class _CountingReader(io.RawIOBase):
+    def __init__(self, src):
+        self._src = src
+        self.size = 0
+
+    def readable(self):
+        return True
+
+    def read(self, n=-1):
+        data = self._src.read(n)
+        self.size += len(data)
+        return data
+
+    def readinto(self, b):
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+class _StreamingBody(io.RawIOBase):
+    def __init__(self, body):
+        self._body = body
+
+    def readable(self):
+        return True
+
+    def read(self, n=-1):
+        return self._body.read(None if n is None or n < 0 else n)
+
+    def readinto(self, b):
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def close(self):
+        try:
+            self._body.close()
+        finally:
+            super().close()
+
+
+# --------------------------------------------------------------------------------------------
+def s3_client_from_env(endpoint_url: str | None = None):
+    """A boto3 S3 client from the standard AWS environment (for the CLI; Airflow uses S3Hook)."""
+    import boto3
+    from botocore.config import Config
+
+    endpoint_url = endpoint_url or os.environ.get("PGINCR_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3") \
+        or os.environ.get("AWS_ENDPOINT_URL")
+    attempts = int(os.environ.get("PGINCR_S3_MAX_ATTEMPTS", "4"))
+    return boto3.session.Session().client(
+        "s3", endpoint_url=endpoint_url,
+        config=Config(retries={"max_attempts": attempts, "mode": "standard"}, s3={"addressing_style": "path"},
+                      connect_timeout=5, read_timeout=60),
+    )
