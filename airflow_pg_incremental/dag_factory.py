@@ -258,11 +258,9 @@ def build_weekly_full(cl: ClusterConfig):
 
     with _dag(
         cl, "weekly_full", f"Weekly full base backup of {cl.name}", ["backup"],
-        f"""Full base backup of cluster **{cl.name}** into `{cl.repository}`.
-
-preflight (server reachable, REPLICATION, repository writable, leftovers of interrupted backups
-removed) → full backup (pg_basebackup streamed through zstd; metadata written last). The XCom of
-`full_backup` holds the backup id, LSNs and sizes.""",
+        f"""Full base backup of cluster **{cl.name}** into `{cl.repository}`: the start of a new chain. The
+backup counts only once its WAL is archived and it is verified; then the backups Asset event starts
+the restore test. The XCom of `full_backup` holds the backup id, LSNs and sizes.""",
     ) as dag:
         common = cl.engine_kwargs()
         pre = PgBackupPreflightOperator(task_id="preflight", cleanup_after_s=cl.cleanup_after_hours * 3600,
@@ -291,13 +289,13 @@ def build_daily_incremental(cl: ClusterConfig):
         cl, "daily_incremental", f"Daily {cl.incremental_kind} backup of {cl.name}", ["backup", "incremental"],
         f"""Block-level {cl.incremental_kind} backup of cluster **{cl.name}** (PostgreSQL 17+, summarize_wal = on).
 
-preflight → incremental: a preflight decides whether an {cl.incremental_kind} is possible (summarize_wal on
-and since before the parent, WAL summaries covering the parent's start, same timeline and system,
-same data-checksum setting, parent present and intact, chain shorter than {cl.max_chain_length}, parent
-younger than wal_summary_keep_time); if not, a **full** backup is taken and the reason is logged and
+The backup task decides first whether an {cl.incremental_kind} is possible (summarize_wal on and since
+before the parent, WAL summaries covering the parent's start, same timeline and system, same
+data-checksum setting, parent present and intact, chain shorter than {cl.max_chain_length}, parent younger
+than wal_summary_keep_time); if not, a **full** backup is taken and the reason is logged and
 returned in the XCom (`plan.reason`). **On PostgreSQL 16 and older no backup is taken: the WAL
-archive is the incremental** (the task logs so and succeeds). Then wal_switch → wal_capture (pull)
-→ wal_archived: the new backup counts only once its WAL is archived.""",
+archive is the incremental** (the task logs so and succeeds). The new backup counts only once its
+WAL is archived and it is verified.""",
     ) as dag:
         common = cl.engine_kwargs()
         pre = PgBackupPreflightOperator(task_id="preflight", cleanup_after_s=cl.cleanup_after_hours * 3600,
@@ -328,12 +326,8 @@ def build_hourly_wal(cl: ClusterConfig):
             "push: the server's archive_command (walcmd push) archives WAL; this DAG waits for it")
     with _dag(
         cl, "hourly_wal", f"WAL archive of {cl.name}: switch, capture, continuity, RPO", ["wal"],
-        f"""WAL archive of cluster **{cl.name}** ({mode}).
-
-wal_switch (closes the current segment) → {'wal_capture → ' if cl.wal_mode == 'pull' else ''}wal_archived
-(the switched segment is in the repository) → wal_continuity (no gap from the oldest backup on,
-history files present; segments recorded in the catalog) → wal_fresh (fails when the newest
-archived WAL is older than {cl.rpo_minutes} minutes: the RPO is breached).""",
+        f"""WAL archive of cluster **{cl.name}** ({mode}). A failed `wal_fresh` is an RPO breach (alerted
+as `rpo_breached`); it runs even when the capture failed.""",
     ) as dag:
         wal = _wal_tasks(cl, segment_template="{{ ti.xcom_pull(task_ids='wal_switch')['segment'] }}",
                          upto_template="{{ ti.xcom_pull(task_ids='wal_switch')['lsn'] }}")
@@ -355,11 +349,10 @@ def build_restore_tests(cl: ClusterConfig):
     interval end), and on every backup's Asset event (a fresh backup is proven at once)."""
     from airflow_pg_incremental.operators.restore import PgRestoreTestOperator
 
-    doc = f"""Restore test of cluster **{cl.name}**: restores to the end of the run's data interval on a
-scratch copy (own directory and port, private socket, archive_mode=off, removed afterwards),
-runs {cl.restore_test_checks} and amcheck, records the measured restore time (RTO), the point
-reached and the outcome in the catalog; fails (and alerts) when anything does not hold.
-Backfill it over past intervals to prove point-in-time recovery for each of them."""
+    doc = f"""Restore test of cluster **{cl.name}**: proves the backups by restoring them. Checks:
+{cl.restore_test_checks}, plus amcheck; fails (and alerts) when anything does not hold. The scheduled
+DAG restores to the end of each data interval: backfill it over past intervals to prove
+point-in-time recovery for each of them; the `_on_backup` DAG runs on every verified backup."""
     out = []
     for kind, schedule, dag_id in (
             ("restore_test", _interval_timetable(cl.schedules.get("restore_test")), None),
@@ -381,11 +374,10 @@ def build_retention(cl: ClusterConfig):
     policy = {"keep_full_chains": r.get("keep_full_chains"), "recovery_window_days": r.get("recovery_window_days"),
               "min_redundancy": r.get("min_redundancy", 1), "pinned": list(r.get("pinned", []))}
     with _dag(cl, "retention", f"Retention of {cl.name}", ["retention"],
-              f"""Retention of cluster **{cl.name}**: policy {policy}. plan (logged, nothing deleted: read it
-in the task log) → apply (backup.json first, then the objects, then old WAL, then catalog rows;
-safe to re-run after a crash). Never removes a backup a kept backup depends on, nor WAL needed to
-make a kept backup consistent or to reach any point of the window; a policy that would delete
-everything or undercut min_redundancy is refused.""") as dag:
+              f"""Retention of cluster **{cl.name}**: policy {policy}. Read the plan in the `plan` task's log.
+Never removes a backup a kept backup depends on, nor WAL needed to make a kept backup consistent or
+to reach any point of the window; a policy that would delete everything or undercut min_redundancy
+is refused.""") as dag:
         common = {"cluster": cl.name, "repository": cl.repository, "aws_conn_id": cl.aws_conn_id,
                   "catalog_conn_id": cl.catalog_conn_id, "catalog_schema": cl.catalog_schema, **policy}
         plan = PgRetentionOperator(task_id="plan", dry_run=True, **common)
@@ -394,9 +386,47 @@ everything or undercut min_redundancy is refused.""") as dag:
     return dag
 
 
+TARGET_TYPES = {"latest": "End of the archive (latest)", "time": "A point in time", "lsn": "A WAL location (LSN)",
+                "xid": "A transaction id", "name": "A named restore point",
+                "backup": "A backup's own end (its consistency point)"}
+
+
+def restore_form(names: list[str]) -> dict:
+    """The on-demand restore's params form: optional fields are nullable (a required-looking empty
+    field would block Trigger), every value is validated again by the operator before anything is
+    touched."""
+    from airflow.sdk import Param
+
+    return {
+        "cluster": Param(names[0], enum=names, title="Cluster", section="What to restore",
+                         description="The cluster whose backups and WAL archive are used"),
+        "target_type": Param("latest", enum=list(TARGET_TYPES), values_display=TARGET_TYPES, title="Recover to",
+                             section="What to restore"),
+        "target_value": Param(
+            None, type=["null", "string"], title="Target value", section="What to restore",
+            description_md=(
+                "Empty for *latest*. A **time**: ISO 8601 with a time zone, e.g. `2026-11-21T10:15:00+01:00`; "
+                "an **LSN**: `0/3000060`; a **transaction id**: `1234` (32-bit, or `EPOCH:XID`); a **restore "
+                "point** name; a **backup** id such as `20261121T020000Z-F`. The target must lie inside the "
+                "recoverable window: from the oldest backup's end to the last archived commit (see `pgincr info "
+                "--cluster NAME` or the catalog view `recoverable_window`); a target outside it is refused "
+                "before anything is touched, naming the window.")),
+        "destination": Param(
+            None, type=["null", "string"], title="Destination directory", section="Where",
+            description_md=("An absolute directory on the worker that runs the restore, new or empty, never "
+                            "inside a data directory, e.g. `/srv/restore/main`. Not needed for a dry run.")),
+        "action": Param("promote", enum=["promote", "pause", "shutdown"], title="At the target", section="Where",
+                        values_display={"promote": "Promote (open read-write)",
+                                        "pause": "Pause (inspect, then promote or replay further)",
+                                        "shutdown": "Shut down (left stopped at the target)"}),
+        "dry_run": Param(True, type="boolean", title="Dry run", section="Where",
+                         description="Only show the backup chain, the WAL range and the window it would use"),
+    }
+
+
 def build_restore(clusters: list[ClusterConfig]):
     """The on-demand restore DAG: triggered from the UI with a params form."""
-    from airflow.sdk import DAG, Param
+    from airflow.sdk import DAG
 
     from airflow_pg_incremental.operators.restore import PgRestoreOperator
 
@@ -410,18 +440,7 @@ def build_restore(clusters: list[ClusterConfig]):
         max_active_runs=1,
         tags=["pgincr", "restore"],
         default_args={"owner": clusters[0].owner, "retries": 0},
-        params={
-            "cluster": Param(names[0], enum=names, description="cluster to restore"),
-            "target_type": Param("latest", enum=["latest", "time", "lsn", "xid", "name", "backup"],
-                                 description="time: ISO 8601 with a time zone; lsn: 0/3000060; xid; name: a "
-                                             "restore point; backup: a backup id (its consistency point)"),
-            "target_value": Param("", type="string", description="the time / LSN / xid / name / backup id"),
-            "destination": Param("", type="string", description="an absolute, empty or new directory on the "
-                                                                "worker (never inside a data directory)"),
-            "action": Param("promote", enum=["promote", "pause", "shutdown"],
-                            description="what the server does at the target"),
-            "dry_run": Param(True, type="boolean", description="only print the chain and WAL range it would use"),
-        },
+        params=restore_form(names),
         doc_md="""Restore a cluster into a directory on the worker. Every value is validated, and the
 backup, chain, WAL range and window are checked, before anything is touched. Start with a dry run:
 it prints the chain and the WAL range. The restored copy is left stopped at the target with
@@ -431,24 +450,84 @@ archive_mode=off.""",
                           clusters={c.name: {"repository": c.repository, "aws_conn_id": c.aws_conn_id}
                                     for c in clusters},
                           cluster="{{ params.cluster }}", target_type="{{ params.target_type }}",
-                          target_value="{{ params.target_value }}", destination="{{ params.destination }}",
+                          target_value="{{ params.target_value or '' }}",
+                          destination="{{ params.destination or '' }}",
                           action="{{ params.action }}", dry_run="{{ params.dry_run }}")
     return dag
+
+
+# What each task does, one line each: every DAG's doc lists its own tasks, in order, from this
+# table and the task list that was built (so the doc cannot drift from what runs; a test checks)
+TASK_DOCS = {
+    "preflight": "server reachable with the connection's credentials, REPLICATION, wal_level, the binaries of its "
+                 "major version, the repository writable (created first with `create_repository`), WAL archiving "
+                 "in place (pull: the replication slot exists before the backup; push: archive_command pushes "
+                 "here), leftovers of killed backups removed",
+    "full_backup": "pg_basebackup streamed through zstd into the repository; backup.json written last",
+    "incremental_backup": "block-level incremental (PostgreSQL 17+) on the chain, or a full when an incremental is "
+                          "not possible (the reason is in the log and the XCom); nothing on PostgreSQL 16 and older",
+    "wal_switch": "pg_switch_wal(): closes the current WAL segment so it can be archived",
+    "wal_capture": "pull mode: pg_receivewal stores every complete segment up to the switch, then the slot is "
+                   "advanced; fails when the slot held more WAL than max_slot_retained_gb",
+    "wal_archived": "waits (deferrable) until the segment is in the repository",
+    "verify": "every object re-read against its checksums, pg_verifybackup on a staged copy, every WAL segment "
+              "read; the result goes to the catalog; then the backups Asset event (which starts the restore test)",
+    "wal_continuity": "no gap from the oldest backup on, every backup's WAL archived, history files present",
+    "wal_fresh": "fails when the newest archived WAL is older than the RPO while the server wrote WAL past it",
+    "restore_test": "restores to the end of the run's data interval on a scratch copy (own directory and port, "
+                    "private socket, archive_mode=off, removed afterwards), runs the checks and amcheck, records "
+                    "the RTO and the outcome in the catalog",
+    "plan": "computes what the retention policy keeps and deletes and logs it; deletes nothing",
+    "apply": "deletes what the plan says (backup.json first; safe to re-run after a crash)",
+    "restore": "validates the form, plans the restore (backup, chain, WAL range, window), then restores unless it "
+               "is a dry run",
+}
+
+
+def _ordered_task_ids(dag) -> list[str]:
+    return [t.task_id for t in dag.topological_sort()]
+
+
+def dag_doc(dag, intro: str, facts: list[str]) -> str:
+    """The DAG's doc: its purpose, its tasks in the order they run (from the DAG itself), and the
+    configuration it was built from."""
+    tasks = "\n".join(f"{n}. `{tid}`: {TASK_DOCS.get(tid, '')}" for n, tid in enumerate(_ordered_task_ids(dag), 1))
+    return f"{intro.strip()}\n\n**Tasks**\n\n{tasks}\n\n**Configuration**\n\n" + "\n".join(f"- {f}" for f in facts)
+
+
+def cluster_facts(cl: ClusterConfig) -> list[str]:
+    """What a DBA wants to know about a cluster's DAGs, from its configuration only (no I/O)."""
+    r = cl.retention or {}
+    kept = ", ".join(f"{k} {v}" for k, v in r.items() if v not in (None, [], "")) or "none configured (nothing is "        "ever deleted)"
+    return [
+        f"cluster `{cl.name}`, server connection `{cl.postgres_conn_id}`, repository `{cl.repository}`"
+        + (f" (AWS connection `{cl.aws_conn_id}`)" if cl.aws_conn_id else ""),
+        f"WAL: {cl.wal_mode} mode" + (f" (replication slot `{cl.slot_name or 'pgincr_' + cl.name}`, at most "
+                                      f"{cl.max_slot_retained_gb:g} GB held between captures)" if cl.wal_mode == "pull"
+                                      else " (archive_command = walcmd push)") + f"; RPO {cl.rpo_minutes:g} min",
+        "schedules: " + ", ".join(f"{k} `{v}`" for k, v in sorted(cl.schedules.items())),
+        f"incrementals: {cl.incremental_kind}, chains of at most {cl.max_chain_length}",
+        f"retention: {kept}",
+        f"catalog: connection `{cl.catalog_conn_id}`, schema `{cl.catalog_schema}`" if cl.catalog_conn_id else
+        "catalog: none configured",
+        f"restore: trigger `pgincr_restore` (a form: dry run first), or `pgincr restore --repo {cl.repository} "
+        f"--cluster {cl.name} --target latest --target-dir DIR` on the host meant for it",
+    ]
 
 
 def build_dags(clusters: list[ClusterConfig]) -> dict[str, Any]:
     dags = {}
     for cl in clusters:
-        for builder in (build_weekly_full, build_daily_incremental, build_hourly_wal):
-            dag = builder(cl)
-            dags[dag.dag_id] = dag
-        for dag in build_restore_tests(cl):
-            dags[dag.dag_id] = dag
+        built = [build_weekly_full(cl), build_daily_incremental(cl), build_hourly_wal(cl), *build_restore_tests(cl)]
         if cl.retention:
-            dag = build_retention(cl)
+            built.append(build_retention(cl))
+        for dag in built:
+            dag.doc_md = dag_doc(dag, dag.doc_md or "", cluster_facts(cl))
             dags[dag.dag_id] = dag
     if clusters:
         dag = build_restore(clusters)
+        dag.doc_md = dag_doc(dag, dag.doc_md or "", [
+            f"`{c.name}`: repository `{c.repository}`" for c in clusters])
         dags[dag.dag_id] = dag
     return dags
 

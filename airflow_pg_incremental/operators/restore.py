@@ -115,17 +115,19 @@ class PgRestoreOperator(StopsEngineOnKill, BaseOperator):
                 target = parse_target("immediate", action=self.action)
             else:
                 target = parse_target(self.target_type, value, action=self.action)
-            if not self.destination:
-                raise _fail("destination directory is required")
-            dest = check_target_dir(self.destination)
+            if not self.destination and not dry:
+                raise _fail("destination directory is required (a dry run needs none)")
+            dest = check_target_dir(self.destination) if self.destination else None
             repo = PgBackupRepositoryHook(cfg["repository"], cfg.get("aws_conn_id")).get_repository()
             plan = plan_restore(repo, self.cluster, target, backup_id)
         except PgIncrError as e:
             raise _fail(f"restore refused, nothing was touched: {e}") from None
         self.log.info("restore plan for %s: backup %s (chain %s), WAL %s .. %s, target %s %s, action %s -> %s",
                       self.cluster, plan["backup_id"], " -> ".join(b["backup_id"] for b in plan["chain"]),
-                      plan["wal_from"], plan["wal_to"], target.kind, target.value or "", target.action, dest)
-        small = {"cluster": self.cluster, "dry_run": dry, "destination": str(dest), "backup_id": plan["backup_id"],
+                      plan["wal_from"], plan["wal_to"], target.kind, target.value or "", target.action,
+                      dest or "(no destination given)")
+        small = {"cluster": self.cluster, "dry_run": dry, "destination": str(dest) if dest else None,
+                 "backup_id": plan["backup_id"],
                  "chain": [b["backup_id"] for b in plan["chain"]], "wal_from": plan["wal_from"],
                  "wal_to": plan["wal_to"], "target": plan["target"]}
         if dry:

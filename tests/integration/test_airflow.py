@@ -236,6 +236,13 @@ def test_on_demand_restore_dag(airflow_clusters, pg, scratch, workdir):
     plan = _xcoms(dag.dag_id, dr.run_id)[("restore", "return_value")]
     assert plan["dry_run"] and plan["chain"] and plan["wal_from"] and plan["wal_to"]
     assert not (scratch / "dry").exists()
+    # the form's default case: latest, dry run, nothing typed (nullable fields left empty)
+    dr = dag.test(run_conf={"cluster": "it_local", "target_type": "latest", "target_value": None,
+                            "destination": None, "dry_run": True})
+    assert dr.state == "success"
+    assert _xcoms(dag.dag_id, dr.run_id)[("restore", "return_value")]["destination"] is None
+    # ... but a real restore needs its destination
+    assert dag.test(run_conf={**base, "destination": None, "dry_run": False}).state == "failed"
     # bad input: each refused, nothing touched
     busy = scratch / "busy"
     busy.mkdir()

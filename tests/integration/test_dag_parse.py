@@ -41,3 +41,42 @@ def test_twenty_clusters_parse_fast_without_io(tmp_path):
     assert "pgincr_db07_daily_incremental" in out["dags"] and "pgincr_restore" in out["dags"]
     print(f"parsed {len(out['dags'])} DAGs of 20 clusters in {out['seconds']:.2f} s")
     assert out["seconds"] < 5.0
+
+
+def test_every_dag_doc_lists_its_own_tasks_in_order_and_the_configuration():
+    """Each DAG's doc is generated from the task list that was built and the cluster's
+    configuration, so it cannot drift from what runs."""
+    from airflow_pg_incremental.dag_factory import TASK_DOCS, build_dags, load_config
+    from tests.conftest import REPO_ROOT
+
+    clusters = load_config(REPO_ROOT / "dags" / "pgincr_clusters.yaml")
+    dags = build_dags(clusters)
+    assert len(dags) >= 7
+    for dag_id, dag in dags.items():
+        order = [t.task_id for t in dag.topological_sort()]
+        listed = [line.split("`")[1] for line in dag.doc_md.splitlines() if line[:1].isdigit() and "`" in line]
+        assert listed == order, (dag_id, listed, order)
+        assert all(TASK_DOCS.get(t) for t in order), (dag_id, order)  # every task has its sentence
+        if dag_id != "pgincr_restore":
+            cl = clusters[0]
+            assert f"repository `{cl.repository}`" in dag.doc_md and f"RPO {cl.rpo_minutes:g} min" in dag.doc_md
+            assert all(f"`{v}`" in dag.doc_md for v in cl.schedules.values())
+
+
+def test_restore_form_defaults_are_valid_and_every_field_is_titled():
+    """The default case (latest, dry run) can be triggered: optional fields are nullable, not
+    empty required strings; every field has a title; enums have display names."""
+    from airflow.sdk.definitions.param import ParamsDict
+
+    from airflow_pg_incremental.dag_factory import TARGET_TYPES, restore_form
+
+    form = restore_form(["main", "other"])
+    resolved = ParamsDict(form).validate()  # what the trigger form submits when nothing is typed
+    assert resolved["target_type"] == "latest" and resolved["target_value"] is None and resolved["dry_run"] is True
+    assert resolved["destination"] is None
+    for name, p in form.items():
+        assert p.schema.get("title"), name
+        assert p.schema.get("section"), name
+    assert form["target_type"].schema["values_display"] == TARGET_TYPES
+    assert "null" in form["target_value"].schema["type"] and "null" in form["destination"].schema["type"]
+    assert "2026-11-21T10:15:00+01:00" in form["target_value"].schema["description_md"]
