@@ -36,7 +36,7 @@ _CLUSTER_KEYS = {"name", "postgres_conn_id", "repository", "aws_conn_id", "catal
                  "retries", "retry_delay_minutes", "cleanup_after_hours", "description", "wal_mode", "slot_name",
                  "rpo_minutes", "max_slot_retained_gb", "wal_wait_minutes", "deferrable", "incremental_kind",
                  "max_chain_length", "notifiers", "restore_test_checks", "restore_test_databases", "retention",
-                 "scratch_dir", "create_repository"}
+                 "scratch_dir", "create_repository", "restore_queue", "restore_pool", "backup_pool"}
 
 
 @dataclass
@@ -71,6 +71,11 @@ class ClusterConfig:
     retention: dict = field(default_factory=dict)   # keep_full_chains, recovery_window_days, min_redundancy, pinned
     scratch_dir: str | None = None    # where restore tests build their scratch copies (default: temp dir)
     create_repository: bool = False   # the backup preflight creates the repository when none is there yet
+    restore_queue: str | None = None  # executor queue of restore and restore-test tasks (e.g. a Celery queue
+                                      # served only by the workers on the hosts meant for restores)
+    restore_pool: str | None = None   # Airflow pool of restore and restore-test tasks (bounds them per host)
+    backup_pool: str | None = None    # Airflow pool of backup and capture tasks (e.g. one per repository or
+                                      # network link, so a fleet's weekly fulls do not all start at once)
 
     @property
     def dag_prefix(self) -> str:
@@ -105,7 +110,7 @@ def parse_config(raw: dict) -> list[ClusterConfig]:
             if not merged.get(req):
                 raise ConfigError(f"clusters[{i}]: '{req}' is required")
         for key in ("name", "postgres_conn_id", "repository", "aws_conn_id", "catalog_conn_id", "catalog_schema",
-                    "owner", "start_date", "description"):
+                    "owner", "start_date", "description", "restore_queue", "restore_pool", "backup_pool"):
             if merged.get(key) is not None and not isinstance(merged[key], str):
                 raise ConfigError(f"clusters[{i}].{key} must be a string, got {type(merged[key]).__name__}")
         for key in ("compression_level", "compression_threads", "retries", "retry_delay_minutes",
@@ -219,6 +224,22 @@ def _dag(cl: ClusterConfig, kind: str, description: str, tags: list[str], doc_md
                tags=["pgincr", *tags, cl.name, *cl.tags], doc_md=doc_md)
 
 
+def _backup_routing(cl: ClusterConfig) -> dict:
+    """The pool of the tasks that read the server and write the repository (backups, capture)."""
+    return {"pool": cl.backup_pool} if cl.backup_pool else {}
+
+
+def _restore_routing(cl: ClusterConfig) -> dict:
+    """Where restore and restore-test tasks run: the executor queue of the hosts meant for restores
+    (CeleryExecutor: the workers started with `airflow celery worker --queues <queue>`) and a pool."""
+    out = {}
+    if cl.restore_queue:
+        out["queue"] = cl.restore_queue
+    if cl.restore_pool:
+        out["pool"] = cl.restore_pool
+    return out
+
+
 def _verify_task(cl: ClusterConfig, backup_template: str, outlets):
     from airflow_pg_incremental.operators.verify import PgBackupVerifyOperator
 
@@ -241,7 +262,8 @@ def _wal_tasks(cl: ClusterConfig, segment_template: str, upto_template: str, out
     if cl.wal_mode == "pull":
         tasks.append(PgWalCaptureOperator(task_id="wal_capture", upto_lsn=upto_template, slot_name=cl.slot_name,
                                           max_slot_retained_bytes=int(cl.max_slot_retained_gb * (1 << 30)),
-                                          compression_level=cl.compression_level, **common))
+                                          compression_level=cl.compression_level, **_backup_routing(cl),
+                                          **common))
     tasks.append(WalArchivedSensor(task_id="wal_archived", cluster=cl.name, repository=cl.repository,
                                    aws_conn_id=cl.aws_conn_id, segment=segment_template, deferrable=cl.deferrable,
                                    poke_interval=10, timeout=cl.wal_wait_minutes * 60, outlets=outlets or []))
@@ -268,7 +290,7 @@ the restore test. The XCom of `full_backup` holds the backup id, LSNs and sizes.
                                         create_repository=cl.create_repository,
                                         max_slot_retained_bytes=int(cl.max_slot_retained_gb * (1 << 30)), **common)
         full = PgBaseBackupOperator(task_id="full_backup", compression_level=cl.compression_level,
-                                    compression_threads=cl.compression_threads, **common)
+                                    compression_threads=cl.compression_threads, **_backup_routing(cl), **common)
         # a backup counts as complete only once the WAL that makes it consistent is archived
         wal = _wal_tasks(cl, segment_template="{{ ti.xcom_pull(task_ids='full_backup')['stop_wal_file'] }}",
                          upto_template="{{ ti.xcom_pull(task_ids='wal_switch')['lsn'] }}")
@@ -305,7 +327,8 @@ WAL is archived and it is verified.""",
         incr = PgIncrementalBackupOperator(task_id="incremental_backup", incremental_kind=cl.incremental_kind,
                                            max_chain_length=cl.max_chain_length,
                                            compression_level=cl.compression_level,
-                                           compression_threads=cl.compression_threads, **common)
+                                           compression_threads=cl.compression_threads, **_backup_routing(cl),
+                                           **common)
         # wait for the switch's segment: it lies after the backup's end (and exists on PG <= 16 too)
         wal = _wal_tasks(cl, segment_template="{{ ti.xcom_pull(task_ids='wal_switch')['segment'] }}",
                          upto_template="{{ ti.xcom_pull(task_ids='wal_switch')['lsn'] }}")
@@ -362,7 +385,8 @@ point-in-time recovery for each of them; the `_on_backup` DAG runs on every veri
             PgRestoreTestOperator(task_id="restore_test", cluster=cl.name, repository=cl.repository,
                                   aws_conn_id=cl.aws_conn_id, catalog_conn_id=cl.catalog_conn_id,
                                   catalog_schema=cl.catalog_schema, checks=list(cl.restore_test_checks),
-                                  databases=list(cl.restore_test_databases), scratch_dir=cl.scratch_dir)
+                                  databases=list(cl.restore_test_databases), scratch_dir=cl.scratch_dir,
+                                  **_restore_routing(cl))
         out.append(dag)
     return out
 
@@ -446,13 +470,21 @@ backup, chain, WAL range and window are checked, before anything is touched. Sta
 it prints the chain and the WAL range. The restored copy is left stopped at the target with
 archive_mode=off.""",
     ) as dag:
-        PgRestoreOperator(task_id="restore",
-                          clusters={c.name: {"repository": c.repository, "aws_conn_id": c.aws_conn_id}
-                                    for c in clusters},
-                          cluster="{{ params.cluster }}", target_type="{{ params.target_type }}",
-                          target_value="{{ params.target_value or '' }}",
-                          destination="{{ params.destination or '' }}",
-                          action="{{ params.action }}", dry_run="{{ params.dry_run }}")
+        from airflow.sdk import task
+
+        @task.branch(task_id="route")
+        def route(params=None) -> str:
+            """The restore task of the chosen cluster: each runs on its cluster's restore queue and pool."""
+            return f"restore_{params['cluster']}"
+
+        chooser = route()
+        for c in clusters:
+            chooser >> PgRestoreOperator(
+                task_id=f"restore_{c.name}", clusters={c.name: {"repository": c.repository,
+                                                                 "aws_conn_id": c.aws_conn_id}},
+                cluster=c.name, target_type="{{ params.target_type }}",
+                target_value="{{ params.target_value or '' }}", destination="{{ params.destination or '' }}",
+                action="{{ params.action }}", dry_run="{{ params.dry_run }}", **_restore_routing(c))
     return dag
 
 
@@ -481,7 +513,17 @@ TASK_DOCS = {
     "apply": "deletes what the plan says (backup.json first; safe to re-run after a crash)",
     "restore": "validates the form, plans the restore (backup, chain, WAL range, window), then restores unless it "
                "is a dry run",
+    "route": "picks the restore task of the chosen cluster (each runs on its cluster's restore_queue / "
+             "restore_pool: on the host meant for its restores)",
 }
+
+
+def _task_doc(task_id: str) -> str:
+    if task_id in TASK_DOCS:
+        return TASK_DOCS[task_id]
+    if task_id.startswith("restore_"):
+        return f"cluster `{task_id[len('restore_'):]}`: " + TASK_DOCS["restore"]
+    return ""
 
 
 def _ordered_task_ids(dag) -> list[str]:
@@ -491,7 +533,7 @@ def _ordered_task_ids(dag) -> list[str]:
 def dag_doc(dag, intro: str, facts: list[str]) -> str:
     """The DAG's doc: its purpose, its tasks in the order they run (from the DAG itself), and the
     configuration it was built from."""
-    tasks = "\n".join(f"{n}. `{tid}`: {TASK_DOCS.get(tid, '')}" for n, tid in enumerate(_ordered_task_ids(dag), 1))
+    tasks = "\n".join(f"{n}. `{tid}`: {_task_doc(tid)}" for n, tid in enumerate(_ordered_task_ids(dag), 1))
     return f"{intro.strip()}\n\n**Tasks**\n\n{tasks}\n\n**Configuration**\n\n" + "\n".join(f"- {f}" for f in facts)
 
 
@@ -527,7 +569,8 @@ def build_dags(clusters: list[ClusterConfig]) -> dict[str, Any]:
     if clusters:
         dag = build_restore(clusters)
         dag.doc_md = dag_doc(dag, dag.doc_md or "", [
-            f"`{c.name}`: repository `{c.repository}`" for c in clusters])
+            f"`{c.name}`: repository `{c.repository}`" + (f", queue `{c.restore_queue}`" if c.restore_queue else "")
+            + (f", pool `{c.restore_pool}`" if c.restore_pool else "") for c in clusters])
         dags[dag.dag_id] = dag
     return dags
 

@@ -233,14 +233,14 @@ def test_on_demand_restore_dag(airflow_clusters, pg, scratch, workdir):
     # dry run: plan only
     dr = dag.test(run_conf={**base, "destination": str(scratch / "dry"), "dry_run": True})
     assert dr.state == "success"
-    plan = _xcoms(dag.dag_id, dr.run_id)[("restore", "return_value")]
+    plan = _xcoms(dag.dag_id, dr.run_id)[("restore_it_local", "return_value")]
     assert plan["dry_run"] and plan["chain"] and plan["wal_from"] and plan["wal_to"]
     assert not (scratch / "dry").exists()
     # the form's default case: latest, dry run, nothing typed (nullable fields left empty)
     dr = dag.test(run_conf={"cluster": "it_local", "target_type": "latest", "target_value": None,
                             "destination": None, "dry_run": True})
     assert dr.state == "success"
-    assert _xcoms(dag.dag_id, dr.run_id)[("restore", "return_value")]["destination"] is None
+    assert _xcoms(dag.dag_id, dr.run_id)[("restore_it_local", "return_value")]["destination"] is None
     # ... but a real restore needs its destination
     assert dag.test(run_conf={**base, "destination": None, "dry_run": False}).state == "failed"
     # bad input: each refused, nothing touched
@@ -263,7 +263,7 @@ def test_on_demand_restore_dag(airflow_clusters, pg, scratch, workdir):
     # the real thing
     dr = dag.test(run_conf={**base, "destination": str(scratch / "real"), "dry_run": False})
     assert dr.state == "success"
-    out = _xcoms(dag.dag_id, dr.run_id)[("restore", "return_value")]
+    out = _xcoms(dag.dag_id, dr.run_id)[("restore_it_local", "return_value")]
     assert out["state"] == "promoted" and (scratch / "real" / "PG_VERSION").exists()
 
 

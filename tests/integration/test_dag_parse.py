@@ -46,7 +46,7 @@ def test_twenty_clusters_parse_fast_without_io(tmp_path):
 def test_every_dag_doc_lists_its_own_tasks_in_order_and_the_configuration():
     """Each DAG's doc is generated from the task list that was built and the cluster's
     configuration, so it cannot drift from what runs."""
-    from airflow_pg_incremental.dag_factory import TASK_DOCS, build_dags, load_config
+    from airflow_pg_incremental.dag_factory import _task_doc, build_dags, load_config
     from tests.conftest import REPO_ROOT
 
     clusters = load_config(REPO_ROOT / "dags" / "pgincr_clusters.yaml")
@@ -56,11 +56,30 @@ def test_every_dag_doc_lists_its_own_tasks_in_order_and_the_configuration():
         order = [t.task_id for t in dag.topological_sort()]
         listed = [line.split("`")[1] for line in dag.doc_md.splitlines() if line[:1].isdigit() and "`" in line]
         assert listed == order, (dag_id, listed, order)
-        assert all(TASK_DOCS.get(t) for t in order), (dag_id, order)  # every task has its sentence
+        assert all(_task_doc(t) for t in order), (dag_id, order)  # every task has its sentence
         if dag_id != "pgincr_restore":
             cl = clusters[0]
             assert f"repository `{cl.repository}`" in dag.doc_md and f"RPO {cl.rpo_minutes:g} min" in dag.doc_md
             assert all(f"`{v}`" in dag.doc_md for v in cl.schedules.values())
+
+
+def test_restore_tasks_run_where_their_cluster_says():
+    """restore_queue / restore_pool route a cluster's restore-test and on-demand restore tasks to the
+    workers meant for them; backup_pool bounds the heavy backup and capture tasks."""
+    from airflow_pg_incremental.dag_factory import build_dags, parse_config
+
+    dags = build_dags(parse_config({"clusters": [
+        {"name": "a", "postgres_conn_id": "pg_a", "repository": "/srv/a", "restore_queue": "restore_hosts",
+         "restore_pool": "restores", "backup_pool": "repo_a"},
+        {"name": "b", "postgres_conn_id": "pg_b", "repository": "/srv/b"}]}))
+    assert {(t.task_id, t.queue, t.pool) for t in dags["pgincr_a_restore_test"].tasks} == {
+        ("restore_test", "restore_hosts", "restores")}
+    tasks = {t.task_id: t for t in dags["pgincr_restore"].tasks}
+    assert (tasks["restore_a"].queue, tasks["restore_a"].pool) == ("restore_hosts", "restores")
+    assert tasks["restore_b"].pool == "default_pool" and tasks["restore_b"].queue != "restore_hosts"
+    assert {t.task_id for t in dags["pgincr_a_weekly_full"].tasks if t.pool == "repo_a"} == {"full_backup",
+                                                                                              "wal_capture"}
+    assert "queue `restore_hosts`" in dags["pgincr_restore"].doc_md
 
 
 def test_restore_form_defaults_are_valid_and_every_field_is_titled():
