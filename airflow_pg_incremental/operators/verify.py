@@ -54,7 +54,8 @@ class PgBackupVerifyOperator(_PgBackupBase):
         bid = self.backup_id
         bid = None if bid is None or str(bid).strip().lower() in _NO_ID else str(bid).strip()
         ids = self._airflow_ids(context)
-        res = verify_backup(self._repo(), self.cluster, bid, catalog=self._catalog(), chain=bool(self.chain),
+        repo = self._repo()
+        res = verify_backup(repo, self.cluster, bid, catalog=self._catalog(), chain=bool(self.chain),
                             check_wal=bool(self.check_wal), only_unverified=bool(self.only_unverified),
                             staging_parent=self.staging_parent or None,
                             airflow={"dag_id": ids["dag_id"], "run_id": ids["run_id"]})
@@ -73,4 +74,27 @@ class PgBackupVerifyOperator(_PgBackupBase):
             raise AirflowException(f"backups of cluster {self.cluster!r} verified OK ({', '.join(res['verified'])}) "
                                    f"but the results could not be recorded in the catalog: "
                                    f"{'; '.join(res['catalog_errors'])}")
+        self._announce(context, repo, bid, res)
         return out
+
+    def _announce(self, context: Context, repo, backup_id: str | None, res: dict) -> None:
+        """The outlets' Asset events carry what was verified (the Assets page shows it; a DAG
+        triggered by the event can read it from triggering_asset_events)."""
+        if not self.outlets:
+            return
+        extra = {"cluster": self.cluster, "verified": res["verified"], "skipped": res["skipped"]}
+        if backup_id:
+            from airflow_pg_incremental.core.incremental import resolve_chain
+            from airflow_pg_incremental.core.metadata import resolve_backup
+
+            meta = resolve_backup(repo, self.cluster, backup_id)
+            extra.update({k: meta.get(k) for k in ("backup_id", "kind", "parent_id", "start_lsn", "stop_lsn",
+                                                  "timeline", "raw_bytes", "stored_bytes", "finished_at",
+                                                  "pg_major")})
+            extra["chain"] = [b["backup_id"] for b in resolve_chain(repo, self.cluster, meta)]
+        events = context.get("outlet_events")
+        for asset in self.outlets:
+            try:
+                events[asset].extra = extra
+            except Exception as e:  # the event is still emitted, only without its details
+                self.log.warning("could not attach the backup's details to the Asset event: %s", e)

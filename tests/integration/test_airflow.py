@@ -282,7 +282,19 @@ def test_restore_test_on_backup_dag(airflow_clusters, pg):
     dags = _dags()
     dag = dags["pgincr_it_local_restore_test_on_backup"]
     assert "pgincr_it_local_backups" in repr(dag.timetable.asset_condition)
-    assert dags["pgincr_it_local_weekly_full"].test().state == "success"  # emits the Asset event
+    weekly = dags["pgincr_it_local_weekly_full"].test()
+    assert weekly.state == "success"  # emits the Asset event, with what was verified
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+
+    with create_session() as s:
+        ev = s.query(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id).filter(
+            AssetModel.name == "pgincr_it_local_backups", AssetEvent.source_run_id == weekly.run_id).one()
+        extra = dict(ev.extra)
+    full = _xcoms(weekly.dag_id, weekly.run_id)[("full_backup", "return_value")]
+    assert extra["backup_id"] == full["backup_id"] and extra["kind"] == "full" and extra["chain"] == [full["backup_id"]]
+    assert extra["stop_lsn"] == full["stop_lsn"] and extra["verified"] == [full["backup_id"]]
+    assert extra["stored_bytes"] == full["stored_bytes"] and extra["timeline"] == full["timeline"]
     dr = dag.test()
     assert dr.state == "success"
     out = _xcoms(dag.dag_id, dr.run_id)[("restore_test", "return_value")]

@@ -1,7 +1,9 @@
 """A DAG backfill the way an operator starts one: `airflow backfill create` against a running
 Airflow (`airflow standalone`: API server, scheduler, DAG processor, triggerer), the scheduler
 executing the runs. The restore-test DAG is backfilled over three past 5-second intervals; each
-run must restore to its own interval end and find exactly the markers committed before it."""
+run must restore to its own interval end and find exactly the markers committed before it. Then
+the weekly backup DAG runs under the scheduler and its verified backup's Asset event (with the
+backup's details as its extra) queues the restore-test-on-backup DAG, which passes."""
 
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ def _sleep_until(t: dt.datetime) -> None:
     time.sleep(max(0.0, (t - dt.datetime.now(dt.timezone.utc)).total_seconds()))
 
 
+@pytest.mark.slow
 def test_scheduler_backfill_of_the_restore_test_dag(pg, workdir):
     base = workdir / f"bf-{uuid.uuid4().hex[:6]}"
     home, dags = base / "airflow", base / "airflow" / "dags"
@@ -127,6 +130,31 @@ def test_scheduler_backfill_of_the_restore_test_dag(pg, workdir):
             time.sleep(3)
         airflow("dags", "pause", DAG_ID)
         assert [s for _, s, _ in runs] == ["success"] * 3, runs
+
+        # the backup DAG's Asset event queues the restore test through the scheduler: unpause the
+        # consumer first (events emitted while it is paused queue nothing), then the weekly DAG
+        # (the scheduler starts its latest interval at once), and wait for the triggered restore test
+        assert airflow("dags", "unpause", f"pgincr_{cluster}_restore_test_on_backup").returncode == 0
+        assert airflow("dags", "unpause", f"pgincr_{cluster}_weekly_full").returncode == 0
+        deadline = time.monotonic() + 300
+        while True:
+            with sqlite3.connect(db) as c:
+                weekly = c.execute("SELECT state FROM dag_run WHERE dag_id = ?",
+                                   (f"pgincr_{cluster}_weekly_full",)).fetchall()
+                tested = c.execute("SELECT run_id, state, run_type FROM dag_run WHERE dag_id = ?",
+                                   (f"pgincr_{cluster}_restore_test_on_backup",)).fetchall()
+                extra = c.execute("SELECT e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id "
+                                  "WHERE a.name = ?", (f"pgincr_{cluster}_backups",)).fetchall()
+            assert not any(s == "failed" for (s,) in weekly), (base / "standalone.log").read_text()[-3000:]
+            if tested and all(s in ("success", "failed") for _, s, _ in tested):
+                break
+            assert time.monotonic() < deadline, f"no restore test triggered by the backup in 300 s: {weekly}, {tested}"
+            time.sleep(3)
+        for d in ("weekly_full", "restore_test_on_backup"):
+            airflow("dags", "pause", f"pgincr_{cluster}_{d}")
+        assert [(s, t) for _, s, t in tested] == [("success", "asset_triggered")], tested
+        assert extra and json.loads(extra[-1][0])["kind"] == "full" and json.loads(extra[-1][0])["verified"]
+        asset_run = tested[0][0]
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # SIGTERM would orphan standalone's children
         try:
@@ -140,6 +168,7 @@ def test_scheduler_backfill_of_the_restore_test_dag(pg, workdir):
     # each run restored to its own interval end and found the markers committed before it
     cat = Catalog(pg.conninfo("pgincr_catalog"), schema)
     recs = {r["run_id"]: r for r in cat.restore_tests(cluster, limit=50)}
+    assert recs[asset_run]["ok"] and recs[asset_run]["target_kind"] == "latest", recs[asset_run]
     for n, (run_id, _, _) in enumerate(runs, start=1):
         rec = recs[run_id]
         assert rec["ok"] and rec["target_kind"] == "time", rec
