@@ -29,7 +29,7 @@ def record_failure(cluster: str, catalog_conn_id: str | None, catalog_schema: st
         ti = context.get("ti") or context.get("task_instance")
         exc = context.get("exception")
         task_id = getattr(ti, "task_id", None)
-        kind = "rpo_breached" if task_id == "wal_fresh" else "task_failed"
+        kind = {"wal_fresh": "rpo_breached", "backup_fresh": "backup_stale"}.get(task_id, "task_failed")
         message = f"{getattr(ti, 'dag_id', '?')}.{task_id} failed: {exc}"
         log.error("pgincr alert (%s) for %s: %s", kind, cluster, message)
         if not catalog_conn_id:

@@ -36,7 +36,8 @@ _CLUSTER_KEYS = {"name", "postgres_conn_id", "repository", "aws_conn_id", "catal
                  "retries", "retry_delay_minutes", "cleanup_after_hours", "description", "wal_mode", "slot_name",
                  "rpo_minutes", "max_slot_retained_gb", "wal_wait_minutes", "deferrable", "incremental_kind",
                  "max_chain_length", "notifiers", "restore_test_checks", "restore_test_databases", "retention",
-                 "scratch_dir", "create_repository", "restore_queue", "restore_pool", "backup_pool"}
+                 "scratch_dir", "create_repository", "restore_queue", "restore_pool", "backup_pool",
+                 "max_backup_age_hours"}
 
 
 @dataclass
@@ -60,6 +61,8 @@ class ClusterConfig:
     wal_mode: str = "pull"            # pull: capture through a replication slot; push: archive_command
     slot_name: str | None = None      # default pgincr_<cluster>
     rpo_minutes: float = 90           # the freshness check fails when the newest WAL is older
+    max_backup_age_hours: float = 192  # the backup-age check fails when the newest backup is older (8 days:
+                                       # weekly fulls; 26 with daily incrementals on PostgreSQL 17+)
     max_slot_retained_gb: float = 8   # warn when the slot holds more WAL on the server
     wal_wait_minutes: float = 30      # how long to wait for a segment to be archived
     deferrable: bool = True           # sensors defer to the triggerer instead of holding a worker slot
@@ -139,7 +142,7 @@ def parse_config(raw: dict) -> list[ClusterConfig]:
             raise ConfigError(f"clusters[{i}].retention must be a mapping")
         if merged.get("wal_mode", "pull") not in ("pull", "push"):
             raise ConfigError(f"clusters[{i}].wal_mode must be 'pull' (replication slot) or 'push' (archive_command)")
-        for key in ("rpo_minutes", "max_slot_retained_gb", "wal_wait_minutes"):
+        for key in ("rpo_minutes", "max_slot_retained_gb", "wal_wait_minutes", "max_backup_age_hours"):
             if key in merged and (isinstance(merged[key], bool) or not isinstance(merged[key], (int, float))
                                   or merged[key] <= 0):
                 raise ConfigError(f"clusters[{i}].{key} must be a positive number")
@@ -363,7 +366,12 @@ as `rpo_breached`); it runs even when the capture failed.""",
                                    deferrable=cl.deferrable, poke_interval=30, timeout=600)
         # the RPO check runs even when the capture failed: that is when it matters most
         fresh.trigger_rule = "all_done"
-        wal[-1] >> cont >> fresh
+        from airflow_pg_incremental.operators.verify import PgBackupFreshnessOperator
+
+        backup_age = PgBackupFreshnessOperator(task_id="backup_fresh", cluster=cl.name, repository=cl.repository,
+                                               aws_conn_id=cl.aws_conn_id, max_age_hours=cl.max_backup_age_hours,
+                                               trigger_rule="all_done")
+        wal[-1] >> cont >> fresh >> backup_age
     return dag
 
 
@@ -506,6 +514,8 @@ TASK_DOCS = {
               "read; the result goes to the catalog; then the backups Asset event (which starts the restore test)",
     "wal_continuity": "no gap from the oldest backup on, every backup's WAL archived, history files present",
     "wal_fresh": "fails when the newest archived WAL is older than the RPO while the server wrote WAL past it",
+    "backup_fresh": "fails when the newest backup is older than max_backup_age_hours (backups stopped or keep "
+                    "failing); alerted as backup_stale",
     "restore_test": "restores to the end of the run's data interval on a scratch copy (own directory and port, "
                     "private socket, archive_mode=off, removed afterwards), runs the checks and amcheck, records "
                     "the RTO and the outcome in the catalog",
@@ -546,7 +556,8 @@ def cluster_facts(cl: ClusterConfig) -> list[str]:
         + (f" (AWS connection `{cl.aws_conn_id}`)" if cl.aws_conn_id else ""),
         f"WAL: {cl.wal_mode} mode" + (f" (replication slot `{cl.slot_name or 'pgincr_' + cl.name}`, at most "
                                       f"{cl.max_slot_retained_gb:g} GB held between captures)" if cl.wal_mode == "pull"
-                                      else " (archive_command = walcmd push)") + f"; RPO {cl.rpo_minutes:g} min",
+                                      else " (archive_command = walcmd push)") + f"; RPO {cl.rpo_minutes:g} min"
+        + f"; newest backup at most {cl.max_backup_age_hours:g} h old",
         "schedules: " + ", ".join(f"{k} `{v}`" for k, v in sorted(cl.schedules.items())),
         f"incrementals: {cl.incremental_kind}, chains of at most {cl.max_chain_length}",
         f"retention: {kept}",

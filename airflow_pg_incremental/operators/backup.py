@@ -74,6 +74,13 @@ class _PgBackupBase(StopsEngineOnKill, BaseOperator):
                 "try_number": getattr(ti, "try_number", None)}
 
 
+def _backup_metrics(cluster: str, meta: dict) -> None:
+    from airflow_pg_incremental.metrics import emit
+
+    emit(cluster, {"backup.raw_bytes": meta.get("raw_bytes"), "backup.stored_bytes": meta.get("stored_bytes"),
+                   "backup.duration_seconds": meta.get("duration_s")})
+
+
 class PgBackupPreflightOperator(_PgBackupBase):
     """Checks before a backup: server reachable with the connection's credentials, REPLICATION
     attribute, wal_level, no extra tablespaces, binaries of the server's major version, repository
@@ -126,6 +133,7 @@ class PgBaseBackupOperator(_PgBackupBase):
                                 compression_level=int(self.compression_level), threads=self.compression_threads,
                                 catalog=self._catalog(), airflow=self._airflow_ids(context),
                                 progress_interval=self.progress_interval)
+        _backup_metrics(self.cluster, meta)
         return summary(meta)
 
 
@@ -160,6 +168,7 @@ class PgIncrementalBackupOperator(PgBaseBackupOperator):
             self.log.info("No block-level incremental: %s", meta["reason"])
             return {"cluster": self.cluster, "kind": "none", "backup_id": None, "reason": meta["reason"],
                     "plan": {k: meta["plan"].get(k) for k in ("requested", "kind", "reason")}}
+        _backup_metrics(self.cluster, meta)
         out = summary(meta)
         out["plan"] = meta.get("plan")
         if out["plan"] and out["plan"].get("reason"):

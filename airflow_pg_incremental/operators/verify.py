@@ -60,6 +60,9 @@ class PgBackupVerifyOperator(_PgBackupBase):
                             staging_parent=self.staging_parent or None,
                             airflow={"dag_id": ids["dag_id"], "run_id": ids["run_id"]})
         out = {k: res[k] for k in ("cluster", "verified", "failed", "skipped", "duration_s")}
+        from airflow_pg_incremental.metrics import emit
+
+        emit(self.cluster, {"verify.ok": 0 if res["failed"] else 1})
         if res["failed"]:
             lines = [(f"{f['check']} check: " if f["backup_id"] in f["message"] else
                       f"backup {f['backup_id']}: {f['check']} check: ") + f["message"] for f in res["failed"]]
@@ -98,3 +101,47 @@ class PgBackupVerifyOperator(_PgBackupBase):
                 events[asset].extra = extra
             except Exception as e:  # the event is still emitted, only without its details
                 self.log.warning("could not attach the backup's details to the Asset event: %s", e)
+
+
+class PgBackupFreshnessOperator(_PgBackupBase):
+    """The backup-age check: fails (and so alerts, like a breached RPO) when the newest complete
+    backup of `cluster` (full, incremental or differential) finished more than `max_age_hours` ago:
+    backups stopped being taken, or keep failing. Emits `backup.age_seconds` and `backup.stale`.
+    XCom: {cluster, backup_id, kind, finished_at, age_s, max_age_s, stale}."""
+
+    ui_color = "#e0ecd9"
+
+    def __init__(self, *, max_age_hours: float = 192, postgres_conn_id: str | None = None, **kwargs: Any) -> None:
+        super().__init__(postgres_conn_id=postgres_conn_id or "", **kwargs)
+        self.max_age_hours = max_age_hours
+
+    def execute(self, context: Context) -> dict:
+        import datetime as dt
+
+        from airflow_pg_incremental.core.metadata import list_backups, require_cluster
+        from airflow_pg_incremental.metrics import emit
+
+        repo = self._repo()
+        require_cluster(repo, self.cluster)
+        backups = list_backups(repo, self.cluster)
+        limit = float(self.max_age_hours) * 3600
+        newest = backups[-1] if backups else None
+        age = None
+        if newest and newest.get("finished_at"):
+            age = (dt.datetime.now(dt.timezone.utc) - dt.datetime.fromisoformat(newest["finished_at"])).total_seconds()
+        stale = age is None or age > limit
+        emit(self.cluster, {"backup.age_seconds": age, "backup.stale": 1 if stale else 0})
+        out = {"cluster": self.cluster, "backup_id": (newest or {}).get("backup_id"), "kind": (newest or {}).get("kind"),
+               "finished_at": (newest or {}).get("finished_at"), "age_s": round(age) if age is not None else None,
+               "max_age_s": limit, "stale": stale}
+        if newest is None:
+            raise AirflowFailException(f"cluster {self.cluster!r} has no complete backup: run its weekly full DAG "
+                                       "(and look at why its backups fail: their task logs and alerts)")
+        if stale:
+            raise AirflowFailException(
+                f"the newest backup of {self.cluster!r}, {newest['backup_id']} ({newest.get('kind')}), finished "
+                f"{age / 3600:.1f} h ago, more than {self.max_age_hours:g} h (max_backup_age_hours): backups are "
+                "not being taken or keep failing; look at the weekly/daily DAGs' runs and alerts")
+        self.log.info("newest backup %s (%s) finished %.1f h ago (limit %g h)", newest["backup_id"],
+                      newest.get("kind"), age / 3600, float(self.max_age_hours))
+        return out

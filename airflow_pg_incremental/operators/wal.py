@@ -50,9 +50,14 @@ class PgWalCaptureOperator(_PgBackupBase):
     def execute(self, context: Context) -> dict:
         from airflow_pg_incremental.core.capture import capture_wal_pull
 
-        return capture_wal_pull(self._conninfo(), self._repo(), self.cluster, slot=self.slot_name or None,
-                                upto_lsn=self.upto_lsn or None, max_retained_bytes=self.max_slot_retained_bytes,
-                                level=self.compression_level, timeout_s=self.timeout_s, catalog=self._catalog())
+        from airflow_pg_incremental.metrics import emit
+
+        out = capture_wal_pull(self._conninfo(), self._repo(), self.cluster, slot=self.slot_name or None,
+                               upto_lsn=self.upto_lsn or None, max_retained_bytes=self.max_slot_retained_bytes,
+                               level=self.compression_level, timeout_s=self.timeout_s, catalog=self._catalog())
+        emit(self.cluster, {"wal.segments_captured": out.get("segments"), "wal.lag_bytes": out.get("lag_bytes"),
+                            "wal.slot_retained_bytes": out.get("slot_retained_before_bytes")})
+        return out
 
 
 class PgWalContinuityOperator(_PgBackupBase):

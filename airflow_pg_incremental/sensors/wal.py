@@ -226,6 +226,12 @@ class WalArchivedSensor(_WalSensorBase):
                                f"cluster {self.cluster!r} failed: {event.get('message', event)}")
 
 
+def _rpo_metric(cluster: str, breached: bool) -> None:
+    from airflow_pg_incremental.metrics import emit
+
+    emit(cluster, {"rpo.breached": 1 if breached else 0})
+
+
 class WalFreshnessSensor(_WalSensorBase):
     """The RPO check: succeeds when the newest archived WAL segment of `cluster` was written less than
     `max_age_s` seconds ago. While the archive is empty or stale it keeps checking until `timeout`
@@ -259,12 +265,6 @@ class WalFreshnessSensor(_WalSensorBase):
         except ConfigError as e:
             raise AirflowFailException(f"{self.task_id}: {e}") from e
 
-    def _timeout_message(self) -> str:
-        from airflow_pg_incremental.triggers.wal import stale_message
-
-        state = self._last_state or {"segment": None, "age_s": None, "max_age_s": self.max_age_seconds()}
-        return stale_message(self.cluster, self.repository, state)
-
     @staticmethod
     def _xcom(state: dict) -> dict:
         out = {k: state.get(k) for k in ("segment", "key", "modified", "age_s", "max_age_s")}
@@ -274,8 +274,11 @@ class WalFreshnessSensor(_WalSensorBase):
     def _check(self) -> dict:
         from airflow_pg_incremental.triggers.wal import check_freshness, format_duration
 
+        from airflow_pg_incremental.metrics import emit
+
         state = check_freshness(self._repo(), self.cluster, self.max_age_seconds())
         self._last_state = state
+        emit(self.cluster, {"wal.archive_age_seconds": state.get("age_s")})
         if state["segment"] is None:
             self.log.warning("the WAL archive of cluster %s is empty", self.cluster)
         else:
@@ -312,7 +315,17 @@ class WalFreshnessSensor(_WalSensorBase):
     def poke(self, context: Context) -> bool | PokeReturnValue:
         """False while the archive is empty or stale; PokeReturnValue(True, xcom) (truthy) when fresh."""
         state = self._check()
-        return PokeReturnValue(is_done=True, xcom_value=self._xcom(state)) if state["fresh"] else False
+        if state["fresh"]:
+            _rpo_metric(self.cluster, breached=False)
+            return PokeReturnValue(is_done=True, xcom_value=self._xcom(state))
+        return False
+
+    def _timeout_message(self) -> str:  # the sensor gives up: the RPO is breached
+        _rpo_metric(self.cluster, breached=True)
+        from airflow_pg_incremental.triggers.wal import stale_message
+
+        state = self._last_state or {"segment": None, "age_s": None, "max_age_s": self.max_age_seconds()}
+        return stale_message(self.cluster, self.repository, state)
 
     def _execute_deferrable(self, context: Context) -> Any:
         from airflow_pg_incremental.triggers.wal import WalFreshnessTrigger
@@ -320,6 +333,7 @@ class WalFreshnessSensor(_WalSensorBase):
         started = time.time()
         state = self._check()
         if state["fresh"]:
+            _rpo_metric(self.cluster, breached=False)
             return self._xcom(state)
         self.log.info("deferring: polling every %gs for up to %gs", self.poke_interval, self.timeout)
         self._defer_to(WalFreshnessTrigger(cluster=self.cluster, repository=self.repository,
@@ -333,12 +347,15 @@ class WalFreshnessSensor(_WalSensorBase):
         event = self._event(event)
         status = event.get("status")
         if status == "fresh":
+            _rpo_metric(self.cluster, breached=False)
             return self._xcom(event)
         if status == "stale":
             if self.postgres_conn_id and event.get("segment"):  # an idle server is not a breach
                 state = self._check()
                 if state["fresh"]:
+                    _rpo_metric(self.cluster, breached=False)
                     return self._xcom(state)
+            _rpo_metric(self.cluster, breached=True)
             raise AirflowSensorTimeout(event.get("message") or stale_message(self.cluster, self.repository, event))
         raise AirflowException(f"checking the WAL archive of cluster {self.cluster!r} failed: "
                                f"{event.get('message', event)}")

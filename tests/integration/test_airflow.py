@@ -51,7 +51,7 @@ def test_dag_file_parses_every_cluster(airflow_clusters):
             "pgincr_it_local_restore_test_on_backup", "pgincr_restore"} <= set(bag.dag_ids)
     hourly = bag.get_dag("pgincr_it_local_hourly_wal")
     assert [t.task_id for t in hourly.topological_sort()] == ["wal_switch", "wal_capture", "wal_archived",
-                                                              "wal_continuity", "wal_fresh"]
+                                                              "wal_continuity", "wal_fresh", "backup_fresh"]
 
 
 @pytest.mark.parametrize("cluster", ["it_local", "it_s3"])

@@ -1,4 +1,4 @@
-"""DAG files parse fast and do no I/O at parse time (a fleet of 20 clusters in one config file)."""
+"""DAG files parse fast and do no I/O at parse time (a fleet of 200 clusters in one config file)."""
 
 from __future__ import annotations
 
@@ -25,11 +25,12 @@ print(json.dumps({"seconds": t1 - t0, "dags": sorted(dags)}))
 """
 
 
-def test_twenty_clusters_parse_fast_without_io(tmp_path):
+def test_a_fleet_of_200_clusters_parses_fast_without_io(tmp_path):
     from tests.conftest import REPO_ROOT
 
-    clusters = [{"name": f"db{i:02d}", "postgres_conn_id": f"pg_db{i:02d}",
-                 "repository": f"s3://backups/fleet/db{i:02d}", "aws_conn_id": "aws_backups"} for i in range(20)]
+    clusters = [{"name": f"db{i:03d}", "postgres_conn_id": f"pg_db{i:03d}",
+                 "repository": f"s3://backups/fleet/db{i:03d}", "aws_conn_id": "aws_backups",
+                 "backup_pool": f"repo_{i % 4}"} for i in range(200)]
     cfg = tmp_path / "fleet.json"
     cfg.write_text(json.dumps({"defaults": {"catalog_conn_id": "pgincr_catalog"}, "clusters": clusters}))
     r = subprocess.run([sys.executable, "-c", PARSE, str(REPO_ROOT / "dags" / "pgincr_dags.py")],
@@ -37,10 +38,10 @@ def test_twenty_clusters_parse_fast_without_io(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     per_cluster = {"weekly_full", "daily_incremental", "hourly_wal", "restore_test", "restore_test_on_backup"}
-    assert len(out["dags"]) == 20 * len(per_cluster) + 1  # + the on-demand restore DAG (no retention configured)
-    assert "pgincr_db07_daily_incremental" in out["dags"] and "pgincr_restore" in out["dags"]
-    print(f"parsed {len(out['dags'])} DAGs of 20 clusters in {out['seconds']:.2f} s")
-    assert out["seconds"] < 5.0
+    assert len(out["dags"]) == 200 * len(per_cluster) + 1  # + the on-demand restore DAG (no retention configured)
+    assert "pgincr_db007_daily_incremental" in out["dags"] and "pgincr_restore" in out["dags"]
+    print(f"parsed {len(out['dags'])} DAGs of 200 clusters in {out['seconds']:.2f} s")
+    assert out["seconds"] < 15.0  # measured about 1.2 s on 2 cores (Airflow's import timeout is 30 s)
 
 
 def test_every_dag_doc_lists_its_own_tasks_in_order_and_the_configuration():
