@@ -128,4 +128,4 @@ def ratio_summary(ratios: list[float]) -> dict:
     r = [x for x in ratios if x is not None]
     if not r:
         return {"per_round": [], "median": None, "min": None, "max": None}
-    return {"per_round": [round(x, 3) for x in r], "median": statistics.median(r), "min": min(r), "max": max(r)}
+    return {"per_round": r, "median": statistics.median(r), "min": min(r), "max": max(r)}

@@ -4,16 +4,16 @@
 mode), from a local repository and from S3 (SeaweedFS over HTTPS); a plain full restore with
 fsync; and the cost of one restore_command call.
 
-    /work/main/.venv/bin/python bench/bench_restore.py [--scale 50] [--segments 64] [--repeat 3]
+    .venv/bin/python bench/bench_restore.py [--scale 50] [--segments 64] [--repeat 3]
         [--calls 16] [--cache warm|cold] [--no-s3] [--ours-no-verify] [--workdir DIR] [--json FILE]
         [--keep] [--no-install]
 
 One PostgreSQL 15 (Debian's) server feeds both tools: pgbench -i -s S, a full backup by each tool
 (ours: take_full_backup into a local and an S3 repository; pgBackRest: backup --type=full into its
-local repo1 and S3 repo2), then pgbench rounds until S segments of WAL follow the backups, archived
-by ONE archive_command that runs pgBackRest archive-push and our walcmd push (local and S3) on
-every segment, so both archives hold the same WAL. Then, in interleaved rounds (ours, pgBackRest,
-then pgBackRest, ours, ...), each into a fresh directory:
+local repo1 and S3 repo2), then pgbench rounds until N (--segments) segments of WAL follow the
+backups, archived by ONE archive_command that runs pgBackRest archive-push and our walcmd push
+(local and S3) on every segment, so both archives hold the same WAL. Then, in interleaved rounds
+(ours, pgBackRest, then pgBackRest, ours, ...), each into a fresh directory:
   * PITR      spawn of the restore -> server promoted at the end of the archive; then (untimed) the
               restored pgbench tables are checked against the source's fingerprint
   * plain     restore of the full backup without starting it, then syncfs(2) of the target's
@@ -35,7 +35,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -386,12 +385,40 @@ class Bench:
     def cache_paths(self, loc: str) -> list[Path]:
         return [self.w / "seaweed" / "data"] if loc == "s3" else [self.w / "ours-repo", self.w / "pgbr" / "repo"]
 
+    def leftovers(self) -> list[psutil.Process]:
+        """Processes still working for a previous step (a prefetcher, pgBackRest's async archive-get):
+        every process whose command line names this run's work directory, except SeaweedFS."""
+        skip = {os.getpid(), self.s3.proc.pid if self.s3 and self.s3.proc else None}
+        out = []
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if p.pid not in skip and any(str(self.w) in a for a in (p.info["cmdline"] or [])):
+                    out.append(p)
+            except psutil.Error:
+                pass
+        return out
+
+    def quiesce(self, timeout: float = 15) -> int:
+        """Wait for the previous step's background processes to finish (then end them, by pid), so
+        that neither side's leftovers run during the other side's measurement."""
+        procs = self.leftovers()
+        if procs:
+            _gone, alive = psutil.wait_procs(procs, timeout=timeout)
+            for p in alive:
+                try:
+                    p.kill()
+                except psutil.Error:
+                    pass
+        return len(procs)
+
     def prepare(self, loc: str) -> dict:
-        """Unmeasured, before every measured step: write-back of the previous step flushed (syncfs),
-        then both tools' repositories at `loc` put into the same page-cache state (--cache)."""
+        """Unmeasured, before every measured step: the previous step's background processes gone,
+        its write-back flushed (syncfs), then both tools' repositories at `loc` put into the same
+        page-cache state (--cache)."""
+        left = self.quiesce()
         s = syncfs(self.w)
         pc = page_cache(self.cache_paths(loc), self.a.cache)
-        return {"syncfs_before_s": s, "cache": pc}
+        return {"leftover_processes": left, "syncfs_before_s": s, "cache": pc}
 
     def measure(self, kind: str, loc: str, side: str, rnd: int, fn) -> dict:
         rd = self.w / "runs" / f"{rnd}-{kind}-{loc}-{side}"
@@ -898,5 +925,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.exit(main())
