@@ -387,12 +387,16 @@ class Bench:
 
     def leftovers(self) -> list[psutil.Process]:
         """Processes still working for a previous step (a prefetcher, pgBackRest's async archive-get):
-        every process whose command line names this run's work directory, except SeaweedFS."""
+        every process whose command line names this run's work directory or whose working directory
+        lies in it (a restore_command runs in the data directory), except SeaweedFS."""
         skip = {os.getpid(), self.s3.proc.pid if self.s3 and self.s3.proc else None}
         out = []
-        for p in psutil.process_iter(["pid", "cmdline"]):
+        for p in psutil.process_iter(["pid", "cmdline", "cwd"]):
             try:
-                if p.pid not in skip and any(str(self.w) in a for a in (p.info["cmdline"] or [])):
+                if p.pid in skip:
+                    continue
+                if any(str(self.w) in a for a in (p.info["cmdline"] or [])) or \
+                        (p.info["cwd"] or "").startswith(str(self.w) + "/"):
                     out.append(p)
             except psutil.Error:
                 pass
