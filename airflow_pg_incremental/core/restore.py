@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import tarfile
 import tempfile
 import time
@@ -395,6 +396,10 @@ def scratch_settings(target: Path, major: int, os_user: str | None, *, tcp: bool
     s = dict(SCRATCH_SETTINGS, hba_file=str(write_private_hba(target, os_user, tcp=tcp)))
     if major < 17:
         s.pop("summarize_wal")
+    if major >= 14 and sys.platform.startswith("linux"):
+        # the restore flushed the copy already: PostgreSQL's own pass over a copy that was not shut
+        # down cleanly is then one syncfs instead of an fsync per file (0.2 s at pgbench scale 20)
+        s["recovery_init_sync_method"] = "syncfs"
     if tcp:
         s["listen_addresses"] = "127.0.0.1"
     s.update(primary_settings(target, major))

@@ -46,6 +46,8 @@ def test_a_restored_full_is_on_disk_when_restore_returns(pg, repo, scratch):
     srv = start_restored(scratch / "d", 18, os_user=pg.os_user)
     try:
         assert data_fingerprint(srv.local_conninfo()) == fp
+        # flushed already: PostgreSQL's start-up pass over the copy is one syncfs, not an fsync per file
+        assert srv.psql("SHOW recovery_init_sync_method").strip() == "syncfs"
     finally:
         srv.stop()
 
