@@ -92,12 +92,8 @@ def extract_object(repo: Repository, info: ObjectInfo, dest: Path, what: str, in
                              "--no-same-owner", "--delay-directory-restore"], stdin=subprocess.PIPE, stderr=err)
     _grow_pipe(proc.stdin.fileno(), TAR_RECORD)
     try:
-        with repo.open(info.key) as stored:
-            reader = VerifyingReader(stored, info)
-            while True:
-                data = reader.read(TAR_RECORD)
-                if not data:
-                    break
+        with repo.open(info.key) as stored, _ReadAhead(VerifyingReader(stored, info).read, TAR_RECORD) as chunks:
+            for data in chunks:
                 scanner.feed(data)  # raises before tar sees a forbidden member
                 proc.stdin.write(data)
                 progress.add(len(data))
@@ -114,6 +110,58 @@ def extract_object(repo: Repository, info: ObjectInfo, dest: Path, what: str, in
     finally:
         err.close()
     progress.finish()
+
+
+class _ReadAhead:
+    """The chunks `read(size)` returns, read by a background thread up to `depth` chunks ahead:
+    reading the stored object, its SHA-256 and the decompression (which all release the GIL) run
+    beside the tar scan and the writes into tar's pipe. An error of the reader (a checksum
+    mismatch at the end) is raised to the consumer; close() stops the thread."""
+
+    def __init__(self, read, size: int, depth: int = 4):
+        import queue
+        import threading
+
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(read, size), name="pgincr-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _run(self, read, size: int) -> None:
+        try:
+            while True:
+                data = read(size)
+                if not self._put(data) or not data:
+                    return
+        except BaseException as e:  # handed to the consumer
+            self._put(e)
+
+    def _put(self, item) -> bool:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self):
+        while True:
+            item = self._q.get()
+            if isinstance(item, BaseException):
+                raise item
+            if not item:
+                return
+            yield item
+
+    def __enter__(self) -> "_ReadAhead":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _extract_with_tarfile(repo: Repository, info: ObjectInfo, dest: Path, what: str, interval: float) -> None:
