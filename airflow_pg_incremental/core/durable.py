@@ -4,7 +4,7 @@ A restore writes hundreds of files (GNU tar, pg_combinebackup) through the page 
 before the kernel writes them back would silently undo it. Instead of an fsync per file (pgBackRest,
 pg_basebackup), the whole filesystem is flushed once with syncfs(2) (Linux; os.sync() elsewhere),
 which also commits the directory entries. WriteBehind starts that write-back while the files are
-still being extracted (a background syncfs every half second), so the final flush is short.
+still being extracted (a background syncfs every quarter second), so the final flush is short.
 syncfs flushes every dirty file of the filesystem, other programs' too: on a filesystem busy with
 other writes the final flush waits for those as well.
 """
@@ -95,7 +95,7 @@ class WriteBehind:
     failed background flush is left to the final one, which reports it. Use as a context manager,
     or start() / stop()."""
 
-    def __init__(self, path: str | os.PathLike, interval: float = 0.5, *, immediate: bool = False):
+    def __init__(self, path: str | os.PathLike, interval: float = 0.25, *, immediate: bool = False):
         self.path = Path(path)
         self.interval = interval
         self.immediate = immediate

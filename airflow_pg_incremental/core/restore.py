@@ -205,7 +205,9 @@ class Timings:
 # produced here, from several parts: it gets the full check, checksums included.
 VERIFY_EXTRACTED = ["--skip-checksums"]
 VERIFY_COMBINED: list[str] = []
-WRITE_BEHIND_S = 0.5  # background flush interval while a single backup is extracted (None: off)
+# background flush interval while a single backup is extracted (None: off). Scale-20 full, median of
+# 10-15 runs: no flush 0.55 s; one flush at the end 0.79 s; every 0.5 s 0.67-0.70 s; every 0.25 s 0.56-0.68 s
+WRITE_BEHIND_S = 0.25
 OVERLAP_FLUSH = True
 
 
