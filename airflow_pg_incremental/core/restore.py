@@ -2,9 +2,12 @@
 
 Steps: resolve the backup (refuse unknown ids), check the target directory (must be absent or
 empty), check the binaries of the backup's major version exist, then stream each object from the
-repository (stored checksum, zstd frame checksum and content checksum checked), extract, run
-pg_verifybackup, set ownership/permissions a server accepts. Any failure removes what the restore
-created. Chains (incrementals) and PITR slot in between extraction and start.
+repository (stored checksum, zstd frame checksum and content checksum checked), extract (GNU tar),
+run pg_verifybackup (files and sizes against backup_manifest: the stream's checksums proved the
+bytes; a combined chain also gets the manifest's checksums), set ownership/permissions a server
+accepts, and flush the filesystem (durable before it returns; the write-back overlaps the
+extraction). Any failure removes what the restore created. Chains (incrementals) and PITR slot in
+between extraction and start. The report's `timings` splits the wall time per step.
 """
 
 from __future__ import annotations
