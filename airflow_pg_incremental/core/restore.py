@@ -119,7 +119,7 @@ class _ReadAhead:
     """The chunks `read(size)` returns, read by a background thread up to `depth` chunks ahead:
     reading the stored object, its SHA-256 and the decompression (which all release the GIL) run
     beside the tar scan and the writes into tar's pipe. An error of the reader (a checksum
-    mismatch at the end) is raised to the consumer; close() stops the thread."""
+    mismatch at the end) is raised to the consumer; leaving the `with` block stops the thread."""
 
     def __init__(self, read, size: int, depth: int = 4):
         import queue
@@ -211,7 +211,7 @@ VERIFY_COMBINED: list[str] = []
 # background flush interval while a single backup is extracted (None: off). Scale-20 full, median of
 # 10-15 runs: no flush 0.55 s; one flush at the end 0.79 s; every 0.5 s 0.67-0.70 s; every 0.25 s 0.56-0.68 s
 WRITE_BEHIND_S = 0.25
-OVERLAP_FLUSH = True
+OVERLAP_FLUSH = True  # a combined chain is flushed while pg_verifybackup reads it (False: after it)
 
 
 def restore_backup(repo: Repository, cluster: str, backup_id: str | None, target_dir: str | os.PathLike, *,
