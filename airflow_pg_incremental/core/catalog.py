@@ -163,6 +163,12 @@ MIGRATIONS: list[str] = [
              ORDER BY started_at DESC LIMIT 1) AS last_rto_seconds
     FROM (SELECT DISTINCT cluster FROM {s}.backups) c;
     """,
+    # 5: the restore tests' RTO split: seconds per step (plan, extract, combine, verify, sync, replay)
+    """
+    ALTER TABLE {s}.restore_tests ADD COLUMN timings jsonb;
+    COMMENT ON COLUMN {s}.restore_tests.timings IS
+        'seconds per step of the restore (plan, extract, combine, verify, sync, replay); sum <= restore_seconds';
+    """,
 ]
 
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -303,7 +309,7 @@ class Catalog:
 
     def record_restore_test(self, **row) -> int:
         allowed = {"cluster", "ok", "target_kind", "target_value", "backup_id", "chain", "restore_seconds",
-                   "reached_lsn", "stopped_at", "checks", "error", "dag_id", "run_id"}
+                   "timings", "reached_lsn", "stopped_at", "checks", "error", "dag_id", "run_id"}
         return self._insert("restore_tests", {k: v for k, v in row.items() if k in allowed})
 
     def restore_tests(self, cluster: str, limit: int = 20) -> list[dict]:

@@ -30,7 +30,8 @@ from .lsn import format_lsn, parse_lsn, segment_name, segno_of
 from .metadata import list_backups, load_backup, refuse_damaged_newer, require_cluster
 from .names import _check, validate_cluster
 from .repository import LocalRepository, Repository, S3Repository
-from .restore import Footprint, check_target_dir, restore_backup, scratch_settings
+from .durable import make_durable
+from .restore import Footprint, Timings, check_target_dir, restore_backup, scratch_settings
 from .server import PgServer, chown_tree, python_usable_by, repository_readable_by
 from .wal import (
     WalGap,
@@ -440,13 +441,15 @@ def restore_pitr(repo: Repository, cluster: str, target: RecoveryTarget, target_
     relevant lines. `keep_failed` keeps it all for debugging (the error says where)."""
     validate_cluster(cluster)
     t0 = time.monotonic()
-    meta = choose_backup(repo, cluster, target, backup_id)
-    target_path = check_target_dir(target_dir)
-    win = archive_window(repo, cluster, meta)
-    check_window(target, win)
-    python_usable_by(os_user)
-    if isinstance(repo, LocalRepository):
-        repository_readable_by(repo.root, os_user)
+    timings = Timings()
+    with timings.step("plan"):
+        meta = choose_backup(repo, cluster, target, backup_id)
+        target_path = check_target_dir(target_dir)
+        win = archive_window(repo, cluster, meta)
+        check_window(target, win)
+        python_usable_by(os_user)
+        if isinstance(repo, LocalRepository):
+            repository_readable_by(repo.root, os_user)
     log.info("point-in-time restore of %s to %s %s (action %s) from backup %s; WAL available up to %s",
              cluster, target.kind, target.value or "", target.action, meta["backup_id"], win["end_lsn"])
     written = Footprint(target_path)
@@ -454,12 +457,14 @@ def restore_pitr(repo: Repository, cluster: str, target: RecoveryTarget, target_
     try:
         res = restore_backup(repo, cluster, meta["backup_id"], target_path, verify=verify, os_user=os_user,
                              progress_interval=progress_interval, keep_failed=keep_failed)
+        timings.add(res["timings"])
         configure_recovery(target_path, repo, cluster, target, allow_archive=allow_archive, os_user=os_user)
         srv = PgServer(target_path, major=meta["pg_major"], port=port, os_user=os_user, listen="")
         settings = scratch_settings(target_path, meta["pg_major"], os_user)
         if allow_archive:
             settings.pop("archive_mode")
-        report = _run_recovery(srv, settings, target, repo_env(repo), timeout_s)
+        with timings.step("replay"):  # server start until the target is reached
+            report = _run_recovery(srv, settings, target, repo_env(repo), timeout_s)
     except BaseException as e:
         _after_failure(e, srv, written, keep_failed)
         raise
@@ -470,8 +475,8 @@ def restore_pitr(repo: Repository, cluster: str, target: RecoveryTarget, target_
     if checks and report.get("server_running"):
         from .restore import run_checks
 
-        report["checks"] = run_checks(srv, checks, user=meta.get("bootstrap_superuser") or "postgres")
-    report["restore_seconds"] = round(time.monotonic() - t0, 3)
+        with timings.step("checks"):
+            report["checks"] = run_checks(srv, checks, user=meta.get("bootstrap_superuser") or "postgres")
     if keep_running and report.get("server_running"):
         report["server"] = srv
     else:
@@ -481,9 +486,14 @@ def restore_pitr(repo: Repository, cluster: str, target: RecoveryTarget, target_
         for p in written.siblings:
             if p != srv.log_file and p.exists():
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        with timings.step("sync"):  # what recovery wrote, whatever the copied configuration says of fsync
+            make_durable(target_path)
+    report["restore_seconds"] = round(time.monotonic() - t0, 3)
+    report["timings"] = timings.as_dict()
     report["server_log"] = str(srv.log_file)
-    log.info("restore of %s reached %s (%s) in %.1f s", cluster, report.get("reached_lsn"),
-             report.get("stopped_at") or "end of archive", report["restore_seconds"])
+    log.info("restore of %s reached %s (%s) in %.1f s (%s)", cluster, report.get("reached_lsn"),
+             report.get("stopped_at") or "end of archive", report["restore_seconds"],
+             ", ".join(f"{k} {v:.1f} s" for k, v in report["timings"].items()))
     return report
 
 

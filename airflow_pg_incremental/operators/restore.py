@@ -60,10 +60,12 @@ class PgRestoreTestOperator(_PgBackupBase):
                                amcheck=self.amcheck, catalog=self._catalog(), airflow=self._airflow_ids(context),
                                scratch_parent=self.scratch_dir, timeout_s=self.timeout_s)
         out = {k: rec.get(k) for k in ("cluster", "ok", "target_kind", "target_value", "backup_id", "chain",
-                                       "restore_seconds", "reached_lsn", "stopped_at", "error", "scratch_removed")}
+                                       "restore_seconds", "timings", "reached_lsn", "stopped_at", "error",
+                                       "scratch_removed")}
         out["note"] = note
         out["checks"] = [{"sql": c["sql"], "ok": c["ok"]} for c in rec.get("checks", [])]
         _gauges(self.cluster, {"restore_test.rto_seconds": rec.get("restore_seconds"),
+                               **{f"restore_test.{k}_seconds": v for k, v in (rec.get("timings") or {}).items()},
                                "restore_test.ok": 1 if rec["ok"] else 0})
         if not rec["ok"]:
             raise _fail(f"restore test of {self.cluster} to {target.kind} {target.value or ''} FAILED: {rec['error']}")
@@ -144,7 +146,7 @@ class PgRestoreOperator(StopsEngineOnKill, BaseOperator):
             raise _fail(f"restore of {self.cluster} failed: {e}") from None
         finally:
             procs.forget_dir(dest)
-        small.update({k: rep.get(k) for k in ("state", "reached_lsn", "stopped_at", "restore_seconds")})
+        small.update({k: rep.get(k) for k in ("state", "reached_lsn", "stopped_at", "restore_seconds", "timings")})
         return small
 
 

@@ -19,6 +19,7 @@ from airflow_pg_incremental.core.repository import LocalRepository, S3Repository
 from airflow_pg_incremental.core.restore import restore_backup, start_restored
 from airflow_pg_incremental.sandbox import SandboxPostgres, data_fingerprint
 from tests.conftest import created
+from tests.restore_evidence import RESTORE_STEPS, assert_split, cachestat_supported, not_on_disk
 
 pytestmark = pytest.mark.integration
 
@@ -75,6 +76,10 @@ def test_every_backup_restores_exactly(chain, scratch, idx):
     pg = chain["pg"]
     res = restore_backup(chain["repo"], "ch", b["backup_id"], scratch / "d", os_user=pg.os_user)
     assert res["chain"] == [chain["backups"][j]["backup_id"] for j in {0: [0], 1: [0, 1], 2: [0, 1, 2], 3: [0, 3]}[idx]]
+    if cachestat_supported():  # durable when it returns: pg_combinebackup's output (--no-sync) included
+        assert not_on_disk(scratch / "d") == {}
+    steps = {"extract", "verify", "sync"} | ({"combine"} if idx else set())
+    assert_split(res["timings"], res["restore_seconds"], steps, RESTORE_STEPS)
     srv = start_restored(scratch / "d", 18, os_user=pg.os_user)
     try:
         assert data_fingerprint(srv.local_conninfo()) == chain["fp"][b["backup_id"]]
@@ -94,6 +99,8 @@ def test_points_between_backups(chain, scratch, idx):
     finally:
         srv.stop()
     assert rep["backup_id"] == expected_backup
+    combined = {"combine"} if len(rep["chain"]) > 1 else set()
+    assert_split(rep["timings"], rep["restore_seconds"], {"plan", "extract", "verify", "sync", "replay"} | combined)
 
 
 def test_broken_or_corrupt_middle_backup_is_refused_by_name(chain, workdir, scratch):
