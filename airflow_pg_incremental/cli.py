@@ -323,7 +323,13 @@ def _restore_and_check(args, os_user) -> dict:
 def _restore_lines(rep: dict, target) -> list[str]:
     chain = rep.get("chain") or [rep.get("backup_id")]
     lines = [f"restored {' + '.join(chain)} of {rep['cluster']} into {rep['target_dir']}"
-             + (f" in {rep.get('restore_seconds'):.1f} s" if rep.get("restore_seconds") is not None else "")]
+             + (f" in {rep.get('restore_seconds'):.1f} s" if rep.get("restore_seconds") is not None else "")
+             + (", on disk (flushed)" if rep.get("durable") or target is not None else "")]
+    t = rep.get("timings") or {}
+    steps = [f"{k} {t[k]:.2f} s" for k in ("plan", "extract", "combine", "verify", "sync", "replay", "checks")
+             if t.get(k) is not None]
+    if steps:
+        lines.append("  time: " + ", ".join(steps))
     if target is not None:
         lines.append(f"  recovery to {target.kind} {target.value or ''}: {rep.get('state')}, "
                      f"{rep.get('stopped_at') or 'at the end of the archive'}; reached LSN {rep.get('reached_lsn')}"

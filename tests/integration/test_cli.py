@@ -46,6 +46,7 @@ def test_backup_info_restore_with_check(pg, tmp_path, scratch):
                "--check", "SELECT count(*) FROM pgbench_accounts", "--check", "SELECT * FROM no_such_table")
     assert r.returncode == 3
     assert f"restored {out['backup_id']} of cli into {scratch / 'c'}" in r.stdout and "check ok" in r.stdout
+    assert "on disk (flushed)" in r.stdout and "time: extract " in r.stdout, r.stdout
     assert "1 check(s) failed on the restored copy (exit 3)" in r.stderr and "no_such_table" in r.stderr
 
     # restoring again into the same (now non-empty) directory: clear error, exit 2
