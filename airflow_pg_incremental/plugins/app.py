@@ -151,8 +151,7 @@ def _read_points(cluster) -> None:
     try:
         from airflow_pg_incremental.hooks.repository import PgBackupRepositoryHook
 
-        repo = PgBackupRepositoryHook(cluster.repository, aws_conn_id=cluster.aws_conn_id).get_repository(
-            must_exist=False)
+        repo = PgBackupRepositoryHook(cluster.repository, aws_conn_id=cluster.aws_conn_id).get_repository()
         points = []
         for key in repo.list(f"{cluster.name}/restore_points"):
             if key.endswith(".json"):

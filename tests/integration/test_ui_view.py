@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -148,6 +149,46 @@ def test_catalog_read_writes_nothing(pg):
     assert pg.psql(f"SELECT count(*) FROM pg_namespace WHERE nspname = '{schema}'", "pgincr_catalog").strip() == "0"
 
 
+def test_catalog_errors_name_the_problem_never_the_password(pg):
+    bad = dataclasses.replace(pg.conninfo("pgincr_catalog"), password="wrong-" + uuid.uuid4().hex)
+    out = read_catalog(bad, "pgincr", ["a"], since=dt.datetime.now(dt.timezone.utc))
+    assert "authentication failed" in out.error and "password" in out.error
+    assert bad.password not in out.error
+
+
+def test_restore_points_are_read_from_the_repositories(s3, workdir, monkeypatch):
+    """Restore points are indexed in the repository, not in the catalog: the view reads them
+    there, local and S3 (through the cluster's Amazon connection); a missing repository is
+    reported for its cluster."""
+    from airflow_pg_incremental.core.repository import LocalRepository, S3Repository
+    from airflow_pg_incremental.core.wal import record_restore_point
+    from airflow_pg_incremental.dag_factory import parse_config
+    from airflow_pg_incremental.plugins import app
+    from airflow_pg_incremental.plugins.catalog_view import ClusterFacts
+    from tests.conftest import created
+
+    tag = uuid.uuid4().hex[:6]
+    local_dir, prefix = workdir / "repos" / f"rp-{tag}", f"rp-{tag}"
+    record_restore_point(created(LocalRepository(local_dir)), f"l{tag}", "before-x", "0/3000028", 1,
+                         "2026-11-25T10:00:00+00:00")
+    s3repo = created(S3Repository(s3.client(), s3.bucket, prefix))
+    for name, at in (("before-z", "2026-11-25T12:00:00+00:00"), ("before-y", "2026-11-25T11:00:00+00:00")):
+        record_restore_point(s3repo, f"s{tag}", name, "0/5000028", 1, at)
+    monkeypatch.setenv("AIRFLOW_CONN_UI_RP_S3", s3.airflow_conn_uri())
+    clusters = parse_config({"clusters": [
+        {"name": f"l{tag}", "postgres_conn_id": "x", "repository": str(local_dir)},
+        {"name": f"s{tag}", "postgres_conn_id": "x", "repository": f"s3://{s3.bucket}/{prefix}",
+         "aws_conn_id": "ui_rp_s3"},
+        {"name": f"m{tag}", "postgres_conn_id": "x", "repository": str(workdir / "repos" / f"none-{tag}")}]})
+    entries = {c.name: ClusterEntry(c.name, 90, 192, "", facts=ClusterFacts(c.name)) for c in clusters}
+    app._add_restore_points(clusters, entries)
+    facts = {n: e.facts for n, e in entries.items()}
+    assert [p["name"] for p in facts[f"l{tag}"].restore_points] == ["before-x"]
+    assert [p["name"] for p in facts[f"s{tag}"].restore_points] == ["before-y", "before-z"]
+    assert facts[f"s{tag}"].restore_points[0]["created_at"] == dt.datetime(2026, 11, 25, 11, tzinfo=dt.timezone.utc)
+    assert facts[f"m{tag}"].restore_points == [] and "RepositoryNotFound" in facts[f"m{tag}"].restore_points_error
+
+
 # ------------------------------------------------------------------------------------------
 # the real UI
 
@@ -234,15 +275,20 @@ def _free_port() -> int:
 
 
 def _stop(proc, log) -> None:
+    """SIGINT to standalone's process group (SIGTERM would orphan its children). Its scheduler
+    sometimes never finishes stopping (an idle LocalExecutor worker blocked reading its pipe, seen
+    with and without this plugin): after 15 s the group is killed."""
+    t0 = time.monotonic()
     try:
-        os.killpg(proc.pid, signal.SIGINT)  # SIGTERM would orphan standalone's children
-        proc.wait(60)
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(15)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
     except ProcessLookupError:
         pass
     log.close()
+    print(f"airflow standalone stopped in {time.monotonic() - t0:.1f} s")
 
 
 def _wait_healthy(proc, base: Path, url: str, timeout: float = 150) -> None:
@@ -342,6 +388,8 @@ def test_backups_view_in_the_airflow_ui(pg, workdir):
         status, _, page = _http(f"{url}/pgincr/", headers=bearer)
         assert status == 200 and ids["full"] in page and ids["incr"] in page, page[:2000]
         assert PASSWORD not in page and ci.password not in page
+        status, headers, image = _http(f"{url}/pgincr/docs/backups-view.png", headers=bearer)
+        assert status == 200 and headers["content-type"] == "image/png", (status, headers)  # README images
 
         with sync_playwright() as p:
             browser = p.chromium.launch_persistent_context(
