@@ -75,6 +75,16 @@ def dag_ids(cluster) -> list[str]:
     return [f"{cluster.dag_prefix}_{kind}" for kind in DAG_KINDS]
 
 
+def visible_clusters(auth_manager, user, clusters) -> list:
+    """The clusters `user` may see: those with a DAG whose runs the user may read (so Airflow's
+    per-DAG access control decides, and the check needs no DAG in the metadata DB)."""
+    from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
+
+    return [c for c in clusters if any(
+        auth_manager.is_authorized_dag(method="GET", access_entity=DagAccessEntity.RUN, details=DagDetails(id=d),
+                                       user=user) for d in dag_ids(c))]
+
+
 # ------------------------------------------------------------------------------------------
 # reading the catalogs and the repositories' restore points
 
@@ -193,7 +203,7 @@ def create_app():
     from starlette.exceptions import HTTPException
 
     from airflow.api_fastapi.app import get_auth_manager
-    from airflow.api_fastapi.auth.managers.models.resource_details import AccessView, DagAccessEntity, DagDetails
+    from airflow.api_fastapi.auth.managers.models.resource_details import AccessView
     from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_view
 
     # no /docs, /redoc or /openapi.json of its own: nothing here is reachable without a session
@@ -204,12 +214,6 @@ def create_app():
         if exc.status_code == 401 and "text/html" in request.headers.get("accept", ""):
             return RedirectResponse(get_auth_manager().get_url_login(next_url=str(request.url)), status_code=303)
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
-
-    def visible(user, clusters) -> list:
-        am = get_auth_manager()
-        return [c for c in clusters if any(
-            am.is_authorized_dag(method="GET", access_entity=DagAccessEntity.RUN, details=DagDetails(id=d), user=user)
-            for d in dag_ids(c))]
 
     @app.get("/")
     def backups(request: Request, user: GetUserDep, cluster: str | None = None, days: float = 14):
@@ -222,7 +226,7 @@ def create_app():
         except Exception as e:
             configured = []
             notes.append(str(e))
-        shown = visible(user, configured)
+        shown = visible_clusters(get_auth_manager(), user, configured)
         if len(shown) < len(configured):
             notes.append(f"{len(configured) - len(shown)} cluster(s) hidden: you may not read their DAGs' runs")
         if cluster:

@@ -53,9 +53,9 @@ def _header(p: Page) -> str:
                    for d, label in ((1, "1 day"), (3, "3 days"), (7, "7 days"), (14, "14 days"), (35, "35 days"),
                                     (90, "90 days")))
     all_link = f' · <a href="{esc(p.mount)}/?days={p.days:g}">all clusters</a>' if p.selected else ""
-    return (f'<header><h1>Backups</h1><p class="sub">{len(p.entries)} cluster(s) · catalog read in '
+    return (f'<header><h1>Backups</h1><p class="sub">{len(p.entries)} cluster(s) · read in '
             f'{p.elapsed_ms:.0f} ms ({p.queries} queries) · times in UTC · now {esc(fmt_time(p.now))} · '
-            f'<a href="{esc(p.mount)}/docs" target="_blank" rel="noopener">documentation</a>{all_link}</p>'
+            f'<a class="docs" href="{esc(p.mount)}/docs">documentation</a>{all_link}</p>'
             f'<form method="get" action="{esc(p.mount)}/">'
             + (f'<input type="hidden" name="cluster" value="{esc(p.selected)}">' if p.selected else "")
             + f'<label>range <select id="days" name="days">{days}</select></label> '

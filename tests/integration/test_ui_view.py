@@ -421,6 +421,11 @@ def test_backups_view_in_the_airflow_ui(pg, workdir):
                 assert link.get_attribute("href") == run_path
                 SCREENSHOT.parent.mkdir(exist_ok=True)
                 ui.screenshot(path=str(SCREENSHOT))
+                # the README opens inside the UI too (the iframe may not open a new window), and back
+                view.locator("header a.docs").click()
+                expect(view.locator("main h1").first).to_have_text("airflow-pg-incremental")
+                view.get_by_role("link", name="Backups view").click()
+                expect(view.locator(f"tr.backup-row[data-backup='{ids['full']}']")).to_be_visible()
 
                 # the backup's link leaves the iframe: the Airflow UI shows the DAG run
                 link.click()

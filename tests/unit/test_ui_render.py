@@ -77,3 +77,24 @@ def test_readme_markdown_raw_html_is_escaped_and_images_served_by_the_plugin():
     assert '<img src="/pgincr/docs/backups-view.png" alt="view"' in html
     assert 'href="javascript' not in html
     assert toc == [(2, "a-code-title", "A code title")]
+
+
+def test_a_cluster_is_shown_to_who_may_read_its_dag_runs():
+    from airflow_pg_incremental.dag_factory import parse_config
+    from airflow_pg_incremental.plugins.app import visible_clusters
+
+    clusters = parse_config({"clusters": [{"name": n, "postgres_conn_id": "p", "repository": "/r"}
+                                          for n in ("a", "a_b", "c")]})
+
+    class OnlyRunsOf:
+        def __init__(self, *dag_ids):
+            self.dag_ids, self.asked = set(dag_ids), []
+
+        def is_authorized_dag(self, *, method, access_entity, details, user):
+            self.asked.append((method, access_entity.value, user))
+            return details.id in self.dag_ids
+
+    am = OnlyRunsOf("pgincr_a_b_restore_test", "pgincr_c_hourly_wal")
+    assert [c.name for c in visible_clusters(am, "u", clusters)] == ["a_b", "c"]  # not "a": no prefix match
+    assert set(am.asked) == {("GET", "RUN", "u")}
+    assert visible_clusters(OnlyRunsOf(), "u", clusters) == []
