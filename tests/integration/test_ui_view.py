@@ -8,7 +8,8 @@
   verification and a real restore test); anonymous requests are refused; Debian's chromium,
   driven by playwright, logs in, opens the view through its nav entry, checks what it shows,
   follows a backup's link to its DAG run, and follows Admin > Providers' documentation link to
-  the README page. The screenshot goes to docs/backups-view.png.
+  the README page. The screenshot goes to the test's temporary directory, or to the README's
+  docs/backups-view.png when PGINCR_UPDATE_SCREENSHOT=1 (so a test run leaves the checkout clean).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 import urllib.error
@@ -43,7 +45,8 @@ CHROMIUM = "/usr/bin/chromium"
 # component/background updates or sync), a fresh profile (the user-data dir given at launch)
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SCREENSHOT = REPO_ROOT / "docs" / "backups-view.png"
+SCREENSHOT = REPO_ROOT / "docs" / "backups-view.png" if os.environ.get("PGINCR_UPDATE_SCREENSHOT") == "1" else \
+    Path(tempfile.gettempdir()) / f"pgincr-backups-view-{os.getpid()}.png"
 SEG = 16 * 1024 * 1024
 
 
