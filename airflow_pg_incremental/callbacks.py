@@ -22,6 +22,23 @@ def build_notifiers(specs: list[dict] | None) -> list:
     return out
 
 
+def restore_failure(clusters: dict[str, dict]) -> Callable:
+    """The on-demand restore DAG's failure callback: one DAG for all clusters, so the cluster comes
+    from the run's params; the alert goes to that cluster's catalog and notifiers."""
+
+    def _callback(context: Any) -> None:
+        cluster = (context.get("params") or {}).get("cluster")
+        cfg = clusters.get(cluster) or {}
+        record_failure(cluster, cfg.get("catalog_conn_id"), cfg.get("catalog_schema") or "pgincr")(context)
+        for notifier in build_notifiers(cfg.get("notifiers")):
+            try:
+                notifier(context)
+            except Exception as e:  # one notifier must not silence the others
+                log.error("notifier %s failed: %s", type(notifier).__name__, e)
+
+    return _callback
+
+
 def record_failure(cluster: str, catalog_conn_id: str | None, catalog_schema: str = "pgincr") -> Callable:
     """A callback that records a failed task (and a missed RPO) in the catalog's alerts table."""
 

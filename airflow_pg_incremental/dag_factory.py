@@ -456,10 +456,16 @@ def restore_form(names: list[str]) -> dict:
     }
 
 
+def _restore_cfg(c: ClusterConfig) -> dict:
+    return {"repository": c.repository, "aws_conn_id": c.aws_conn_id, "catalog_conn_id": c.catalog_conn_id,
+            "catalog_schema": c.catalog_schema, "notifiers": c.notifiers}
+
+
 def build_restore(clusters: list[ClusterConfig]):
     """The on-demand restore DAG: triggered from the UI with a params form."""
     from airflow.sdk import DAG
 
+    from airflow_pg_incremental.callbacks import restore_failure
     from airflow_pg_incremental.operators.restore import PgRestoreOperator
 
     names = [c.name for c in clusters]
@@ -471,7 +477,9 @@ def build_restore(clusters: list[ClusterConfig]):
         catchup=False,
         max_active_runs=1,
         tags=["pgincr", "restore"],
-        default_args={"owner": clusters[0].owner, "retries": 0},
+        default_args={"owner": clusters[0].owner, "retries": 0,
+                      # a failed restore is alerted like any task: the chosen cluster's catalog and notifiers
+                      "on_failure_callback": [restore_failure({c.name: _restore_cfg(c) for c in clusters})]},
         params=restore_form(names),
         doc_md="""Restore a cluster into a directory on the worker. Every value is validated, and the
 backup, chain, WAL range and window are checked, before anything is touched. Start with a dry run:
@@ -488,8 +496,7 @@ archive_mode=off.""",
         chooser = route()
         for c in clusters:
             chooser >> PgRestoreOperator(
-                task_id=f"restore_{c.name}", clusters={c.name: {"repository": c.repository,
-                                                                 "aws_conn_id": c.aws_conn_id}},
+                task_id=f"restore_{c.name}", clusters={c.name: _restore_cfg(c)},
                 cluster=c.name, target_type="{{ params.target_type }}",
                 target_value="{{ params.target_value or '' }}", destination="{{ params.destination or '' }}",
                 action="{{ params.action }}", dry_run="{{ params.dry_run }}", **_restore_routing(c))

@@ -169,6 +169,29 @@ MIGRATIONS: list[str] = [
     COMMENT ON COLUMN {s}.restore_tests.timings IS
         'seconds per step of the restore (plan, extract, combine, verify, sync, replay); sum <= restore_seconds';
     """,
+    # 6: on-demand restores (the pgincr_restore DAG): who restored what, where, and how it went
+    """
+    CREATE TABLE {s}.restores (
+        id               bigserial PRIMARY KEY,
+        cluster          text NOT NULL,
+        ok               boolean NOT NULL,
+        dry_run          boolean NOT NULL DEFAULT false,
+        target_kind      text,
+        target_value     text,
+        backup_id        text,
+        chain            jsonb,
+        destination      text,
+        started_at       timestamptz NOT NULL DEFAULT now(),
+        restore_seconds  double precision,
+        timings          jsonb,
+        reached_lsn      text,
+        stopped_at       text,
+        error            text,
+        dag_id           text,
+        run_id           text
+    );
+    CREATE INDEX ON {s}.restores (cluster, started_at DESC);
+    """,
 ]
 
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -311,6 +334,16 @@ class Catalog:
         allowed = {"cluster", "ok", "target_kind", "target_value", "backup_id", "chain", "restore_seconds",
                    "timings", "reached_lsn", "stopped_at", "checks", "error", "dag_id", "run_id"}
         return self._insert("restore_tests", {k: v for k, v in row.items() if k in allowed})
+
+    def record_restore(self, **row) -> int:
+        """An on-demand restore (or its refusal or dry run)."""
+        allowed = {"cluster", "ok", "dry_run", "target_kind", "target_value", "backup_id", "chain", "destination",
+                   "restore_seconds", "timings", "reached_lsn", "stopped_at", "error", "dag_id", "run_id"}
+        return self._insert("restores", {k: v for k, v in row.items() if k in allowed})
+
+    def restores(self, cluster: str, limit: int = 20) -> list[dict]:
+        return self._select("SELECT * FROM {s}.restores WHERE cluster = %s ORDER BY started_at DESC, id DESC LIMIT %s",
+                            (cluster, limit))
 
     def restore_tests(self, cluster: str, limit: int = 20) -> list[dict]:
         return self._select("SELECT * FROM {s}.restore_tests WHERE cluster = %s ORDER BY started_at DESC, id DESC "

@@ -317,11 +317,53 @@ def archive_end(repo: Repository, cluster: str, major: int, last_segment: str, s
     return out
 
 
+def describe_window(win: dict) -> str:
+    """'recoverable window: from <time> (LSN, oldest backup) to <time> (LSN)': the whole window when
+    known (from the oldest usable backup's end), else the chosen backup's."""
+    if win.get("window_start_backup"):
+        start = (f"from {win['window_start_time']} (LSN {win['window_start_lsn']}, the end of the oldest backup "
+                 f"{win['window_start_backup']})")
+    else:
+        start = f"with backup {win['backup_id']}: from {win['start_time']} (LSN {win['start_lsn']})"
+    return (f"recoverable window {start} to {win['end_time'] or 'the end of the archive'} (LSN "
+            f"{win['last_record_lsn'] or win['end_lsn']})")
+
+
+def whole_window(repo: Repository, cluster: str, target: RecoveryTarget, win: dict) -> dict:
+    """`win` (one backup's reach) with the start of the whole recoverable window: the end of the
+    oldest backup on the timeline path recovery follows (what a user may ask for, whichever backup
+    serves it)."""
+    path = recovery_timelines(repo, cluster, target)
+    usable = [b for b in list_backups(repo, cluster) if on_timeline_path(b, path, latest=target.timeline == "latest")]
+    if usable:
+        first = usable[0]
+        win.update(window_start_backup=first["backup_id"], window_start_time=first.get("finished_at"),
+                   window_start_lsn=first.get("stop_lsn"))
+    return win
+
+
+def wal_needed(meta: dict, win: dict, target: RecoveryTarget, repo: Repository, cluster: str) -> tuple[str, str]:
+    """(last segment the target needs, how sure): the target's own segment for an LSN or a restore
+    point, the backup's end for 'immediate', the archive's end for 'latest'; for a time or a
+    transaction id the first commit after it decides, so at most the archive's end."""
+    seg = int(meta.get("wal_segment_size") or 16 * 1024 * 1024)
+    tli = (win.get("timelines") or [meta.get("timeline") or 1])[-1]
+    if target.kind == "immediate":
+        return meta.get("stop_wal_file"), "exact"
+    if target.kind == "lsn":
+        return segment_name(tli, parse_lsn(target.value) // seg, seg), "exact"
+    if target.kind == "name":
+        rp = load_restore_point(repo, cluster, target.value)
+        return segment_name(int(rp.get("timeline") or tli), parse_lsn(rp["lsn"]) // seg, seg), "exact"
+    if target.kind == "latest":
+        return win["end_segment"], "exact"
+    return win["end_segment"], "at most"
+
+
 def check_window(target: RecoveryTarget, win: dict) -> None:
     """Refuse, before anything is touched, a target recovery cannot reach with this backup and the
     archived WAL (TargetBeyondArchive when it lies beyond the archive's end)."""
-    where = (f"recoverable window with backup {win['backup_id']}: from {win['start_time']} (LSN {win['start_lsn']}) "
-             f"to {win['end_time'] or 'the end of the archive'} (LSN {win['last_record_lsn'] or win['end_lsn']})")
+    where = describe_window(win)
     if win["end_lsn"] is None and target.kind != "immediate":
         raise WalGap(f"the archive has no WAL after backup {win['backup_id']}'s end (first missing segment "
                      f"{win['gap_after']}): only its own end point (target 'immediate') is restorable. {where}")
@@ -445,7 +487,7 @@ def restore_pitr(repo: Repository, cluster: str, target: RecoveryTarget, target_
     with timings.step("plan"):
         meta = choose_backup(repo, cluster, target, backup_id)
         target_path = check_target_dir(target_dir)
-        win = archive_window(repo, cluster, meta)
+        win = whole_window(repo, cluster, target, archive_window(repo, cluster, meta))
         check_window(target, win)
         python_usable_by(os_user)
         if isinstance(repo, LocalRepository):
@@ -622,11 +664,12 @@ def plan_restore(repo: Repository, cluster: str, target: RecoveryTarget, backup_
     validate_cluster(cluster)
     meta = choose_backup(repo, cluster, target, backup_id)
     chain = resolve_chain(repo, cluster, meta)
-    win = archive_window(repo, cluster, meta)
+    win = whole_window(repo, cluster, target, archive_window(repo, cluster, meta))
     check_window(target, win)
-    needs_wal = target.kind != "immediate"
+    wal_to, sure = wal_needed(meta, win, target, repo, cluster)
     return {"cluster": cluster, "target": target.to_dict(), "backup_id": meta["backup_id"],
             "chain": [{"backup_id": b["backup_id"], "kind": b["kind"], "stop_lsn": b.get("stop_lsn"),
                        "finished_at": b.get("finished_at"), "stored_bytes": b.get("stored_bytes")} for b in chain],
-            "wal_from": meta.get("start_wal_file"), "wal_to": win["end_segment"] if needs_wal else
-            meta.get("stop_wal_file"), "window": win, "pg_major": meta["pg_major"]}
+            "wal_from": meta.get("start_wal_file"), "wal_to": wal_to, "wal_to_is": sure,
+            "archive_end_segment": win["end_segment"], "window": win, "window_text": describe_window(win),
+            "pg_major": meta["pg_major"]}

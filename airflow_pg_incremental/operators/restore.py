@@ -40,22 +40,12 @@ class PgRestoreTestOperator(_PgBackupBase):
         self.timeout_s = timeout_s
 
     def execute(self, context: Context) -> dict:
-        from airflow_pg_incremental.core.errors import TargetBeyondArchive
-        from airflow_pg_incremental.core.pitr import parse_target, plan_restore
         from airflow_pg_incremental.core.restoretest import run_restore_test
 
-        when = self.target_time or context.get("data_interval_end") or context.get("run_after") or \
-            dt.datetime.now(dt.timezone.utc)
-        when = when if isinstance(when, str) else when.isoformat()
         repo = self._repo()
-        target = parse_target("time", when)
-        note = None
-        try:
-            plan_restore(repo, self.cluster, target)
-        except TargetBeyondArchive as e:
-            note = f"{when} is beyond the archived WAL: testing the end of the archive instead ({e})"
-            self.log.warning("%s", note)
-            target = parse_target("latest")
+        target, note = self._target(context, repo)
+        if note:
+            self.log.info("%s", note)
         rec = run_restore_test(repo, self.cluster, target, checks=list(self.checks), databases=self.databases,
                                amcheck=self.amcheck, catalog=self._catalog(), airflow=self._airflow_ids(context),
                                scratch_parent=self.scratch_dir, timeout_s=self.timeout_s)
@@ -63,13 +53,48 @@ class PgRestoreTestOperator(_PgBackupBase):
                                        "restore_seconds", "timings", "reached_lsn", "stopped_at", "error",
                                        "scratch_removed")}
         out["note"] = note
-        out["checks"] = [{"sql": c["sql"], "ok": c["ok"]} for c in rec.get("checks", [])]
+        out["checks"] = [_check_summary(c) for c in rec.get("checks", [])]
+        for c in out["checks"]:
+            self.log.info("check %s: %s -> %s", "passed" if c["ok"] else "FAILED", c["sql"], c.get("result"))
         _gauges(self.cluster, {"restore_test.rto_seconds": rec.get("restore_seconds"),
                                **{f"restore_test.{k}_seconds": v for k, v in (rec.get("timings") or {}).items()},
                                "restore_test.ok": 1 if rec["ok"] else 0})
         if not rec["ok"]:
             raise _fail(f"restore test of {self.cluster} to {target.kind} {target.value or ''} FAILED: {rec['error']}")
         return out
+
+
+    def _target(self, context: Context, repo):
+        """(target, note): a run triggered by a new backup (an Asset event, no data interval) tests
+        the end of the archive; a scheduled or backfilled run the end of its data interval, or the
+        end of the archive when that interval is not archived yet (said in the note and the XCom)."""
+        from airflow_pg_incremental.core.errors import TargetBeyondArchive
+        from airflow_pg_incremental.core.pitr import parse_target, plan_restore
+
+        run_type = str(getattr(context.get("dag_run"), "run_type", "") or "")
+        if not self.target_time and (context.get("triggering_asset_events") or "asset" in run_type):
+            return parse_target("latest"), "triggered by a new backup: testing the end of the archive (latest)"
+        when = self.target_time or context.get("data_interval_end") or context.get("run_after") or \
+            dt.datetime.now(dt.timezone.utc)
+        when = when if isinstance(when, str) else when.isoformat()
+        target = parse_target("time", when)
+        try:
+            plan_restore(repo, self.cluster, target)
+        except TargetBeyondArchive as e:
+            return parse_target("latest"), (f"{when} (the end of this run's data interval) is not archived yet: "
+                                            f"testing the end of the archive instead ({e})")
+        return target, None
+
+
+def _check_summary(c: dict) -> dict:
+    """A check's result for the XCom and the log: its first row (short), or its error."""
+    out = {"sql": c["sql"], "ok": c["ok"]}
+    if c["ok"]:
+        first = (c.get("rows") or [[]])[0]
+        out["result"] = ", ".join(str(v)[:80] for v in first[:5])
+    else:
+        out["result"] = str(c.get("error") or "")[:300]
+    return out
 
 
 class PgRestoreOperator(StopsEngineOnKill, BaseOperator):
@@ -123,17 +148,23 @@ class PgRestoreOperator(StopsEngineOnKill, BaseOperator):
             repo = PgBackupRepositoryHook(cfg["repository"], cfg.get("aws_conn_id")).get_repository()
             plan = plan_restore(repo, self.cluster, target, backup_id)
         except PgIncrError as e:
+            self._record(context, ok=False, dry_run=dry, error=f"refused: {e}")
             raise _fail(f"restore refused, nothing was touched: {e}") from None
-        self.log.info("restore plan for %s: backup %s (chain %s), WAL %s .. %s, target %s %s, action %s -> %s",
+        self.log.info("restore plan for %s: backup %s (chain %s), target %s %s, action %s -> %s",
                       self.cluster, plan["backup_id"], " -> ".join(b["backup_id"] for b in plan["chain"]),
-                      plan["wal_from"], plan["wal_to"], target.kind, target.value or "", target.action,
-                      dest or "(no destination given)")
+                      target.kind, target.value or "", target.action, dest or "(no destination given)")
+        self.log.info("WAL needed: %s .. %s (%s; the archive ends at %s); %s", plan["wal_from"], plan["wal_to"],
+                      "exactly what the target needs" if plan["wal_to_is"] == "exact" else
+                      "at most: the first commit after the target decides", plan["archive_end_segment"],
+                      plan["window_text"])
         small = {"cluster": self.cluster, "dry_run": dry, "destination": str(dest) if dest else None,
                  "backup_id": plan["backup_id"],
                  "chain": [b["backup_id"] for b in plan["chain"]], "wal_from": plan["wal_from"],
-                 "wal_to": plan["wal_to"], "target": plan["target"]}
+                 "wal_to": plan["wal_to"], "wal_to_is": plan["wal_to_is"], "window": plan["window_text"],
+                 "target": plan["target"]}
         if dry:
             self.log.info("dry run: nothing restored")
+            self._record(context, ok=True, dry_run=True, backup_id=plan["backup_id"], chain=small["chain"])
             return small
         from airflow_pg_incremental.core import procs
         from airflow_pg_incremental.core.server import default_os_user
@@ -143,11 +174,31 @@ class PgRestoreOperator(StopsEngineOnKill, BaseOperator):
             rep = restore_pitr(repo, self.cluster, target, dest, backup_id=backup_id, timeout_s=self.timeout_s,
                                os_user=default_os_user())
         except PgIncrError as e:
+            self._record(context, ok=False, backup_id=plan["backup_id"], chain=small["chain"], error=str(e))
             raise _fail(f"restore of {self.cluster} failed: {e}") from None
         finally:
             procs.forget_dir(dest)
         small.update({k: rep.get(k) for k in ("state", "reached_lsn", "stopped_at", "restore_seconds", "timings")})
+        self._record(context, ok=True, backup_id=rep.get("backup_id"), chain=rep.get("chain"),
+                     **{k: rep.get(k) for k in ("reached_lsn", "stopped_at", "restore_seconds", "timings")})
         return small
+
+    def _record(self, context: Context, **row) -> None:
+        """The restore (or its refusal, or a dry run) in the cluster's catalog, when it has one; a
+        catalog that cannot be written is logged, never hides the restore's own outcome."""
+        cfg = self.clusters.get(self.cluster) or {}
+        if not cfg.get("catalog_conn_id"):
+            return
+        try:
+            from airflow_pg_incremental.hooks.repository import PgClusterHook
+
+            ti = context.get("ti")
+            PgClusterHook(cfg["catalog_conn_id"]).get_catalog(cfg.get("catalog_schema") or "pgincr").record_restore(
+                cluster=self.cluster, target_kind=self.target_type, target_value=self.target_value or None,
+                destination=self.destination or None, dag_id=getattr(ti, "dag_id", None),
+                run_id=getattr(ti, "run_id", None), **row)
+        except Exception as e:
+            self.log.error("could not record the restore in the catalog: %s", e)
 
 
 def _gauges(cluster: str, values: dict) -> None:

@@ -236,6 +236,26 @@ def test_on_demand_restore_dag(airflow_clusters, pg, scratch, workdir):
     plan = _xcoms(dag.dag_id, dr.run_id)[("restore_it_local", "return_value")]
     assert plan["dry_run"] and plan["chain"] and plan["wal_from"] and plan["wal_to"]
     assert not (scratch / "dry").exists()
+    # the dry run names the WAL the target needs (an LSN: its own segment), and the whole window
+    from airflow_pg_incremental.core.catalog import Catalog
+    from airflow_pg_incremental.core.metadata import list_backups
+    from airflow_pg_incremental.core.repository import LocalRepository
+
+    backups = list_backups(LocalRepository(airflow_clusters["local_repo"]), "it_local")
+    newest = backups[-1]
+    dr = dag.test(run_conf={**base, "target_type": "lsn", "target_value": newest["stop_lsn"], "dry_run": True})
+    plan = _xcoms(dag.dag_id, dr.run_id)[("restore_it_local", "return_value")]
+    assert plan["wal_to"] == newest["stop_wal_file"] and plan["wal_to_is"] == "exact", plan
+    assert f"the end of the oldest backup {backups[0]['backup_id']}" in plan["window"], plan["window"]
+    # a time after the archive is refused quoting the whole window, not one backup's
+    dr = dag.test(run_conf={**base, "target_type": "time", "target_value": "2999-01-01T00:00:00+00:00",
+                            "destination": str(scratch / "late"), "dry_run": False})
+    assert dr.state == "failed" and not (scratch / "late").exists()
+    cat = Catalog(pg.conninfo("pgincr_catalog"), schema="af_catalog")
+    refused = cat.restores("it_local", limit=1)[0]
+    assert not refused["ok"] and "refused" in refused["error"] and backups[0]["backup_id"] in refused["error"]
+    alert = cat.alerts("it_local", limit=1)[0]  # alerted like any failed task
+    assert alert["dag_id"] == "pgincr_restore" and "2999-01-01" in alert["message"]
     # the form's default case: latest, dry run, nothing typed (nullable fields left empty)
     dr = dag.test(run_conf={"cluster": "it_local", "target_type": "latest", "target_value": None,
                             "destination": None, "dry_run": True})
@@ -265,6 +285,9 @@ def test_on_demand_restore_dag(airflow_clusters, pg, scratch, workdir):
     assert dr.state == "success"
     out = _xcoms(dag.dag_id, dr.run_id)[("restore_it_local", "return_value")]
     assert out["state"] == "promoted" and (scratch / "real" / "PG_VERSION").exists()
+    row = cat.restores("it_local", limit=1)[0]
+    assert row["ok"] and row["destination"] == str(scratch / "real") and row["run_id"] == dr.run_id
+    assert row["backup_id"] == out["backup_id"] and row["timings"]["replay"] >= 0
 
 
 def test_retention_dag_plans_then_applies(airflow_clusters, pg):
@@ -299,6 +322,9 @@ def test_restore_test_on_backup_dag(airflow_clusters, pg):
     assert dr.state == "success"
     out = _xcoms(dag.dag_id, dr.run_id)[("restore_test", "return_value")]
     assert out["ok"] and out["scratch_removed"]
+    # the checks' results are in the XCom (and the log), not only 'ok'
+    marks = [c for c in out["checks"] if "it_markers" in c["sql"]]
+    assert marks and marks[0]["ok"] and marks[0]["result"].isdigit(), out["checks"]
 
 
 def test_missing_repository_fails_the_preflight_until_created(airflow_clusters, pg, s3):

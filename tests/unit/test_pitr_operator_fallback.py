@@ -37,7 +37,7 @@ def _run(monkeypatch, error):
 
 def test_beyond_the_archive_tests_latest_whatever_the_wording(monkeypatch):
     target, out = _run(monkeypatch, TargetBeyondArchive("the interval end is past the last archived commit"))
-    assert target.kind == "latest" and "beyond the archived WAL" in out["note"]
+    assert target.kind == "latest" and "is not archived yet" in out["note"]
 
 
 def test_other_window_errors_fail_the_task(monkeypatch):
