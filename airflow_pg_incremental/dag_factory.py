@@ -426,16 +426,16 @@ TARGET_TYPES = {"latest": "End of the archive (latest)", "time": "A point in tim
 def restore_form(names: list[str]) -> dict:
     """The on-demand restore's params form: optional fields are nullable (a required-looking empty
     field would block Trigger), every value is validated again by the operator before anything is
-    touched."""
+    touched. No `section`s: Airflow 3.3 shows each section as a collapsed accordion, so the form
+    would open with no field visible; in the default section every field shows at once."""
     from airflow.sdk import Param
 
     return {
-        "cluster": Param(names[0], enum=names, title="Cluster", section="What to restore",
+        "cluster": Param(names[0], enum=names, title="Cluster",
                          description="The cluster whose backups and WAL archive are used"),
-        "target_type": Param("latest", enum=list(TARGET_TYPES), values_display=TARGET_TYPES, title="Recover to",
-                             section="What to restore"),
+        "target_type": Param("latest", enum=list(TARGET_TYPES), values_display=TARGET_TYPES, title="Recover to"),
         "target_value": Param(
-            None, type=["null", "string"], title="Target value", section="What to restore",
+            None, type=["null", "string"], title="Target value",
             description_md=(
                 "Empty for *latest*. A **time**: ISO 8601 with a time zone, e.g. `2026-11-21T10:15:00+01:00`; "
                 "an **LSN**: `0/3000060`; a **transaction id**: `1234` (32-bit, or `EPOCH:XID`); a **restore "
@@ -444,14 +444,14 @@ def restore_form(names: list[str]) -> dict:
                 "--cluster NAME` or the catalog view `recoverable_window`); a target outside it is refused "
                 "before anything is touched, naming the window.")),
         "destination": Param(
-            None, type=["null", "string"], title="Destination directory", section="Where",
+            None, type=["null", "string"], title="Destination directory",
             description_md=("An absolute directory on the worker that runs the restore, new or empty, never "
                             "inside a data directory, e.g. `/srv/restore/main`. Not needed for a dry run.")),
-        "action": Param("promote", enum=["promote", "pause", "shutdown"], title="At the target", section="Where",
+        "action": Param("promote", enum=["promote", "pause", "shutdown"], title="At the target",
                         values_display={"promote": "Promote (open read-write)",
                                         "pause": "Pause (inspect, then promote or replay further)",
                                         "shutdown": "Shut down (left stopped at the target)"}),
-        "dry_run": Param(True, type="boolean", title="Dry run", section="Where",
+        "dry_run": Param(True, type="boolean", title="Dry run",
                          description="Only show the backup chain, the WAL range and the window it would use"),
     }
 

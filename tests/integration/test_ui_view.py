@@ -251,6 +251,8 @@ def _http(url: str, *, headers: dict | None = None, data: dict | None = None) ->
 def _start_standalone(base: Path, cfg: dict, port: int, pythonpath: list[str]):
     home = base / "airflow"
     (home / "dags").mkdir(parents=True)
+    # the package's DAG file: the on-demand restore DAG's form is tested in the browser too
+    (home / "dags" / "pgincr_dags.py").write_text((REPO_ROOT / "dags" / "pgincr_dags.py").read_text())
     (base / "clusters.json").write_text(json.dumps(cfg))
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
     env.update({
@@ -336,6 +338,32 @@ def _take_backups(pg, repo, catalog, cluster: str, runs: dict) -> dict:
                             checks=["SELECT count(*) FROM ui_markers"])
     assert test["ok"], test
     return {"full": full["backup_id"], "incr": incr["backup_id"], "rto": test["restore_seconds"]}
+
+
+def _trigger_the_restore_form(ui, url: str, cluster: str, bearer: dict) -> None:
+    """The on-demand restore's trigger form as a person meets it: every field titled, the default
+    case (a dry run of latest, nothing typed) can be triggered, and the run succeeds."""
+    from playwright.sync_api import expect
+
+    ui.goto(f"{url}/dags/pgincr_restore")
+    ui.get_by_role("button", name="Trigger").first.click()
+    dialog = ui.get_by_role("dialog")
+    for title in ("Cluster", "Recover to", "Target value", "Destination directory", "At the target", "Dry run"):
+        expect(dialog.locator("label", has_text=title).first).to_be_visible()
+    expect(dialog).to_contain_text("2026-11-21T10:15:00+01:00")  # the time format, under the value field
+    submit = dialog.get_by_role("button", name="Trigger")
+    expect(submit).to_be_enabled()
+    submit.click()
+    deadline = time.monotonic() + 120
+    while True:
+        status, _, body = _http(f"{url}/api/v2/dags/pgincr_restore/dagRuns", headers=bearer)
+        runs = json.loads(body).get("dag_runs", []) if status == 200 else []
+        if runs and runs[-1]["state"] in ("success", "failed"):
+            break
+        assert time.monotonic() < deadline, f"the triggered restore did not finish: {status} {body[:500]}"
+        time.sleep(2)
+    assert runs[-1]["state"] == "success", runs[-1]
+    assert runs[-1]["conf"]["target_type"] == "latest" and runs[-1]["conf"]["dry_run"] is True, runs[-1]["conf"]
 
 
 @pytest.mark.slow
@@ -427,7 +455,7 @@ def test_backups_view_in_the_airflow_ui(pg, workdir):
                 # the README opens inside the UI too (the iframe may not open a new window), and back
                 view.locator("header a.docs").click()
                 expect(view.locator("main h1").first).to_have_text("airflow-pg-incremental")
-                view.get_by_role("link", name="Backups view").click()
+                view.get_by_role("link", name="Backups view", exact=True).click()
                 expect(view.locator(f"tr.backup-row[data-backup='{ids['full']}']")).to_be_visible()
 
                 # the backup's link leaves the iframe: the Airflow UI shows the DAG run
@@ -435,6 +463,8 @@ def test_backups_view_in_the_airflow_ui(pg, workdir):
                 ui.wait_for_url(f"**/dags/{dag['weekly_full']}/runs/**")
                 assert urlparse(ui.url).path in (run_path, f"/dags/{dag['weekly_full']}/runs/{runs['full']['run_id']}")
                 expect(ui.locator("iframe[title=Backups]")).to_have_count(0)
+
+                _trigger_the_restore_form(ui, url, cluster, bearer)
 
                 # Admin > Providers: the package's documentation link opens the README page
                 ui.goto(f"{url}/providers")
