@@ -17,11 +17,17 @@ When PostgreSQL later asks for one of those, push finds its marker (checked agai
 size, inode and mtime) and exits 0 at once. A marker is written only after the upload succeeded,
 so no segment is ever acknowledged before it is stored.
 
-fetch exit codes: 0 restored; 1 not in the archive (recovery ends there cleanly); 126 any other
-failure (repository unreachable, damaged object): recovery stops loudly instead of ending early.
+fetch: PostgreSQL calls it once per WAL file, serially. During a recovery (run by PostgreSQL: the
+data directory is the working directory), the first call for a segment starts ONE prefetcher
+(forked and detached, holding the flock of pg_wal/pgincr_fetch/) that fetches the next segments
+along the recovery's timeline path with one repository client and a few threads, verifies them and
+spools them; each later call takes its segment from the spool after checking the CRC-32 in its
+name, with the standard library only (see core/fetchahead.py). Anything the spool cannot give is
+fetched directly. Exit codes: 0 restored; 1 not in the archive (recovery ends there cleanly), only
+when the repository is reachable, is one, holds the cluster and lacks the file; 126 any other
+failure (repository unreachable, damaged object, bad arguments): recovery stops loudly instead of
+ending early. A prefetcher's error never becomes exit 1.
 """
-
-from __future__ import annotations
 
 import fcntl
 import os
@@ -286,12 +292,252 @@ def _ahead_loop(repo, cluster, pg_wal, spool, ahead, parallel, idle_exit, level,
 
 
 # --- fetch ------------------------------------------------------------------------------------
-def fetch(name: str, dest: str, repo_url: str, cluster: str) -> int:
+# The call's side of the fetch-ahead spool (core/fetchahead.py describes the protocol and runs the
+# prefetcher). Standard library only: a call served from the spool imports nothing else.
+FETCH_SPOOL = "pgincr_fetch"
+
+
+def fetch(name: str, dest: str, repo_url: str, cluster: str, *, ahead: int = 8, parallel: int = 2,
+          idle_exit: float = 30.0) -> int:
+    """Restore WAL file `name` to `dest` (%f, %p). A segment comes from the fetch-ahead spool when
+    PostgreSQL runs us during a recovery (a prefetcher is started on the first call); anything
+    else, or a segment the spool cannot give, is fetched directly."""
+    note = None
+    if ahead > 0 and len(name) == 24 and set(name) <= _HEX and _plausible_name(cluster):
+        spool = _fetch_spool(dest)
+        if spool:
+            opts = {"window": ahead, "parallel": parallel, "idle_exit": idle_exit}
+            try:
+                taken, note = _from_spool(name, dest, spool,
+                                          lambda fd: _start_prefetcher(fd, spool, repo_url, cluster, opts))
+            except Exception as e:  # the spool is a shortcut: its failure leaves the direct fetch
+                taken, note = False, f"{type(e).__name__}: {e}"
+            if taken:
+                _trace("hit", name)
+                return 0
+    _trace("direct", name)
+    return _fetch_direct(name, dest, repo_url, cluster, note)
+
+
+def _fetch_spool(dest: str) -> str | None:
+    """The spool beside %p, when PostgreSQL runs us during a recovery (its data directory is our
+    working directory); None otherwise (e.g. `pgincr wal-fetch` typed by hand)."""
+    if not os.path.exists("postmaster.pid") or not (os.path.exists("recovery.signal")
+                                                    or os.path.exists("standby.signal")):
+        return None
+    d = os.path.dirname(os.path.abspath(dest))
+    return os.path.join(d, FETCH_SPOOL) if os.path.isdir(d) else None
+
+
+def _from_spool(name: str, dest: str, spool: str, start) -> tuple[bool, str | None]:
+    """(True, None) once `name` was taken from the spool into `dest`; else (False, why: the
+    prefetcher's error for it, if any). A spooled segment is taken, and the prefetcher told (the
+    window moves on; one is started when none runs). Otherwise the prefetcher is asked for it and
+    the call waits while it fetches it."""
+    _test_hold(spool)
+    ready = _ready_file(spool, name)
+    if ready:
+        taken = _take(spool, ready, name, dest)
+        _request(spool, f"{name} {os.getpid()} {'taken' if taken else 'direct'}", start)
+        return taken, None if taken else "its spooled copy was damaged"
+    token = f"{name} {os.getpid()} need"
+    started = _request(spool, token, start)
+    if started is None:
+        return False, None
+    restarts = 0 if started else 1  # a prefetcher that died is restarted once per call
+    part = os.path.join(spool, name + ".part")
+    t0 = time.monotonic()
+    ack_by, delay = t0 + 15, 0.0005  # a new prefetcher imports its drivers first
+    while True:
+        ready = _ready_file(spool, name)
+        if ready:
+            return _take(spool, ready, name, dest), None
+        if _lock_free(spool, start if restarts > 0 else None):
+            if restarts <= 0:
+                return False, _read_small(os.path.join(spool, name + ".error"))
+            restarts -= 1
+            ack_by = time.monotonic() + 15
+            continue
+        acked = _read_small(os.path.join(spool, "ack")) == token
+        if acked and not os.path.exists(part):
+            ready = _ready_file(spool, name)  # finished between the two looks?
+            if ready:
+                return _take(spool, ready, name, dest), None
+            return False, _read_small(os.path.join(spool, name + ".error"))
+        if time.monotonic() > (t0 + 600 if acked else ack_by):
+            return False, "the prefetcher did not deliver it in time"
+        time.sleep(delay)
+        delay = min(delay * 2, 0.004)
+
+
+def _request(spool: str, token: str, start) -> bool | None:
+    """Tell the prefetcher what PostgreSQL asks for ("<segment> <pid> taken|direct|need"); start
+    one when none runs. Whether one was started; None when the spool cannot be used."""
+    try:
+        if not os.path.isdir(spool):
+            os.mkdir(spool, 0o700)  # only the spool: never a directory above it (a removed data directory)
+        _write_small(os.path.join(spool, "request"), token)
+    except OSError:
+        return None
+    return _lock_free(spool, start)
+
+
+def _test_hold(spool: str) -> None:
+    """Test hook: while a prefetcher runs, wait as long as the file PGINCR_TEST_FETCH_HOLD exists."""
+    hold = os.environ.get("PGINCR_TEST_FETCH_HOLD")
+    if hold and not _lock_free(spool, None):
+        while os.path.exists(hold):
+            time.sleep(0.01)
+
+
+def _ready_file(spool: str, name: str) -> str | None:
+    try:
+        for e in os.listdir(spool):
+            if len(e) == 33 and e[24] == "." and e.startswith(name) and set(e[25:]) <= _HEXL:
+                return e
+    except OSError:
+        pass
+    return None
+
+
+def _take(spool: str, ready: str, name: str, dest: str) -> bool:
+    """Check the spooled file against the CRC-32 in its name, then rename it to %p (same
+    filesystem: atomic). A damaged file is removed and the segment fetched directly: handed to
+    PostgreSQL it would read as the end of WAL and end recovery early, silently. No fsync:
+    PostgreSQL does not need one for a restored file; after a crash it fetches the segment again."""
+    import mmap
+    import zlib
+
+    path = os.path.join(spool, ready)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False  # dropped meanwhile
+    try:
+        size = os.fstat(fd).st_size
+        ok = (1 << 20) <= size <= (1 << 30) and not size & (size - 1)
+        if ok:
+            with mmap.mmap(fd, 0, prot=mmap.PROT_READ, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)) as m:
+                ok = zlib.crc32(m) == int(ready[25:], 16)
+    finally:
+        os.close(fd)
+    if not ok:
+        sys.stderr.write(f"pgincr wal-fetch: WARNING: the fetched-ahead copy of {name} is damaged ({size} bytes, "
+                         "checksum mismatch); fetching it again directly\n")
+        _trace("corrupt", name)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        return False
+    try:
+        os.rename(path, dest)
+    except OSError:
+        return False
+    return True
+
+
+def _lock_free(spool: str, start) -> bool:
+    """Whether no prefetcher runs (its flock is free); with `start`, one is started then (it takes
+    over the lock)."""
+    try:
+        fd = os.open(os.path.join(spool, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    if start is None:
+        os.close(fd)
+    else:
+        start(fd)
+    return True
+
+
+def _start_prefetcher(lock_fd: int, spool: str, repo_url: str, cluster: str, opts: dict) -> None:
+    """Fork the prefetcher: it keeps the lock (the same open file), detaches (its own session, no
+    file PostgreSQL gave us but the log), loads the engine and runs until recovery ends."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        os.close(lock_fd)
+        _trace("start", str(pid))
+        return
+    try:
+        os.setsid()
+        _detach_fds(lock_fd)
+        _enable_site()
+        from airflow_pg_incremental.core.fetchahead import run_prefetcher
+
+        _say(run_prefetcher(repo_url, cluster, spool, os.getcwd(), **opts))
+    except BaseException as e:  # never let the child return into PostgreSQL's caller
+        _say(f"fetch-ahead failed: {e!r}")
+    finally:
+        os._exit(0)
+
+
+def _detach_fds(keep: int) -> None:
+    """stdin/stdout to /dev/null; stderr stays only when it is the server's log file (not a pipe to
+    a log collector, which our lifetime would hold open); every other inherited descriptor closed."""
+    import stat
+
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        log_is_file = stat.S_ISREG(os.fstat(2).st_mode)
+    except OSError:
+        log_is_file = False
+    for fd in (0, 1) if log_is_file else (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.closerange(3, keep)
+    os.closerange(keep + 1, 65536)
+
+
+def _say(msg: str) -> None:
+    try:
+        os.write(2, f"{time.strftime('%Y-%m-%d %H:%M:%S')} pgincr wal-fetch[{os.getpid()}]: {msg}\n".encode())
+    except OSError:
+        pass
+
+
+def _write_small(path: str, text: str) -> None:
+    tmp = path + ".new"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _read_small(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _trace(event: str, name: str) -> None:
+    path = os.environ.get("PGINCR_TEST_FETCH_TRACE")  # test hook (see core/fetchahead.py)
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{event} {name}\n")
+
+
+def _fetch_direct(name: str, dest: str, repo_url: str, cluster: str, note: str | None = None) -> int:
+    """One fetch through the repository layer. Exit 1 ("not archived": recovery ends there) only
+    when the repository is reachable, is one, holds the cluster and lacks the file; 126 for every
+    other failure, with the prefetcher's error for the file (`note`) when there was one."""
     _enable_site()
     from airflow_pg_incremental.core.errors import ObjectNotFound
+    from airflow_pg_incremental.core.fetchahead import fetch_segment, write_unsynced
     from airflow_pg_incremental.core.lsn import wal_name_kind
-    from airflow_pg_incremental.core.wal import fetch_to
+    from airflow_pg_incremental.core.wal import fetch_bytes
 
+    also = f" (fetching it ahead failed too: {note})" if note else ""
     try:
         kind = wal_name_kind(name)
     except Exception as e:
@@ -299,12 +545,13 @@ def fetch(name: str, dest: str, repo_url: str, cluster: str) -> int:
         return HARD_FAIL
     try:
         repo = _repo(repo_url, check=False)  # a found object proves the location; checked below otherwise
-        fetch_to(repo, cluster, name, dest)
+        data = fetch_segment(repo, cluster, name) if kind == "segment" else fetch_bytes(repo, cluster, name)
+        write_unsynced(dest, data)
         return 0
     except ObjectNotFound:
         pass
     except Exception as e:
-        sys.stderr.write(f"pgincr wal-fetch: {name}: {e}\n")
+        sys.stderr.write(f"pgincr wal-fetch: {name}: {e}{also}\n")
         return HARD_FAIL
     # "not archived" ends recovery: say it only when the repository is there, is a repository
     # and holds this cluster; a mistyped repository or cluster stops recovery loudly instead
@@ -313,7 +560,7 @@ def fetch(name: str, dest: str, repo_url: str, cluster: str) -> int:
 
         require_cluster(repo, cluster)
     except Exception as e:
-        sys.stderr.write(f"pgincr wal-fetch: {name}: {e}\n")
+        sys.stderr.write(f"pgincr wal-fetch: {name}: {e}{also}\n")
         return HARD_FAIL
     if kind == "segment":
         sys.stderr.write(f"pgincr wal-fetch: {name} is not in the archive\n")
@@ -321,6 +568,7 @@ def fetch(name: str, dest: str, repo_url: str, cluster: str) -> int:
 
 
 _HEX = set("0123456789ABCDEF")
+_HEXL = set("0123456789abcdef")
 
 
 def _plausible_wal_name(name: str) -> bool:
@@ -339,29 +587,74 @@ def _plausible_name(name: str) -> bool:
         all(c.isascii() and (c.isalnum() or c in "._-") for c in name) and name[0].isalnum()
 
 
+# options each command takes on the fast path, and how many positional arguments
+_FAST_OPTS = {"push": (("--repo", "--cluster", "--spool", "--env-file", "--ahead", "--parallel", "--level"), 1),
+              "fetch": (("--repo", "--cluster", "--env-file", "--ahead", "--parallel", "--idle-exit"), 2)}
+
+
 def _fast_args(argv: list[str]) -> dict | None:
     """Parse 'push [--repo R] [--cluster C] [--spool S] [--env-file F] [--ahead N] [--parallel N]
-    [--level N] PATH' without argparse (its import costs more than the whole fast path)."""
-    if not argv or argv[0] != "push":
+    [--level N] PATH' or 'fetch [--repo R] [--cluster C] [--env-file F] [--ahead N] [--parallel N]
+    [--idle-exit S] NAME DEST' without argparse (its import costs more than the whole fast path).
+    None when anything is unusual: argparse then explains."""
+    spec = _FAST_OPTS.get(argv[0]) if argv else None
+    if spec is None:
         return None
-    out: dict = {"positional": []}
+    options, npos = spec
+    out: dict = {"cmd": argv[0], "positional": []}
     it = iter(argv[1:])
     for a in it:
-        if a in ("--repo", "--cluster", "--spool", "--env-file", "--ahead", "--parallel", "--level"):
-            out[a[2:].replace("-", "_")] = next(it, None)
+        if a in options:
+            value = next(it, None)
+            if value is None:
+                return None
+            out[a[2:].replace("-", "_")] = value
         elif a.startswith("--"):
             return None  # let argparse explain
         else:
             out["positional"].append(a)
-    if len(out["positional"]) != 1:
+    if len(out["positional"]) != npos:
         return None
     return out
+
+
+def _fast_fetch(fa: dict) -> int | None:
+    """The fetch fast path; None hands over to argparse (e.g. to explain a bad number)."""
+    try:
+        _load_env_file(fa.get("env_file"))
+    except EnvFileError as e:
+        sys.stderr.write(f"pgincr wal-fetch: {e}\n")
+        return HARD_FAIL
+    repo = fa.get("repo") or os.environ.get("PGINCR_REPO")
+    cluster = fa.get("cluster") or os.environ.get("PGINCR_CLUSTER")
+    try:
+        opts = {"ahead": int(fa.get("ahead", 8)), "parallel": int(fa.get("parallel", 2)),
+                "idle_exit": float(fa.get("idle_exit", 30))}
+    except ValueError:
+        return None
+    if not repo or not cluster:
+        return None
+    return _guarded_fetch(*fa["positional"], repo, cluster, **opts)
+
+
+def _guarded_fetch(name: str, dest: str, repo: str, cluster: str, **opts) -> int:
+    """An unexpected error must stop recovery (126), never read as "not archived" (exit 1, which
+    an uncaught exception would give)."""
+    try:
+        return fetch(name, dest, repo, cluster, **opts)
+    except Exception as e:
+        sys.stderr.write(f"pgincr wal-fetch: {name}: {type(e).__name__}: {e}\n")
+        return HARD_FAIL
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     fa = _fast_args(argv)
-    if fa is not None:
+    if fa is not None and fa["cmd"] == "fetch":
+        rc = _fast_fetch(fa)
+        if rc is not None:
+            return rc
+    elif fa is not None:
         try:
             _load_env_file(fa.get("env_file"))
         except EnvFileError as e:
@@ -395,7 +688,16 @@ def main(argv: list[str] | None = None) -> int:
         else:
             sp.add_argument("name", help="%%f")
             sp.add_argument("dest", help="%%p")
-    a = ap.parse_args(argv)
+            sp.add_argument("--ahead", type=int, default=8, help="segments to fetch ahead (0: no fetch-ahead)")
+            sp.add_argument("--parallel", type=int, default=2, help="parallel downloads of the prefetcher")
+            sp.add_argument("--idle-exit", type=float, default=30.0,
+                            help="seconds without a request after which the prefetcher stops")
+    try:
+        a = ap.parse_args(argv)
+    except SystemExit as e:  # a usage error must stop a recovery (126), not read as "not archived"
+        if e.code and argv and argv[0] == "fetch":
+            return HARD_FAIL
+        raise
     try:
         _load_env_file(a.env_file)
     except EnvFileError as e:
@@ -410,7 +712,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:
             sys.stderr.write(f"pgincr wal-push: {e}\n")
             return 1
-    return fetch(a.name, a.dest, a.repo, a.cluster)
+    return _guarded_fetch(a.name, a.dest, a.repo, a.cluster, ahead=a.ahead, parallel=a.parallel,
+                          idle_exit=a.idle_exit)
 
 
 if __name__ == "__main__":
