@@ -457,8 +457,8 @@ def _lock_free(spool: str, start) -> bool:
 
 
 def _start_prefetcher(lock_fd: int, spool: str, repo_url: str, cluster: str, opts: dict) -> None:
-    """Fork the prefetcher: it keeps the lock (the same open file), detaches (its own session, no
-    file PostgreSQL gave us but the log), loads the engine and runs until recovery ends."""
+    """Fork the prefetcher (core/fetchahead.run_detached): it keeps the lock (the same open file)
+    and runs until recovery ends."""
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -466,40 +466,13 @@ def _start_prefetcher(lock_fd: int, spool: str, repo_url: str, cluster: str, opt
         os.close(lock_fd)
         _trace("start", str(pid))
         return
-    try:
-        os.setsid()
-        _detach_fds(lock_fd)
+    try:  # never let the child return into PostgreSQL's caller
         _enable_site()
-        from airflow_pg_incremental.core.fetchahead import run_prefetcher
+        from airflow_pg_incremental.core.fetchahead import run_detached
 
-        _say(run_prefetcher(repo_url, cluster, spool, os.getcwd(), **opts))
-    except BaseException as e:  # never let the child return into PostgreSQL's caller
-        _say(f"fetch-ahead failed: {e!r}")
+        run_detached(lock_fd, repo_url, cluster, spool, os.getcwd(), **opts)
     finally:
         os._exit(0)
-
-
-def _detach_fds(keep: int) -> None:
-    """stdin/stdout to /dev/null; stderr stays only when it is the server's log file (not a pipe to
-    a log collector, which our lifetime would hold open); every other inherited descriptor closed."""
-    import stat
-
-    devnull = os.open(os.devnull, os.O_RDWR)
-    try:
-        log_is_file = stat.S_ISREG(os.fstat(2).st_mode)
-    except OSError:
-        log_is_file = False
-    for fd in (0, 1) if log_is_file else (0, 1, 2):
-        os.dup2(devnull, fd)
-    os.closerange(3, keep)
-    os.closerange(keep + 1, 65536)
-
-
-def _say(msg: str) -> None:
-    try:
-        os.write(2, f"{time.strftime('%Y-%m-%d %H:%M:%S')} pgincr wal-fetch[{os.getpid()}]: {msg}\n".encode())
-    except OSError:
-        pass
 
 
 def _write_small(path: str, text: str) -> None:
@@ -528,41 +501,20 @@ def _trace(event: str, name: str) -> None:
 
 
 def _fetch_direct(name: str, dest: str, repo_url: str, cluster: str, note: str | None = None) -> int:
-    """One fetch through the repository layer. Exit 1 ("not archived": recovery ends there) only
-    when the repository is reachable, is one, holds the cluster and lacks the file; 126 for every
-    other failure, with the prefetcher's error for the file (`note`) when there was one."""
+    """Exit 1 ("not archived": recovery ends there) only when the repository is reachable, is one,
+    holds the cluster and lacks the file; 126 for every other failure, with the prefetcher's error
+    for the file (`note`) when there was one."""
     _enable_site()
-    from airflow_pg_incremental.core.errors import ObjectNotFound
-    from airflow_pg_incremental.core.fetchahead import fetch_segment, write_unsynced
-    from airflow_pg_incremental.core.lsn import wal_name_kind
-    from airflow_pg_incremental.core.wal import fetch_bytes
+    from airflow_pg_incremental.core.fetchahead import fetch_direct
 
-    also = f" (fetching it ahead failed too: {note})" if note else ""
     try:
-        kind = wal_name_kind(name)
+        if fetch_direct(_repo(repo_url, check=False), cluster, name, dest):  # a found object proves the location
+            return 0
     except Exception as e:
-        sys.stderr.write(f"pgincr wal-fetch: {e}\n")
-        return HARD_FAIL
-    try:
-        repo = _repo(repo_url, check=False)  # a found object proves the location; checked below otherwise
-        data = fetch_segment(repo, cluster, name) if kind == "segment" else fetch_bytes(repo, cluster, name)
-        write_unsynced(dest, data)
-        return 0
-    except ObjectNotFound:
-        pass
-    except Exception as e:
+        also = f" (fetching it ahead failed too: {note})" if note else ""
         sys.stderr.write(f"pgincr wal-fetch: {name}: {e}{also}\n")
         return HARD_FAIL
-    # "not archived" ends recovery: say it only when the repository is there, is a repository
-    # and holds this cluster; a mistyped repository or cluster stops recovery loudly instead
-    try:
-        from airflow_pg_incremental.core.metadata import require_cluster
-
-        require_cluster(repo, cluster)
-    except Exception as e:
-        sys.stderr.write(f"pgincr wal-fetch: {name}: {e}{also}\n")
-        return HARD_FAIL
-    if kind == "segment":
+    if len(name) == 24:
         sys.stderr.write(f"pgincr wal-fetch: {name} is not in the archive\n")
     return NOT_FOUND
 

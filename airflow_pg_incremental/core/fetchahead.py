@@ -111,6 +111,24 @@ def fetch_segment(repo, cluster: str, name: str, segment_size: int | None = None
     return data
 
 
+def fetch_direct(repo, cluster: str, name: str, dest: str) -> bool:
+    """restore_command's own fetch of WAL file `name` into `dest`: True once restored; False when
+    it is not archived, which ends recovery, so said only of a reachable pgincr repository (its
+    marker) that holds the cluster; raises for anything else (recovery must stop loudly)."""
+    from .lsn import wal_name_kind
+    from .metadata import require_cluster
+    from .wal import fetch_bytes
+
+    kind = wal_name_kind(name)
+    try:
+        data = fetch_segment(repo, cluster, name) if kind == "segment" else fetch_bytes(repo, cluster, name)
+    except ObjectNotFound:
+        require_cluster(repo, cluster)
+        return False
+    write_unsynced(dest, data)
+    return True
+
+
 def write_unsynced(dest: str, data: bytes) -> None:
     """Write `dest` whole or not at all (temp file + rename). No fsync: PostgreSQL does not need
     one for a file restore_command gives it; after a crash it fetches the segment again."""
@@ -444,3 +462,38 @@ def run_prefetcher(repo_url: str, cluster: str, spool: str, data_dir: str, **kwa
     s = p.stats
     return (f"fetch-ahead stopped ({why}): {s['spooled']} segment(s) prefetched, {s['wasted']} unused, "
             f"{s['errors']} error(s)")
+
+
+def run_detached(lock_fd: int, repo_url: str, cluster: str, spool: str, data_dir: str, **kwargs) -> None:
+    """The body of the process walcmd forks (holding the spool's lock on `lock_fd`): detach from
+    the call (own session, no descriptor PostgreSQL gave it but the log), prefetch until recovery
+    ends, say so in the server's log."""
+    os.setsid()
+    _detach_fds(lock_fd)
+    try:
+        _say(run_prefetcher(repo_url, cluster, spool, data_dir, **kwargs))
+    except BaseException as e:
+        _say(f"fetch-ahead failed: {type(e).__name__}: {e}")
+
+
+def _detach_fds(keep: int) -> None:
+    """stdin/stdout to /dev/null; stderr stays only when it is the server's log file (not a pipe to
+    a log collector, which our lifetime would hold open); every other inherited descriptor closed."""
+    import stat
+
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        log_is_file = stat.S_ISREG(os.fstat(2).st_mode)
+    except OSError:
+        log_is_file = False
+    for fd in (0, 1) if log_is_file else (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.closerange(3, keep)
+    os.closerange(keep + 1, 65536)
+
+
+def _say(msg: str) -> None:
+    try:
+        os.write(2, f"{time.strftime('%Y-%m-%d %H:%M:%S')} pgincr wal-fetch[{os.getpid()}]: {msg}\n".encode())
+    except OSError:
+        pass
