@@ -351,6 +351,7 @@ def _from_spool(name: str, dest: str, spool: str, start) -> tuple[bool, str | No
     while True:
         ready = _ready_file(spool, name)
         if ready:
+            _trace("waited", f"{name} {(time.monotonic() - t0) * 1000:.0f}ms")
             return _take(spool, ready, name, dest), None
         if _lock_free(spool, start if restarts > 0 else None):
             if restarts <= 0:
