@@ -23,10 +23,13 @@ data directory is the working directory), the first call for a segment starts ON
 along the recovery's timeline path with one repository client and a few threads, verifies them and
 spools them; each later call takes its segment from the spool after checking the CRC-32 in its
 name, with the standard library only (see core/fetchahead.py). Anything the spool cannot give is
-fetched directly. Exit codes: 0 restored; 1 not in the archive (recovery ends there cleanly), only
-when the repository is reachable, is one, holds the cluster and lacks the file; 126 any other
-failure (repository unreachable, damaged object, bad arguments): recovery stops loudly instead of
-ending early. A prefetcher's error never becomes exit 1.
+fetched directly. Options: --ahead N (segments fetched ahead, default 8; 0 turns fetch-ahead off),
+--parallel N (downloads at once, default 2), --idle-exit S (the prefetcher leaves after S seconds
+without a request, default 30; it also leaves when recovery ends or the server stops).
+Exit codes: 0 restored; 1 not in the archive (recovery ends there cleanly), only when the
+repository is reachable, is one, holds the cluster and lacks the file; 126 any other failure
+(repository unreachable, damaged object, bad arguments): recovery stops loudly instead of ending
+early. A prefetcher's error never becomes exit 1.
 """
 
 import fcntl
