@@ -190,7 +190,7 @@ class Prefetcher:
     postmaster's pid file and recovery.signal say whether recovery still runs)."""
 
     POLL = 0.003  # how often the newest request is looked at (a stat)
-    CHECK = 0.5  # how often the postmaster and recovery.signal are
+    CHECK = 0.2  # how often the postmaster and recovery.signal are
 
     def __init__(self, repo, cluster: str, spool: str, data_dir: str, *, window: int = 8, parallel: int = 2,
                  idle_exit: float = 30.0):
@@ -211,6 +211,12 @@ class Prefetcher:
 
     def _p(self, name: str) -> str:
         return os.path.join(self.spool, name)
+
+    def _server_gone(self) -> bool:
+        """Checked before anything is written into the spool: once the postmaster has removed its
+        pid file (it stopped, or recovery failed), whoever started it may be removing the data
+        directory, and a file created then would leave a directory behind."""
+        return not os.path.exists(os.path.join(self.data_dir, "postmaster.pid"))
 
     # requests --------------------------------------------------------------------------------
     def _new_request(self) -> str | None:
@@ -260,6 +266,8 @@ class Prefetcher:
 
     # the spool -----------------------------------------------------------------------------------
     def _write(self, name: str, text: str) -> None:
+        if self._server_gone():
+            raise _ServerGone()
         tmp = self._p(name + ".tmp")
         with open(tmp, "w") as f:
             f.write(text)
@@ -316,6 +324,8 @@ class Prefetcher:
                 self._start(name)
 
     def _start(self, name: str) -> None:
+        if self._server_gone():
+            raise _ServerGone()
         part = self._p(name + ".part")
         fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # before the ack: 'in flight'
         fut = self.pool.submit(self._fetch_one, name, fd)
@@ -332,7 +342,7 @@ class Prefetcher:
             with open(fd, "wb", closefd=True) as f:
                 fd = -1
                 f.write(data)
-            if self.closing:
+            if self.closing or self._server_gone():
                 return None
             final = ready_name(name, content_checksum(data))
             os.rename(part, self._p(final))
@@ -383,7 +393,7 @@ class Prefetcher:
         msg = f"{type(e).__name__}: {e}".replace("\n", " ")[:2000]
         try:
             self._write(name + ".error", msg)
-        except OSError:
+        except (OSError, _ServerGone):
             pass
 
     # lifetime ------------------------------------------------------------------------------------
@@ -405,16 +415,11 @@ class Prefetcher:
     def run(self) -> str:
         from concurrent.futures import ThreadPoolExecutor
 
-        for e in self._entries():  # a killed predecessor's downloads go; its ready files are sound
-            if e.endswith((".part", ".error", ".tmp")) or e == "ack":
-                self._unlink(e)
-            elif parse_ready_name(e) and self.seg is None:
-                size = os.stat(self._p(e)).st_size  # checked whole when it was spooled
-                self.seg = size if (1 << 20) <= size <= (1 << 30) and not size & (size - 1) else None
-        self._write("pid", str(os.getpid()))
         why, next_check = None, 0.0
         self.pool = ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="pgincr-fetch")
         try:
+            self._adopt_spool()
+            self._write("pid", str(os.getpid()))
             while why is None:
                 token = self._new_request()
                 if token:
@@ -429,6 +434,8 @@ class Prefetcher:
                 self.wake.wait(self.POLL)
         except FileNotFoundError:
             why = "the spool was removed"
+        except _ServerGone:
+            why = "the server stopped"
         finally:
             # downloads still running are abandoned (the process exits; a thread finishing
             # meanwhile sees `closing` and removes its .part)
@@ -436,6 +443,16 @@ class Prefetcher:
             self.pool.shutdown(wait=False, cancel_futures=True)
             self.remove_spool()
         return why
+
+    def _adopt_spool(self) -> None:
+        """What a killed predecessor left: its downloads (.part) and notes go; its ready files are
+        sound (checked whole when spooled, and again by the call) and tell the segment size."""
+        for e in self._entries():
+            if e.endswith((".part", ".error", ".tmp")) or e == "ack":
+                self._unlink(e)
+            elif parse_ready_name(e) and self.seg is None:
+                size = os.stat(self._p(e)).st_size
+                self.seg = size if (1 << 20) <= size <= (1 << 30) and not size & (size - 1) else None
 
     def remove_spool(self) -> None:
         try:
@@ -450,6 +467,10 @@ class Prefetcher:
             os.rmdir(self.spool)
         except OSError:
             pass
+
+
+class _ServerGone(Exception):
+    """The postmaster is gone: write nothing more into its data directory."""
 
 
 def run_prefetcher(repo_url: str, cluster: str, spool: str, data_dir: str, **kwargs) -> str:
