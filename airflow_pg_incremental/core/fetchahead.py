@@ -67,13 +67,12 @@ def ready_name(segment: str, checksum: int) -> str:
 def parse_ready_name(filename: str) -> tuple[str, int] | None:
     """(segment, checksum) of a ready spool file, None for any other file (.part, .error, ...)."""
     seg, dot, crc = filename.partition(".")
-    if len(seg) != 24 or not dot or len(crc) != 8:
+    if len(seg) != 24 or len(crc) != 8 or not set(seg) <= _HEX_UPPER or not set(crc) <= _HEX_LOWER:
         return None
-    try:
-        int(seg, 16)
-        return seg, int(crc, 16)
-    except ValueError:
-        return None
+    return seg, int(crc, 16)
+
+
+_HEX_UPPER, _HEX_LOWER = set("0123456789ABCDEF"), set("0123456789abcdef")
 
 
 def trace(event: str, name: str) -> None:

@@ -68,7 +68,8 @@ def test_spool_name_carries_the_crc_and_only_ready_names_parse():
     assert name == f"000000010000000000000003.{zlib.crc32(data):08x}"
     assert fa.parse_ready_name(name) == ("000000010000000000000003", zlib.crc32(data))
     for other in ("000000010000000000000003.part", "000000010000000000000003.error", "lock", "request",
-                  "000000010000000000000003.1234567", "00000002.history"):
+                  "000000010000000000000003.1234567", "00000002.history", "000000010000000000000003.ABCDEF12",
+                  "0000_0001000000000000003.abcdef12"):
         assert fa.parse_ready_name(other) is None
 
 
