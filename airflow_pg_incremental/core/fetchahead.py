@@ -87,7 +87,7 @@ def check_segment(name: str, data: bytes, segment_size: int | None = None) -> No
     """ChecksumMismatch unless `data` is a whole segment (a power of two between 1 MB and 1 GB, the
     size its header names, `segment_size` when known) whose long page header is that of `name`: its
     own address and a timeline <= the name's. (The zstd frame checksum was checked on decompression.)"""
-    from .verify import parse_long_page_header, segment_header_problem
+    from .walpage import parse_long_page_header, segment_header_problem
 
     n = len(data)
     if segment_size and n != segment_size or n & (n - 1) or not (1 << 20) <= n <= (1 << 30):
