@@ -123,7 +123,7 @@ def test_catalog_migration_5_keeps_rows_and_stores_the_split(catalog):
     new = cat_mod.Catalog(catalog.conn, catalog.schema)
     split = {"plan": 0.1, "extract": 0.5, "verify": 0.05, "sync": 0.02, "replay": 1.1}
     new.record_restore_test(cluster="c", ok=True, target_kind="latest", restore_seconds=1.9, timings=split)
-    assert new.schema_version() == len(real) == 5
+    assert new.schema_version() == len(real) >= 5
     rows = new.restore_tests("c")
     assert [(r["restore_seconds"], r["timings"]) for r in rows] == [(1.9, split), (2.0, None)]
 
@@ -155,7 +155,7 @@ def test_rto_split_in_the_restore_dags_xcom_and_catalog(airflow_clusters, pg, sc
     dr = dag.test(run_conf={"cluster": "it_local", "target_type": "latest", "target_value": "", "action": "promote",
                             "destination": str(scratch / "od"), "dry_run": False})
     assert dr.state == "success"
-    out = _xcoms(dag.dag_id, dr.run_id)[("restore", "return_value")]
+    out = _xcoms(dag.dag_id, dr.run_id)[("restore_it_local", "return_value")]
     assert_split(out["timings"], out["restore_seconds"], required)
     json.dumps(out)  # plain JSON
     if cachestat_supported():
