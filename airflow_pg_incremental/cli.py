@@ -109,7 +109,8 @@ def cmd_backup(args) -> int:
     conn, repo = _conninfo(args), _repo(args)
     # the backup's WAL must reach the repository, or the backup is no use for point-in-time recovery
     wal = ensure_wal_archiving(conn, repo, args.cluster, args.wal_mode, slot=args.slot)
-    kw = {"compression_level": args.level, "threads": args.threads, "catalog": _catalog(args)}
+    kw = {"compression_level": args.level, "threads": args.threads, "compression": args.compression,
+          "catalog": _catalog(args)}
     if args.kind == "full":
         meta = take_full_backup(conn, repo, args.cluster, **kw)
     else:
@@ -536,7 +537,11 @@ def build_parser() -> argparse.ArgumentParser:
     repo_args(sp)
     conn_args(sp)
     sp.add_argument("--level", type=int, default=3, help="zstd level (default 3)")
-    sp.add_argument("--threads", type=int, default=1, help="zstd worker threads (default 1: compress beside I/O)")
+    sp.add_argument("--threads", type=int, default=None,
+                    help="zstd worker threads (default: the cores this machine gives pgincr, at most 8; 0: none)")
+    sp.add_argument("--compression", choices=("auto", "server", "client"), default="auto",
+                    help="where zstd runs: server (the database server compresses; PostgreSQL 15+ built with zstd), "
+                         "client (this machine), auto (server when it can, else client; the default)")
     sp.add_argument("--kind", choices=("full", "incremental", "differential"), default="full",
                     help="incremental/differential need PostgreSQL 17+ and summarize_wal; a full is taken (and the "
                          "reason printed) when not possible")

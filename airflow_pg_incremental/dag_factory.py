@@ -32,7 +32,7 @@ from airflow_pg_incremental.core.names import validate_cluster
 DEFAULT_SCHEDULES = {"weekly_full": "0 2 * * 0", "daily_incremental": "0 2 * * 1-6", "hourly_wal": "5 * * * *",
                      "restore_test": "30 6 * * *", "retention": "0 5 * * *"}
 _CLUSTER_KEYS = {"name", "postgres_conn_id", "repository", "aws_conn_id", "catalog_conn_id", "catalog_schema",
-                 "schedules", "compression_level", "compression_threads", "tags", "owner", "start_date",
+                 "schedules", "compression_level", "compression_threads", "compression", "tags", "owner", "start_date",
                  "retries", "retry_delay_minutes", "cleanup_after_hours", "description", "wal_mode", "slot_name",
                  "rpo_minutes", "max_slot_retained_gb", "wal_wait_minutes", "deferrable", "incremental_kind",
                  "max_chain_length", "notifiers", "restore_test_checks", "restore_test_databases", "retention",
@@ -50,7 +50,8 @@ class ClusterConfig:
     catalog_schema: str = "pgincr"
     schedules: dict = field(default_factory=lambda: dict(DEFAULT_SCHEDULES))
     compression_level: int = 3
-    compression_threads: int = 0
+    compression_threads: int | None = None  # None: the worker's cores, at most 8
+    compression: str = "auto"  # auto | server | client: where zstd runs (core/backup_stream.py)
     tags: list = field(default_factory=list)
     owner: str = "dba"
     start_date: str = "2026-01-01"
@@ -118,6 +119,8 @@ def parse_config(raw: dict) -> list[ClusterConfig]:
                 raise ConfigError(f"clusters[{i}].{key} must be a string, got {type(merged[key]).__name__}")
         for key in ("compression_level", "compression_threads", "retries", "retry_delay_minutes",
                     "cleanup_after_hours"):
+            if key == "compression_threads" and merged.get(key) is None:
+                continue
             if key in merged and (isinstance(merged[key], bool) or not isinstance(merged[key], (int, float))):
                 raise ConfigError(f"clusters[{i}].{key} must be a number")
         for key in ("deferrable", "create_repository"):
@@ -125,6 +128,9 @@ def parse_config(raw: dict) -> list[ClusterConfig]:
                 raise ConfigError(f"clusters[{i}].{key} must be true or false")
         if not isinstance(merged.get("tags", []), list):
             raise ConfigError(f"clusters[{i}].tags must be a list")
+        if merged.get("compression", "auto") not in ("auto", "server", "client"):
+            raise ConfigError(f"clusters[{i}].compression must be 'auto', 'server' or 'client' (where zstd runs: "
+                              "auto = on the database server when it supports zstd, else on the worker)")
         if merged.get("incremental_kind", "incremental") not in ("incremental", "differential"):
             raise ConfigError(f"clusters[{i}].incremental_kind must be 'incremental' or 'differential'")
         if "max_chain_length" in merged and (not isinstance(merged["max_chain_length"], int)
@@ -293,7 +299,8 @@ the restore test. The XCom of `full_backup` holds the backup id, LSNs and sizes.
                                         create_repository=cl.create_repository,
                                         max_slot_retained_bytes=int(cl.max_slot_retained_gb * (1 << 30)), **common)
         full = PgBaseBackupOperator(task_id="full_backup", compression_level=cl.compression_level,
-                                    compression_threads=cl.compression_threads, **_backup_routing(cl), **common)
+                                    compression_threads=cl.compression_threads, compression=cl.compression,
+                                    **_backup_routing(cl), **common)
         # a backup counts as complete only once the WAL that makes it consistent is archived
         wal = _wal_tasks(cl, segment_template="{{ ti.xcom_pull(task_ids='full_backup')['stop_wal_file'] }}",
                          upto_template="{{ ti.xcom_pull(task_ids='wal_switch')['lsn'] }}")
@@ -330,8 +337,8 @@ WAL is archived and it is verified.""",
         incr = PgIncrementalBackupOperator(task_id="incremental_backup", incremental_kind=cl.incremental_kind,
                                            max_chain_length=cl.max_chain_length,
                                            compression_level=cl.compression_level,
-                                           compression_threads=cl.compression_threads, **_backup_routing(cl),
-                                           **common)
+                                           compression_threads=cl.compression_threads,
+                                           compression=cl.compression, **_backup_routing(cl), **common)
         # wait for the switch's segment: it lies after the backup's end (and exists on PG <= 16 too)
         wal = _wal_tasks(cl, segment_template="{{ ti.xcom_pull(task_ids='wal_switch')['segment'] }}",
                          upto_template="{{ ti.xcom_pull(task_ids='wal_switch')['lsn'] }}")

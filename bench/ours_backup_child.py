@@ -48,7 +48,8 @@ def main() -> int:
     ap.add_argument("--prefix", default="bench", help="S3 key prefix")
     ap.add_argument("--cluster", default="bench")
     ap.add_argument("--level", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None, help="default: the cores (the engine's default)")
+    ap.add_argument("--compression", default="auto", choices=("auto", "server", "client"))
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
 
@@ -68,7 +69,7 @@ def main() -> int:
 
     t0 = time.monotonic()
     meta = take_full_backup(conn, repo, a.cluster, compression_level=a.level, threads=a.threads,
-                            progress_interval=3600)
+                            compression=a.compression, progress_interval=3600)
     call_s = time.monotonic() - t0
 
     out = {

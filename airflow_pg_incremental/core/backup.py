@@ -14,7 +14,7 @@ import tempfile
 import time
 
 from .. import __version__
-from . import procs
+from . import backup_stream, procs
 from .binaries import find_program, major_from_version_num
 from .codec import CompressingReader, PipeReader
 from .errors import BackupFailed, ConfigError, PgIncrError, ServerError
@@ -51,8 +51,12 @@ def server_facts(conn: ConnInfo) -> dict:
                  "data_checksums": checksums == "on", "in_recovery": in_recovery,
                  "wal_segment_size": int(seg_size or DEFAULT_SEGMENT_SIZE), "can_replicate": bool(can_replicate),
                  "bootstrap_superuser": superuser, "user": user, "summarize_wal": summarize == "on",
-                 "wal_level": wal_level, "tablespaces": tablespaces, "system_identifier": None, "size_estimate": None}
+                 "wal_level": wal_level, "tablespaces": tablespaces, "system_identifier": None, "size_estimate": None,
+                 "server_zstd": False}
         for sql, key in (("SELECT system_identifier::text FROM pg_control_system()", "system_identifier"),
+                         # zstd among wal_compression's values: the server was built with zstd (15+)
+                         ("SELECT 'zstd' = ANY(enumvals) FROM pg_settings WHERE name = 'wal_compression'",
+                          "server_zstd"),
                          ("SELECT sum(pg_database_size(oid))::bigint FROM pg_database WHERE datallowconn",
                           "size_estimate")):
             try:
@@ -92,6 +96,7 @@ def _manifest_facts(manifest: bytes | None, label: bytes | None) -> dict:
         if m.get("System-Identifier") is not None:
             out["system_identifier"] = str(m["System-Identifier"])
         out["manifest_files"] = len(m.get("Files", []))
+        out["manifest_bytes"] = sum(int(f.get("Size") or 0) for f in m.get("Files", []))
     if label:
         for line in label.decode("utf-8", "replace").splitlines():
             k, _, v = line.partition(": ")
@@ -112,12 +117,18 @@ def take_full_backup(conn: ConnInfo, repo: Repository, cluster: str, **kwargs) -
 
 
 def take_backup(conn: ConnInfo, repo: Repository, cluster: str, *, kind: str = "full", parent: dict | None = None,
-                compression_level: int = 3, threads: int = 1, content_sha256: bool = False, catalog=None,
-                airflow: dict | None = None, progress_interval: float = 10.0, fast_checkpoint: bool = True,
-                reason: str | None = None) -> dict:
+                compression_level: int = 3, threads: int | None = None, compression: str = "auto",
+                content_sha256: bool = False, catalog=None, airflow: dict | None = None,
+                progress_interval: float = 10.0, fast_checkpoint: bool = True, reason: str | None = None,
+                staging_dir: str | None = None) -> dict:
     """Take a base backup: `kind` full, or incremental/differential on top of `parent` (the
     metadata of the backup whose manifest pg_basebackup --incremental compares against; see
     core.incremental.plan_backup for choosing it).
+
+    compression: auto (on the database server when it supports zstd, else on this machine), server,
+    or client; threads: zstd worker threads (None: the cores, see backup_stream.default_threads);
+    staging_dir: where pg_basebackup writes when it compresses (a few MiB of disk, see
+    backup_stream), the system's temporary directory by default.
 
     Returns the backup metadata (a JSON-able dict without secrets). Nothing is published unless
     the whole backup succeeded: backup.json is written last.
@@ -129,6 +140,7 @@ def take_backup(conn: ConnInfo, repo: Repository, cluster: str, *, kind: str = "
         raise ConfigError("an incremental or differential backup needs its parent; a full backup has none")
     if not 1 <= compression_level <= 22:
         raise ConfigError(f"compression level {compression_level} out of range 1..22")
+    backup_stream.check_mode(compression)
     # 1. everything that can fail without side effects first
     facts = server_facts(conn)
     check_source(facts, conn)
@@ -162,57 +174,50 @@ def take_backup(conn: ConnInfo, repo: Repository, cluster: str, *, kind: str = "
 
     t0 = time.monotonic()
     stderr_file = tempfile.TemporaryFile()
-    cmd = [pg_basebackup, "-D", "-", "-Ft", "-X", "fetch", "-w", "--manifest-checksums=CRC32C",
+    plan = backup_stream.choose(compression, compression_level, threads, server_zstd=facts.get("server_zstd", False),
+                                server_major=facts["major"], pg_basebackup=pg_basebackup)
+    log.info("backup %s: %s", backup_id, plan.describe())
+    cmd = [pg_basebackup, "-Ft", "-X", "fetch", "-w", "--manifest-checksums=CRC32C",
            "-l", f"pgincr {cluster} {backup_id}", "-c", "fast" if fast_checkpoint else "spread"]
+    stage = None
+    if plan.staged:
+        stage = tempfile.mkdtemp(prefix=f"pgincr-backup-{backup_id}-", dir=staging_dir)
+        procs.register_dir(stage)
+        cmd += ["-D", stage, "--no-sync", plan.compress_option()]
+    else:
+        cmd += ["-D", "-"]
     parent_manifest = None
     if parent is not None:
         parent_manifest = _fetch_parent_manifest(repo, parent)
         cmd.append(f"--incremental={parent_manifest.name}")
     log.info("running: %s", " ".join(cmd))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr_file, env={**os.environ, **conn.env()},
-                            cwd="/")
+    app_name = f"pgincr backup {backup_id}"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL if plan.staged else subprocess.PIPE, stderr=stderr_file,
+                            env={**os.environ, **conn.env(), "PGAPPNAME": app_name}, cwd="/")
     procs.register_child(proc)  # killed by procs.terminate_all (a killed task): the backup then fails
-    scanner = TarScanner()
     progress = Progress(f"{kind} backup {backup_id}", facts["size_estimate"], log, progress_interval)
 
-    raw_hash = hashlib.sha256() if content_sha256 else None
+    def failure(rc: int) -> PgIncrError:
+        return _pg_basebackup_failed(conn, rc, stderr_file)
 
-    def on_raw(chunk: bytes) -> None:  # runs in the pipe reader's thread, beside compression
-        if raw_hash is not None:
-            raw_hash.update(chunk)
-        scanner.feed(chunk)
-        progress.add(len(chunk))
-
-    pipe = PipeReader(proc.stdout, on_chunk=on_raw)
+    pipe = None
     try:
-        reader = CompressingReader(pipe, level=compression_level, threads=threads,
-                                   raw_hasher=raw_hash if raw_hash is not None else False)
         base_key = f"{prefix}/base.tar.zst"
-        repo.put(base_key, reader)
-        rc = proc.wait()
-        if rc != 0:
-            stderr_file.seek(0)
-            err = conn.redact(stderr_file.read().decode("utf-8", "replace").strip())
-            low = err.lower()
-            if any(s in low for s in ("could not connect", "password", "pg_hba", "replication", "connection")):
-                raise classify_connect_error(conn, err)
-            hint = ""
-            if "copy stream ended" in low or "has already been removed" in low:
-                hint = (" (if the server log says 'requested WAL segment ... has already been removed', the server "
-                        "recycled WAL the backup still needed: keep WAL with a replication slot (pull mode creates "
-                        "one) or a larger wal_keep_size)")
-            raise BackupFailed(f"pg_basebackup failed (exit {rc}): {err}{hint}")
-        base_info = reader.info(base_key)
+        if plan.staged:
+            base_info, manifest, label = _store_staged(repo, base_key, stage, proc, progress, failure, conn, app_name,
+                                                       content_sha256)
+        else:
+            pipe, base_info, manifest, label = _store_piped(repo, base_key, proc, progress, failure, plan,
+                                                            content_sha256)
         progress.extra = f"stored {human_bytes(base_info.stored_size)}"
         progress.finish()
-        manifest = scanner.read_captured("backup_manifest")
         if manifest is None:
             raise BackupFailed("the backup stream had no backup_manifest; pg_basebackup 13+ is required")
         man_reader = CompressingReader(io.BytesIO(manifest), level=compression_level)
         man_key = f"{prefix}/backup_manifest.zst"
         repo.put(man_key, man_reader)
         man_info = man_reader.info(man_key)
-        mf = _manifest_facts(manifest, scanner.read_captured("backup_label"))
+        mf = _manifest_facts(manifest, label)
         mf["next_xid"] = _next_xid(conn)
         finished = utcnow()
         seg = facts["wal_segment_size"]
@@ -222,8 +227,9 @@ def take_backup(conn: ConnInfo, repo: Repository, cluster: str, *, kind: str = "
             "checkpoint_lsn": mf.get("checkpoint_lsn"), "next_xid": mf.get("next_xid"),
             "system_identifier": mf.get("system_identifier") or facts["system_identifier"],
             "file_count": mf.get("manifest_files"),
-            "raw_bytes": base_info.raw_size, "stored_bytes": base_info.stored_size + man_info.stored_size,
-            "objects": [base_info.to_dict(), man_info.to_dict()],
+            "raw_bytes": base_info.raw_size if base_info.raw_size is not None else mf.get("manifest_bytes"),
+            "stored_bytes": base_info.stored_size + man_info.stored_size,
+            "objects": [base_info.to_dict(), man_info.to_dict()], "compression": plan.to_dict(),
         })
         if meta["start_lsn"] and meta["timeline"]:
             meta["start_wal_file"] = wal_file_name(meta["timeline"], parse_lsn(meta["start_lsn"]), seg)
@@ -249,19 +255,144 @@ def take_backup(conn: ConnInfo, repo: Repository, cluster: str, *, kind: str = "
         raise
     finally:
         procs.forget_child(proc)
-        pipe.close()
+        if pipe is not None:
+            pipe.close()
         stderr_file.close()
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+            procs.forget_dir(stage)
         if parent_manifest is not None:
             parent_manifest.close()
         if proc.stdout:
             proc.stdout.close()
     if catalog is not None:
         catalog.record_backup(meta)
-    ratio = base_info.raw_size / max(base_info.stored_size, 1)
+    ratio = (meta["raw_bytes"] or 0) / max(base_info.stored_size, 1)
     log.info("%s backup %s complete: %s read, %s stored (%.1fx), LSN %s..%s timeline %s, %.1f s", kind,
              backup_id, human_bytes(meta["raw_bytes"]), human_bytes(meta["stored_bytes"]), ratio, meta["start_lsn"],
              meta["stop_lsn"], meta["timeline"], meta["duration_s"])
     return meta
+
+
+def _pg_basebackup_failed(conn: ConnInfo, rc: int, stderr_file) -> PgIncrError:
+    """The error to raise for a pg_basebackup that exited with `rc`, from what it printed."""
+    stderr_file.seek(0)
+    err = conn.redact(stderr_file.read().decode("utf-8", "replace").strip())
+    low = err.lower()
+    if any(s in low for s in ("could not connect", "password", "pg_hba", "replication", "connection")):
+        return classify_connect_error(conn, err)
+    hint = ""
+    if "copy stream ended" in low or "has already been removed" in low:
+        hint = (" (if the server log says 'requested WAL segment ... has already been removed', the server "
+                "recycled WAL the backup still needed: keep WAL with a replication slot (pull mode creates "
+                "one) or a larger wal_keep_size)")
+    if "compress" in low and "support" in low:
+        hint = " (set compression: client for this cluster, or install a PostgreSQL built with zstd)"
+    if rc == 0:
+        return BackupFailed(f"pg_basebackup exited 0 but wrote no base.tar.zst: {err}")
+    return BackupFailed(f"pg_basebackup failed (exit {rc}): {err}{hint}")
+
+
+def _store_piped(repo: Repository, key: str, proc, progress: Progress, failure, plan, content_sha256: bool):
+    """pg_basebackup writes the plain tar to our pipe; python-zstandard compresses it (plan.threads
+    worker threads) while a thread drains the pipe, scans the tar (backup_manifest, backup_label)
+    and counts progress. Returns (pipe, ObjectInfo, manifest, label)."""
+    scanner = TarScanner()
+    raw_hash = hashlib.sha256() if content_sha256 else None
+
+    def on_raw(chunk) -> None:  # runs in the pipe reader's thread, beside compression
+        if raw_hash is not None:
+            raw_hash.update(chunk)
+        scanner.feed(chunk)
+        progress.add(len(chunk))
+
+    pipe = PipeReader(proc.stdout, on_chunk=on_raw)
+    reader = CompressingReader(pipe, level=plan.level, threads=plan.threads,
+                               raw_hasher=raw_hash if raw_hash is not None else False)
+    repo.put(key, reader)
+    rc = proc.wait()
+    if rc != 0:
+        raise failure(rc)
+    return pipe, reader.info(key), scanner.read_captured("backup_manifest"), scanner.read_captured("backup_label")
+
+
+def _store_staged(repo: Repository, key: str, stage: str, proc, progress: Progress, failure, conn: ConnInfo,
+                  app_name: str, content_sha256: bool):
+    """pg_basebackup compresses (server or client side) into `stage`; base.tar.zst is stored as it
+    grows (backup_stream.StagedFile), unchanged, hashed as it passes; only its first member
+    (backup_label) is decompressed, unless a content SHA-256 is asked for. Returns (ObjectInfo,
+    manifest, label)."""
+    from .codec import HashingReader, ObjectInfo
+
+    label = backup_stream.LabelReader()
+    content = backup_stream.ContentHasher() if content_sha256 else None
+    streamed = _StreamedProbe(conn, app_name)
+
+    def on_chunk(chunk) -> None:
+        label.feed(chunk)
+        if content is not None:
+            content.feed(chunk)
+        progress.extra = f"stored {human_bytes(staged.size)}"
+        progress.update(lambda: streamed.bytes() or progress.done)
+
+    staged = backup_stream.StagedFile(os.path.join(stage, "base.tar.zst"), proc, on_failure=failure,
+                                      on_chunk=on_chunk)
+    stored = HashingReader(staged)
+    try:
+        repo.put(key, stored)
+        rc = proc.wait()
+        if rc != 0:
+            raise failure(rc)
+    finally:
+        staged.close()
+        streamed.close()
+    others = sorted(set(os.listdir(stage)) - {"base.tar.zst", "backup_manifest"})
+    if others:  # a tablespace archive (refused before) or pg_wal.tar: nothing may be left behind
+        raise BackupFailed(f"pg_basebackup wrote files this version does not store: {', '.join(others)}")
+    try:
+        with open(os.path.join(stage, "backup_manifest"), "rb") as f:
+            manifest = f.read()
+    except FileNotFoundError:
+        manifest = None
+    raw_size, raw_sha = (content.size, content.hexdigest()) if content is not None else (None, None)
+    progress.done = _manifest_facts(manifest, None).get("manifest_bytes") or progress.done
+    info = ObjectInfo(key, raw_size, raw_sha, stored.size, stored.hexdigest())
+    return info, manifest, label.label()
+
+
+class _StreamedProbe:
+    """Bytes the server has streamed so far to our pg_basebackup (pg_stat_progress_basebackup),
+    for the progress line of a compressed stream; None when it cannot be read."""
+
+    def __init__(self, conn: ConnInfo, app_name: str):
+        self.conn = conn
+        self.app_name = app_name
+        self._c = None
+        self._failed = False
+
+    def bytes(self) -> int | None:
+        if self._failed:
+            return None
+        try:
+            if self._c is None:
+                self._c = connect(self.conn)
+                self._c.autocommit = True
+            with self._c.cursor() as cur:
+                cur.execute("SELECT p.backup_streamed FROM pg_stat_progress_basebackup p JOIN pg_stat_activity a "
+                            "USING (pid) WHERE a.application_name = %s", (self.app_name,))
+                row = cur.fetchone()
+            return int(row[0]) if row and row[0] is not None else None
+        except Exception as e:
+            log.debug("progress probe: %s", e)
+            self._failed = True
+            return None
+
+    def close(self) -> None:
+        if self._c is not None:
+            try:
+                self._c.close()
+            except Exception:
+                pass
 
 
 def _fetch_parent_manifest(repo: Repository, parent: dict):

@@ -33,6 +33,14 @@ class Progress:
             self._last = now
             self.log.info("%s", self.line())
 
+    def update(self, probe) -> None:
+        """Log on schedule, with done = probe() (an absolute count, asked for only when a line is due)."""
+        now = time.monotonic()
+        if now - self._last >= self.interval:
+            self._last = now
+            self.done = probe()
+            self.log.info("%s", self.line())
+
     def line(self) -> str:
         el = max(time.monotonic() - self.t0, 1e-6)
         rate = self.done / el

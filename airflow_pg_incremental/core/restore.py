@@ -57,6 +57,27 @@ def _object(meta: dict, name: str) -> ObjectInfo:
     raise RestoreError(f"backup {meta['backup_id']} has no object {name} in its metadata; it cannot be restored")
 
 
+def extract_backup(repo: Repository, meta: dict, dest: Path, interval: float = 10.0) -> None:
+    """Extract a backup's base.tar.zst into `dest`, with its backup_manifest beside it."""
+    extract_object(repo, _object(meta, "base.tar.zst"), dest, meta["backup_id"], interval)
+    place_manifest(repo, meta, dest)
+
+
+def place_manifest(repo: Repository, meta: dict, dest: Path) -> None:
+    """Write the backup's backup_manifest into `dest` when its tar did not hold one (a backup that
+    PostgreSQL compressed keeps the manifest only as the object backup_manifest.zst; see
+    backup_stream), checksums verified."""
+    path = Path(dest) / "backup_manifest"
+    if path.exists():
+        return
+    info = _object(meta, "backup_manifest.zst")
+    tmp = path.with_name("backup_manifest.pgincr-tmp")
+    with repo.open(info.key) as stored, open(tmp, "wb") as out:
+        shutil.copyfileobj(VerifyingReader(stored, info), out, 1 << 20)
+    os.chmod(tmp, 0o600)
+    os.rename(tmp, path)
+
+
 def _base_backup_filter(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo:
     """tarfile's 'tar' filter (no absolute paths, nothing outside the destination, no setuid bits)
     plus: no links at all. A base backup of a cluster without tablespaces has none, so a link can
@@ -229,7 +250,7 @@ def restore_backup(repo: Repository, cluster: str, backup_id: str | None, target
     target = check_target_dir(target_dir)
     major = meta["pg_major"]
     verifybackup = find_program("pg_verifybackup", major) if verify else None
-    base = _object(meta, "base.tar.zst")
+    _object(meta, "base.tar.zst")  # refused before anything is touched when missing
     chain = [meta]
     if meta.get("kind", "full") != "full":
         from .incremental import resolve_chain
@@ -249,7 +270,7 @@ def restore_backup(repo: Repository, cluster: str, backup_id: str | None, target
         os.chmod(target, 0o700)
         if len(chain) == 1:
             with timings.step("extract"), _write_behind(target):
-                extract_object(repo, base, target, meta["backup_id"], progress_interval)
+                extract_backup(repo, meta, target, progress_interval)
             if verify:
                 with timings.step("verify"):
                     _verify(verifybackup, target, VERIFY_EXTRACTED, f"the restored backup {meta['backup_id']}")
@@ -301,7 +322,7 @@ def _combine_chain(repo, chain, target: Path, combine: str, verifybackup: str | 
             d = staging / b["backup_id"]
             d.mkdir(mode=0o700)
             try:
-                extract_object(repo, _object(b, "base.tar.zst"), d, b["backup_id"], progress_interval)
+                extract_backup(repo, b, d, progress_interval)
             except Exception as e:
                 raise RestoreError(f"backup {b['backup_id']} ({b['kind']}, part {i + 1} of the chain of "
                                    f"{chain[-1]['backup_id']}) cannot be read: {e}") from e

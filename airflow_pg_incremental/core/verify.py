@@ -336,9 +336,10 @@ def _objects_and_verifybackup(repo: Repository, meta: dict, verifybackup: str, s
     stage = None
     if base is not None:
         free = shutil.disk_usage(staging_parent).free
-        if free < base.raw_size * 1.05:
+        need = base.raw_size if base.raw_size is not None else int(meta.get("raw_bytes") or 0)
+        if free < need * 1.05:
             vb_check = _check("pg_verifybackup", False,
-                              f"backup {bid}: not run: staging needs about {human_bytes(base.raw_size)}, only "
+                              f"backup {bid}: not run: staging needs about {human_bytes(need)}, only "
                               f"{human_bytes(free)} free in {staging_parent}; choose a larger staging directory")
         else:
             stage = Path(tempfile.mkdtemp(prefix=f"pgincr-verify-{bid}-", dir=staging_parent))
@@ -356,7 +357,7 @@ def _objects_and_verifybackup(repo: Repository, meta: dict, verifybackup: str, s
                                       f"backup {bid}: not run: {info.key} could not be extracted into {stage} "
                                       f"(its checksums are fine): {extract_problem}")
                 else:
-                    vb_check = _run_verifybackup(verifybackup, stage, meta)
+                    vb_check = _verify_extracted(repo, meta, verifybackup, stage)
     finally:
         if stage is not None:
             shutil.rmtree(stage, ignore_errors=True)
@@ -374,6 +375,19 @@ def _objects_and_verifybackup(repo: Repository, meta: dict, verifybackup: str, s
         obj_check = _check("objects", True, f"{len(objects)} object(s), {human_bytes(stored)} stored: sizes and "
                            "checksums match", objects=per_object)
     return [obj_check] + ([vb_check] if vb_check else [])
+
+
+def _verify_extracted(repo: Repository, meta: dict, program: str, stage: Path) -> dict:
+    """pg_verifybackup on an extracted backup, its backup_manifest placed beside it when the tar
+    held none (a backup PostgreSQL compressed)."""
+    from .restore import place_manifest
+
+    try:
+        place_manifest(repo, meta, stage)
+    except Exception as e:
+        return _check("pg_verifybackup", False, f"backup {meta['backup_id']}: not run: its backup_manifest cannot be "
+                      f"read: {e}")
+    return _run_verifybackup(program, stage, meta)
 
 
 def _run_verifybackup(program: str, stage: Path, meta: dict) -> dict:

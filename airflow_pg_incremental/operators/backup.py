@@ -117,13 +117,14 @@ class PgBaseBackupOperator(_PgBackupBase):
     XCom: {backup_id, kind, start_lsn, stop_lsn, timeline, raw_bytes, stored_bytes, duration_s, ...}.
     """
 
-    template_fields: Sequence[str] = (*_PgBackupBase.template_fields, "compression_level")
+    template_fields: Sequence[str] = (*_PgBackupBase.template_fields, "compression_level", "compression")
 
-    def __init__(self, *, compression_level: int = 3, compression_threads: int = 0,
-                 progress_interval: float = 10.0, **kwargs: Any) -> None:
+    def __init__(self, *, compression_level: int = 3, compression_threads: int | None = None,
+                 compression: str = "auto", progress_interval: float = 10.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.compression_level = compression_level
-        self.compression_threads = compression_threads
+        self.compression_threads = compression_threads  # None: the worker's cores (at most 8)
+        self.compression = compression  # auto | server | client (core/backup_stream.py)
         self.progress_interval = progress_interval
 
     def execute(self, context: Context) -> dict:
@@ -131,7 +132,8 @@ class PgBaseBackupOperator(_PgBackupBase):
 
         meta = take_full_backup(self._conninfo(), self._repo(), self.cluster,
                                 compression_level=int(self.compression_level), threads=self.compression_threads,
-                                catalog=self._catalog(), airflow=self._airflow_ids(context),
+                                compression=self.compression, catalog=self._catalog(),
+                                airflow=self._airflow_ids(context),
                                 progress_interval=self.progress_interval)
         _backup_metrics(self.cluster, meta)
         return summary(meta)
@@ -162,7 +164,8 @@ class PgIncrementalBackupOperator(PgBaseBackupOperator):
         meta = take_planned_backup(self._conninfo(), self._repo(), self.cluster, kind=self.incremental_kind,
                                    max_chain_length=int(self.max_chain_length),
                                    compression_level=int(self.compression_level), threads=self.compression_threads,
-                                   catalog=self._catalog(), airflow=self._airflow_ids(context),
+                                   compression=self.compression, catalog=self._catalog(),
+                                   airflow=self._airflow_ids(context),
                                    progress_interval=self.progress_interval)
         if meta["kind"] == "none":
             self.log.info("No block-level incremental: %s", meta["reason"])

@@ -93,3 +93,64 @@ def test_daily_dag_on_15_succeeds_and_says_why(airflow_clusters, pg15, workdir):
     assert dr.state == "success"
     out = _xcoms(dag.dag_id, dr.run_id)[("incremental_backup", "return_value")]
     assert out["kind"] == "none" and "PostgreSQL 15" in out["reason"]
+
+
+# --- where zstd runs: on the PostgreSQL 15 server, in pg_basebackup, or in pgincr ---------------
+@pytest.mark.parametrize("compression,where", [("auto", "server"), ("client", "client")])
+def test_compressed_by_postgresql_restores_exactly(pg15, workdir, scratch, compression, where, caplog, s3):
+    """Debian's PostgreSQL 15 has zstd: by default the server compresses (server-zstd), with
+    `client` pg_basebackup does; either way the stored object is exactly what arrived (its SHA-256
+    checked on read), the manifest is kept beside it, and the backup restores byte-exact and
+    passes verify, from a local and from an S3 repository. Nothing is left in the staging dir."""
+    import logging
+
+    from airflow_pg_incremental.core.repository import S3Repository
+    from airflow_pg_incremental.core.restore import restore_backup
+    from airflow_pg_incremental.core.restore import start_restored
+    from airflow_pg_incremental.core.verify import verify_backup
+
+    pg15.pgbench_run(100)
+    expected = data_fingerprint(pg15.superuser())
+    staging = workdir / f"stage-{uuid.uuid4().hex[:6]}"
+    staging.mkdir()
+    for kind, repo in (("local", created(LocalRepository(workdir / f"pg15-c-{uuid.uuid4().hex[:6]}"))),
+                       ("s3", created(S3Repository(s3.client(), s3.bucket, "c15-" + uuid.uuid4().hex[:8])))):
+        with caplog.at_level(logging.INFO, logger="airflow_pg_incremental"):
+            meta = take_full_backup(pg15.conninfo(), repo, "z15", compression=compression, staging_dir=str(staging))
+        assert meta["compression"]["where"] == where
+        assert any(f"compressed {'on the database server' if where == 'server' else 'by pg_basebackup'}" in r.message
+                   for r in caplog.records)
+        assert list(staging.iterdir()) == []  # the staging file is gone
+        base = next(o for o in meta["objects"] if o["key"].endswith("base.tar.zst"))
+        assert base["raw_size"] is None and meta["raw_bytes"] > base["stored_size"]  # the manifest's total
+        rep = verify_backup(repo, "z15", meta["backup_id"], check_wal=False, staging_parent=scratch)
+        assert rep["verified"] == [meta["backup_id"]] and not rep["failed"], rep
+        d = scratch / f"r-{kind}-{where}"
+        restore_backup(repo, "z15", meta["backup_id"], d, os_user=pg15.os_user)
+        srv = start_restored(d, 15, os_user=pg15.os_user)
+        try:
+            assert data_fingerprint(srv.local_conninfo()) == expected, kind
+        finally:
+            srv.stop()
+
+
+def test_a_flipped_byte_in_a_server_compressed_backup_is_found(pg15, workdir, scratch):
+    """The server's zstd frames carry no content checksum: the stored SHA-256 is what catches
+    damage, in verify and in restore, which then leaves nothing behind."""
+    from airflow_pg_incremental.core.errors import ChecksumMismatch
+    from airflow_pg_incremental.core.restore import restore_backup
+    from airflow_pg_incremental.core.verify import verify_backup
+
+    repo = created(LocalRepository(workdir / f"pg15-f-{uuid.uuid4().hex[:6]}"))
+    meta = take_full_backup(pg15.conninfo(), repo, "f15")
+    assert meta["compression"]["where"] == "server"
+    path = Path(repo.root) / "f15" / "backups" / meta["backup_id"] / "base.tar.zst"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    rep = verify_backup(repo, "f15", meta["backup_id"], check_wal=False, staging_parent=scratch)
+    assert [(x["backup_id"], x["check"]) for x in rep["failed"]] == [(meta["backup_id"], "objects")]
+    assert "base.tar.zst" in rep["failed"][0]["message"]
+    with pytest.raises(ChecksumMismatch, match="base.tar.zst"):
+        restore_backup(repo, "f15", meta["backup_id"], scratch / "bad", os_user=pg15.os_user)
+    assert not (scratch / "bad").exists()

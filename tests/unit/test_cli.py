@@ -40,7 +40,7 @@ def test_backup_args():
     assert a.level == 19 and a.threads == 2 and a.catalog_db == "cat" and a.catalog_schema == "pgincr"
     assert a.func is cli.cmd_backup
     d = parse("backup", "--cluster", "main")
-    assert d.level == 3 and d.threads == 1 and d.port is None
+    assert d.level == 3 and d.threads is None and d.compression == "auto" and d.port is None  # threads: the cores
 
 
 def test_info_cleanup_demo_args():
