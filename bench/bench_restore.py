@@ -558,11 +558,15 @@ class Bench:
 
     # -- per-call restore_command ---------------------------------------------------------------------
     def fake_datadir(self, d: Path) -> Path:
-        """What a restore_command sees: the data directory (cwd) with pg_wal/ and global/pg_control
-        (pgBackRest checks the archive against it)."""
+        """What a restore_command sees during a recovery: the data directory (cwd) with pg_wal/,
+        global/pg_control (pgBackRest checks the archive against it), recovery.signal and a
+        postmaster.pid naming a live process (this benchmark: ours' prefetcher leaves when it is
+        gone, as when a server stops; end_adopted stops it before)."""
         (d / "pg_wal").mkdir(parents=True)
         (d / "global").mkdir()
         shutil.copyfile(self.src_control, d / "global" / "pg_control")
+        (d / "recovery.signal").write_text("")
+        (d / "postmaster.pid").write_text(f"{os.getpid()}\n{d}\n")
         chown_tree(d, self.user)
         return d
 
