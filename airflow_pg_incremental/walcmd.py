@@ -12,13 +12,17 @@ command line) is in walcmd_rest.py, loaded when needed.
 S3 credentials and endpoint come from the environment (AWS_*, PGINCR_S3_ENDPOINT_URL), or from
 `--env-file FILE` (KEY=VALUE lines, keep it mode 0600): never from the command line.
 
-push: PostgreSQL calls it once per WAL file and waits. It exits 0 only once that file is durably
-in the repository. To keep up under load it pushes ahead: the process holding the spool lock
-stores its own file, then forks a child (drivers already loaded) that stores the other ready
-files (archive_status/*.ready) in parallel and leaves a marker for each in the spool directory.
-When PostgreSQL later asks for one of those, push finds its marker (checked against the file's
-size, inode and mtime) and exits 0 at once. A marker is written only after the upload succeeded,
-so no segment is ever acknowledged before it is stored.
+push: PostgreSQL calls it once per WAL file, in order, and waits. It exits 0 only once that file is
+durably in the repository. The first call that finds no pusher running forks ONE resident pusher
+(drivers loaded, holding the flock of pg_wal/pgincr_spool/) that stays while WAL keeps coming: it
+watches archive_status every 10 ms, stores each .ready file with one repository client and a few
+threads (--parallel, default 2) and leaves a marker for it; it leaves after --idle-exit seconds with
+nothing to push (default 30), or when the server stops. A call finds its marker (checked against the
+file's size, inode and mtime) with the standard library only and exits 0. A marker is written only
+after the object is stored, so no file is acknowledged before it is stored. A call pushes its file
+itself when the pusher gave up on it (a .failed note after two failed attempts: the call returns the
+real result), when the pusher died (its lock is free), and for a file not marked ready. --ahead 0:
+every call pushes its own file (see core/pushahead.py).
 
 fetch: PostgreSQL calls it once per WAL file, serially. During a recovery (run by PostgreSQL: the
 data directory is the working directory), the first call for a segment starts ONE prefetcher
@@ -238,13 +242,14 @@ def _trace(event: str, name: str) -> None:
 
 
 # options each command takes on the fast path, and how many positional arguments
-_FAST_OPTS = {"push": (("--repo", "--cluster", "--spool", "--env-file", "--ahead", "--parallel", "--level"), 1),
+_FAST_OPTS = {"push": (("--repo", "--cluster", "--spool", "--env-file", "--ahead", "--parallel", "--idle-exit",
+                        "--level"), 1),
               "fetch": (("--repo", "--cluster", "--env-file", "--ahead", "--parallel", "--idle-exit"), 2)}
 
 
 def _fast_args(argv: list[str]) -> dict | None:
     """Parse 'push [--repo R] [--cluster C] [--spool S] [--env-file F] [--ahead N] [--parallel N]
-    [--level N] PATH' or 'fetch [--repo R] [--cluster C] [--env-file F] [--ahead N] [--parallel N]
+    [--idle-exit S] [--level N] PATH' or 'fetch [--repo R] [--cluster C] [--env-file F] [--ahead N] [--parallel N]
     [--idle-exit S] NAME DEST' without argparse (its import costs more than the whole fast path).
     None when anything is unusual: argparse then explains."""
     spec = _FAST_OPTS.get(argv[0]) if argv else None

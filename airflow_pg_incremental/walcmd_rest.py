@@ -97,18 +97,20 @@ def _log(spool: str | None, msg: str) -> None:
     sys.stderr.write(line)
 
 
-# --- markers --------------------------------------------------------------------------------
+# --- push: the call's side of the spool -------------------------------------------------------
+# The spool (pg_wal/pgincr_spool/, or --spool) is shared by the calls and ONE resident pusher
+# (core/pushahead.py describes it): `lock` (its flock), `pid`, `<name>.stored` (stored, checked
+# against the file's size, inode and mtime), `<name>.failed` (the pusher gave up on it: the error),
+# `walpush.log`. Standard library only: a call whose file was pushed ahead imports nothing else.
+STALL = 30.0  # a call pushes its file itself when the pusher shows no progress for this long
+
+
 def _marker_path(spool: str, name: str) -> str:
     return os.path.join(spool, name + ".stored")
 
 
-def _write_marker(spool: str, path: str, name: str, result) -> None:
-    # plain text, not JSON: reading it must not cost the json/re imports (tens of ms per segment)
-    st = os.stat(path)
-    tmp = _marker_path(spool, name) + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(f"{st.st_size} {st.st_ino} {st.st_mtime_ns} {result.raw_sha256} {result.status}\n")
-    os.replace(tmp, _marker_path(spool, name))
+def _failed_path(spool: str, name: str) -> str:
+    return os.path.join(spool, name + ".failed")
 
 
 def _take_marker(spool: str, path: str, name: str) -> bool:
@@ -123,17 +125,27 @@ def _take_marker(spool: str, path: str, name: str) -> bool:
     return size == st.st_size and ino == st.st_ino and mtime_ns == st.st_mtime_ns
 
 
-def _ready_names(pg_wal: str) -> list[str]:
+def _read_small(path: str) -> str | None:
     try:
-        names = os.listdir(os.path.join(pg_wal, "archive_status"))
+        with open(path) as f:
+            return f.read().strip()
     except OSError:
-        return []
-    return sorted(n[:-6] for n in names if n.endswith(".ready"))
+        return None
 
 
-# --- push -------------------------------------------------------------------------------------
+def _trace(event: str, name: str) -> None:
+    path = os.environ.get("PGINCR_TEST_PUSH_TRACE")  # test hook: "<event> <name>" per call
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{event} {name}\n")
+
+
 def push(path: str, repo_url: str, cluster: str, *, spool: str | None = None, ahead: int = 64,
-         parallel: int = 2, idle_exit: float = 3.0, wait: float = 120.0, level: int = 3) -> int:
+         parallel: int = 2, idle_exit: float = 30.0, wait: float = 300.0, level: int = 3) -> int:
+    """archive_command: 0 only once `path` is durably in the repository. A file PostgreSQL marked
+    ready (archive_status/<name>.ready) goes through the resident pusher (started by the first
+    call that finds none: it keeps pushing the ready files ahead); anything else, and a file the
+    pusher cannot deliver, is pushed by the call itself."""
     name = os.path.basename(path)
     if not _plausible_wal_name(name) or not _plausible_name(cluster):
         _enable_site()
@@ -144,126 +156,130 @@ def push(path: str, repo_url: str, cluster: str, *, spool: str | None = None, ah
         validate_cluster(cluster)
     pg_wal = os.path.dirname(os.path.abspath(path))
     spool = spool or os.path.join(pg_wal, "pgincr_spool")
-    os.makedirs(spool, exist_ok=True)
+    if _take_marker(spool, path, name):
+        _trace("hit", name)
+        return 0
+    if ahead <= 0 or not os.path.exists(os.path.join(pg_wal, "archive_status", name + ".ready")):
+        _trace("direct", name)
+        return _push_direct(path, name, repo_url, cluster, level, spool)
+    os.makedirs(spool, mode=0o700, exist_ok=True)
+    opts = {"ahead": ahead, "parallel": parallel, "idle_exit": idle_exit, "level": level}
+    return _through_pusher(path, name, pg_wal, spool, repo_url, cluster, opts, wait)
 
-    deadline = time.monotonic() + wait
-    delay = 0.002
+
+def _through_pusher(path, name, pg_wal, spool, repo_url, cluster, opts, wait) -> int:
+    """Wait for the pusher to store `name` (its marker), starting one when none runs. The call
+    pushes the file itself at once when the pusher gave up on it (.failed), when the pusher it
+    started is gone (killed: its flock is free), when no marker moved in the spool for STALL
+    seconds, or after `wait` seconds in all."""
+    t0 = now = time.monotonic()
+    started, repo = False, None
+    progress_at, spool_mtime, next_look, delay = t0, None, t0, 0.001
     while True:
         if _take_marker(spool, path, name):
+            _trace("waited", name)
             return 0
-        lock_fd = os.open(os.path.join(spool, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(lock_fd)
-            # a pusher is working ahead: wait for our marker, or for the lock
-            if time.monotonic() > deadline:
-                break
-            time.sleep(delay)
-            delay = min(delay * 1.5, 0.01)
-            continue
-        # we hold the lock: a marker may have appeared just before we got it
-        if _take_marker(spool, path, name):
-            os.close(lock_fd)
-            return 0
-        return _push_and_go_ahead(path, name, pg_wal, spool, lock_fd, repo_url, cluster, ahead, parallel, idle_exit,
-                                  level)
-    # waited long enough for a pusher that does not deliver: do it ourselves
+        failed = _read_small(_failed_path(spool, name))
+        if failed is not None:
+            _trace("failed", name)
+            return _push_direct(path, name, repo_url, cluster, opts["level"], spool, repo=repo,
+                                note=f"the ahead pusher gave up on it: {failed}")
+        now = time.monotonic()
+        if now >= next_look:  # the pusher's lock and progress, every 20 ms
+            next_look = now + 0.02
+            lock_fd = _try_lock(spool)
+            if lock_fd is not None:
+                if _take_marker(spool, path, name):  # stored just before its pusher left
+                    os.close(lock_fd)
+                    return 0
+                if started:
+                    os.close(lock_fd)
+                    _trace("direct", name)
+                    return _push_direct(path, name, repo_url, cluster, opts["level"], spool, repo=repo,
+                                        note="the ahead pusher stopped before storing it")
+                _trace("start", name)
+                repo = _start_pusher(lock_fd, name, pg_wal, spool, repo_url, cluster, opts)
+                started = True
+                continue
+            mtime = _mtime_ns(spool)
+            if mtime != spool_mtime:
+                spool_mtime, progress_at = mtime, now
+            if now - progress_at > STALL or now - t0 > wait:
+                _trace("direct", name)
+                return _push_direct(path, name, repo_url, cluster, opts["level"], spool, repo=repo,
+                                    note=f"the ahead pusher did not store it within {now - t0:.0f}s")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.005)
+
+
+def _try_lock(spool: str) -> int | None:
+    """The spool's lock, taken (its fd), or None while a pusher holds it."""
+    fd = os.open(os.path.join(spool, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _mtime_ns(path: str) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+
+
+def _start_pusher(lock_fd: int, name: str, pg_wal: str, spool: str, repo_url: str, cluster: str, opts: dict):
+    """Fork the resident pusher (core/pushahead.py), which keeps the lock (the same open file).
+    The drivers are imported and the repository opened (no request made: a connection must not
+    be shared across the fork) before, so the child starts warm. Returns that repository, for a
+    push by the call itself."""
     _enable_site()
-    from airflow_pg_incremental.core.wal import push_file
+    import airflow_pg_incremental.core.pushahead  # noqa: F401  (imported before the fork)
+    from airflow_pg_incremental.core.wal import push_file  # noqa: F401
 
     try:
-        push_file(_repo(repo_url), cluster, path, name=name, level=level, checksum=False)
-        return 0
-    except Exception as e:
-        _log(None, f"{name}: {e}")
-        return 1
-
-
-def _push_and_go_ahead(path, name, pg_wal, spool, lock_fd, repo_url, cluster, ahead, parallel, idle_exit,
-                       level) -> int:
-    _enable_site()
-    from airflow_pg_incremental.core.wal import push_file
-
-    try:
-        repo = _repo(repo_url)
-        push_file(repo, cluster, path, name=name, level=level, checksum=False)
-    except Exception as e:
+        repo = _repo(repo_url, check=False)
+    except BaseException:
         os.close(lock_fd)
-        _log(None, f"{name} NOT archived: {e}")
-        return 1
-    others = [n for n in _ready_names(pg_wal) if n != name]
-    if ahead <= 0 or not others:
-        os.close(lock_fd)
-        return 0
+        raise
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid:
-        os.close(lock_fd)  # the child keeps the lock (same open file description)
-        return 0
-    # child: detach and push ahead until nothing is ready for idle_exit seconds
-    try:
-        os.setsid()
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
-        _ahead_loop(repo, cluster, pg_wal, spool, ahead, parallel, idle_exit, level, skip={name})
-    except BaseException as e:  # never let the child return into PostgreSQL's caller
-        _log(spool, f"ahead pusher failed: {e!r}")
+        os.close(lock_fd)
+        return repo
+    try:  # never let the child return into PostgreSQL's caller
+        from airflow_pg_incremental.core.pushahead import run_detached
+
+        run_detached(lock_fd, repo, cluster, pg_wal, spool, os.getcwd(), first=name, log=lambda m: _log(spool, m),
+                     **opts)
     finally:
         os._exit(0)
 
 
-def _ahead_loop(repo, cluster, pg_wal, spool, ahead, parallel, idle_exit, level, skip) -> None:
-    from concurrent.futures import ThreadPoolExecutor
-
+def _push_direct(path, name, repo_url, cluster, level, spool, *, repo=None, note=None) -> int:
+    """The call stores the file itself: 0 once stored, else 1 with the error (and the pusher's)."""
+    _enable_site()
     from airflow_pg_incremental.core.wal import push_file
 
-    done = set(skip)
-    failures: dict[str, int] = {}
-    idle_since = time.monotonic()
-    pushed = 0
-
-    def one(n):
-        p = os.path.join(pg_wal, n)
-        try:
-            r = push_file(repo, cluster, p, name=n, level=level, checksum=False)
-        except FileNotFoundError:
-            return n, None  # acknowledged and recycled meanwhile
-        _write_marker(spool, p, n, r)
-        return n, r
-
-    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        while time.monotonic() - idle_since < idle_exit:
-            todo = [n for n in _ready_names(pg_wal) if n not in done
-                    and not os.path.exists(_marker_path(spool, n))][:ahead]
-            if not todo:
-                time.sleep(0.05)
-                continue
-            futures = {pool.submit(one, n): n for n in todo}
-            for fut, n in futures.items():
-                try:
-                    _, r = fut.result()
-                    done.add(n)
-                    pushed += r is not None
-                except Exception as e:
-                    # leave it to the foreground push (which reports it to PostgreSQL); after a
-                    # second failure stop trying it here, so one bad file cannot hold the lock
-                    failures[n] = failures.get(n, 0) + 1
-                    _log(spool, f"push ahead of {n} failed ({failures[n]}x): {e}")
-                    if failures[n] >= 2:
-                        done.add(n)
-            if len(failures) >= 3:
-                _log(spool, "several files fail to push ahead: leaving them to the foreground calls")
-                break
-            idle_since = time.monotonic()  # idle counts from the end of the batch
-    # markers of files PostgreSQL never asked for (e.g. after a crash) expire after a day
-    now = time.time()
-    for f in os.listdir(spool):
-        if f.endswith(".stored") and now - os.path.getmtime(os.path.join(spool, f)) > 86400:
-            os.unlink(os.path.join(spool, f))
-    _log(spool, f"pushed {pushed} file(s) ahead, idle for {idle_exit}s: exiting")
+    try:
+        if repo is None:
+            repo = _repo(repo_url)
+        else:
+            repo.identity()
+        push_file(repo, cluster, path, name=name, level=level, checksum=False)
+    except Exception as e:
+        _log(None, f"{name} NOT archived: {e}" + (f" ({note})" if note else ""))
+        return 1
+    if note:
+        _log(spool, f"{name} stored by the call itself ({note})")
+    try:
+        os.unlink(_failed_path(spool, name))
+    except OSError:
+        pass
+    return 0
 
 
 # --- fetch: what a call served from the spool does not need --------------------------------------
@@ -349,7 +365,7 @@ def main(argv: list[str], fa: dict | None, fetch) -> int:
             try:
                 return push(fa["positional"][0], repo, cluster, spool=fa.get("spool"),
                             ahead=int(fa.get("ahead") or 64), parallel=int(fa.get("parallel") or 2),
-                            level=int(fa.get("level") or 3))
+                            idle_exit=float(fa.get("idle_exit") or 30), level=int(fa.get("level") or 3))
             except Exception as e:
                 sys.stderr.write(f"pgincr wal-push: {e}\n")
                 return 1
@@ -365,8 +381,11 @@ def main(argv: list[str], fa: dict | None, fetch) -> int:
         if name == "push":
             sp.add_argument("path", help="%%p: path of the WAL file, relative to the data directory")
             sp.add_argument("--spool", help="marker directory (default: pg_wal/pgincr_spool)")
-            sp.add_argument("--ahead", type=int, default=64, help="files to push ahead per round (0: synchronous only)")
-            sp.add_argument("--parallel", type=int, default=2)
+            sp.add_argument("--ahead", type=int, default=64,
+                            help="files the resident pusher stores ahead at once (0: every call pushes its own file)")
+            sp.add_argument("--parallel", type=int, default=2, help="parallel stores of the resident pusher")
+            sp.add_argument("--idle-exit", type=float, default=30.0,
+                            help="seconds with nothing to push after which the resident pusher stops")
             sp.add_argument("--level", type=int, default=3)
         else:
             sp.add_argument("name", help="%%f")
@@ -391,7 +410,8 @@ def main(argv: list[str], fa: dict | None, fetch) -> int:
         return HARD_FAIL if a.cmd == "fetch" else 1
     if a.cmd == "push":
         try:
-            return push(a.path, a.repo, a.cluster, spool=a.spool, ahead=a.ahead, parallel=a.parallel, level=a.level)
+            return push(a.path, a.repo, a.cluster, spool=a.spool, ahead=a.ahead, parallel=a.parallel,
+                        idle_exit=a.idle_exit, level=a.level)
         except Exception as e:
             sys.stderr.write(f"pgincr wal-push: {e}\n")
             return 1

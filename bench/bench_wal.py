@@ -1,20 +1,32 @@
 #!/usr/bin/env python
-"""Benchmark: WAL archiving, our archive_command (`walcmd.py push`) vs pgBackRest sync archive-push,
-and our pull capture (capture_wal_pull / pg_receivewal), on real pgbench WAL.
+"""Benchmark: WAL archiving, our archive_command (`walcmd.py push`) vs pgBackRest archive-push ASYNC
+(the reference; sync as a secondary line), and our pull capture (capture_wal_pull / pg_receivewal),
+on real pgbench WAL.
 
-    /work/venv/bin/python bench/bench_wal.py [--segments 64] [--level 3] [--repeat 1] [--s3]
-                                             [--workdir DIR] [--json FILE] [--keep] [--no-install]
-                                             [--no-capture]
+    /work/venv/bin/python bench/bench_wal.py [--segments 64] [--level 3] [--repeat 1] [--rate R]
+                                             [--s3] [--no-sync] [--workdir DIR] [--json FILE] [--keep]
+                                             [--no-install] [--no-capture]
 
 Source WAL: a throw-away PostgreSQL 15 (Debian's, run through SandboxPostgres) archives N segments of
 pgbench WAL to a directory with `cp`. Each side then drains the same N segments through a simulated
 archiver that calls the archive command the way PostgreSQL does: once per file, in order, with
 cwd = a data directory and %p = pg_wal/<name>, renaming archive_status/<name>.ready to .done after
-exit 0. Sides:
-  * ours        <python> -S walcmd.py push --repo DIR --cluster bench --level L %p   (pushes ahead)
-  * pgBackRest  pgbackrest --stanza=bench archive-push %p   (archive-async=n, zst level L)
-  * ours-sync   the same as ours with --ahead 0
-  * ours-s3     (--s3) ours into SeaweedFS
+exit 0; the data directory has a postmaster.pid naming the benchmark (the "server"), removed after
+the last call (our resident pusher leaves then; its CPU is counted, see below). Sides:
+  * ours              <python> -S walcmd.py push --repo DIR --cluster bench --level L %p
+                      (the resident pusher: --parallel 2, --idle-exit 30)
+  * pgBackRest async  pgbackrest --stanza=bench --archive-async --process-max=2 --spool-path=S
+                      archive-push %p   (zst level L; the reference)
+  * pgBackRest sync   the same with archive-async=n (secondary line; --no-sync drops it)
+  * ours-sync         ours with --ahead 0 (secondary line; --no-sync drops it)
+  * ours-s3           (--s3) ours into SeaweedFS
+Modes: burst (all N segments .ready when the loop starts: a backlog being drained; throughput) and,
+with --rate R, steady (segment i becomes .ready at t0 + i/R and is archived at once: what a server
+producing WAL at R segments/s costs; CPU per segment and per-call latency). Rounds are interleaved
+(every side once per round, order alternating); medians, min-max and per-round ratios are reported,
+with the load of the machine. CPU = user+sys of every process of the side, children included
+(getrusage(RUSAGE_CHILDREN): the benchmark is a subreaper, so detached helpers - our pusher,
+pgBackRest's async worker - are re-parented to it and waited for).
 Then, on a PostgreSQL 18 sandbox, one capture_wal_pull() over N fresh segments is timed.
 Exit code is 0 whatever the numbers are; non-zero only when something crashed.
 """
@@ -39,7 +51,7 @@ from pathlib import Path
 
 import psutil
 import zstandard
-from _common import run_bench, tail  # noqa: E402
+from _common import ratio_summary, run_bench, tail  # noqa: E402
 
 import airflow_pg_incremental
 from airflow_pg_incremental.core.lsn import format_lsn, parse_lsn, segno_of
@@ -51,11 +63,13 @@ from airflow_pg_incremental.core.wal import fetch_bytes, list_segments
 PKG = Path(airflow_pg_incremental.__file__).resolve().parent
 WALCMD = PKG / "walcmd.py"
 MB = 1_000_000  # sizes and throughput in MB = 10^6 bytes
-TARGET_RATIO = 2.0  # ours (default mode) segments/s >= 2.0 x pgBackRest sync archive-push
+TARGET_RATIO = 1.5  # ours (default mode) segments/s >= 1.5 x pgBackRest async archive-push (burst)
 CLUSTER = "bench"
 PG15_POSTGRES = Path("/usr/lib/postgresql/15/bin/postgres")
 SEG_RE = re.compile(r"^[0-9A-F]{24}$")
-SIDE_LABEL = {"ours": "ours", "pgbackrest": "pgBackRest", "ours-sync": "ours --ahead 0", "ours-s3": "ours S3"}
+SIDE_LABEL = {"ours": "ours", "pgbackrest-async": "pgBackRest async", "pgbackrest": "pgBackRest sync",
+              "ours-sync": "ours --ahead 0", "ours-s3": "ours S3"}
+REF = "pgbackrest-async"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,41 +365,47 @@ class Bench:
         print(f"{self.pgbr_version}: stanza 'bench' created", flush=True)
 
     # -- step 2..4: the simulated archiver -----------------------------------------------------
-    def make_fake_datadir(self, d: Path) -> None:
-        """D/pg_wal/<segments> (hard links to the source copies), D/pg_wal/archive_status/*.ready,
-        and D/global/pg_control copied from the source cluster (pgBackRest reads it from pg1-path)."""
+    def make_fake_datadir(self, d: Path, ready: bool) -> None:
+        """D/pg_wal/<segments> (hard links to the source copies), D/pg_wal/archive_status/*.ready
+        (when `ready`: a burst), D/global/pg_control copied from the source cluster (pgBackRest
+        reads it from pg1-path), and D/postmaster.pid naming this process (the server)."""
         (d / "pg_wal" / "archive_status").mkdir(parents=True)
         (d / "global").mkdir()
         shutil.copyfile(self.src_pg.server.data_dir / "global" / "pg_control", d / "global" / "pg_control")
         for name in self.segs:
             os.link(self.src_dir / name, d / "pg_wal" / name)
-            (d / "pg_wal" / "archive_status" / f"{name}.ready").touch()
+            if ready:
+                (d / "pg_wal" / "archive_status" / f"{name}.ready").touch()
+        (d / "postmaster.pid").write_text(f"{os.getpid()}\n{d}\n")
         if self.pgbr_user:
             chown_tree(d, self.pgbr_user)
 
     def command(self, side: str, d: Path, repo: str) -> str:
-        if side == "pgbackrest":
+        if side.startswith("pgbackrest"):
+            asyn = (f"--archive-async --process-max=2 --spool-path={d.parent / 'spool'} "
+                    if side == "pgbackrest-async" else "")
             cmd = (f"{self.pgbr} --config={self.pgbr_cfg} --stanza=bench --pg1-path={d} --repo1-path={repo} "
-                   "archive-push %p")
+                   f"{asyn}archive-push %p")
             return " ".join(as_user([cmd], self.pgbr_user)) if self.pgbr_user else cmd
         cmd = f"{sys.executable} -S {WALCMD} push --repo {repo} --cluster {CLUSTER} --level {self.a.level}"
         if side == "ours-sync":
             cmd += " --ahead 0"
         return cmd + " %p"
 
-    def run_side(self, side: str) -> dict:
+    def run_side(self, side: str, mode: str = "burst") -> dict:
         self.run_no += 1
-        tag = f"{self.run_no:02d}-{side}"
+        tag = f"{self.run_no:02d}-{mode}-{side}"
         rd = self.w / "runs" / tag
         d = rd / "data"
-        self.make_fake_datadir(d)
+        self.make_fake_datadir(d, ready=mode == "burst")
         env = self.clean_env()
         if side == "ours-s3":
             env.update(self.s3.env())
             repo_url = f"s3://{self.s3.bucket}/bench"
             S3Repository(self.s3.client(), self.s3.bucket, "bench").create()
-        elif side == "pgbackrest":
+        elif side.startswith("pgbackrest"):
             shutil.copytree(self.pgbr_template, rd / "repo", symlinks=True)
+            (rd / "spool").mkdir()
             if self.pgbr_user:
                 chown_tree(rd, self.pgbr_user)
             repo_url = str(rd / "repo")
@@ -394,13 +414,58 @@ class Bench:
             LocalRepository(repo_url).create()  # a repository is created explicitly, before pushing
         cmd_t = self.command(side, d, repo_url)
         log_path = rd / "archive_command.log"
-        lat, codes, failed = [], [], None
         exclude = {self.s3.proc.pid} if self.s3 and self.s3.proc else set()
         reap_zombies(exclude)  # e.g. the stopped source postmaster: its CPU must not land in this run
         before = child_pids()
         meter = Meter()
+        lat, codes, failed = self.archive(d, cmd_t, env, log_path, self.a.rate if mode == "steady" else 0.0)
+        wall = time.monotonic() - meter.t0
+        (d / "postmaster.pid").unlink()  # the server stops: our resident pusher leaves
+        drain = None
+        if side.startswith("ours"):
+            wait_lock_free(d / "pg_wal" / "pgincr_spool" / "lock")
+            if side != "ours-sync":
+                drain = time.monotonic() - meter.t0 - wall
+        still = reap_adopted(before)  # our pusher, pgBackRest's async worker
+        m = meter.stop()
+        n_done = len(self.segs) if failed is None else self.segs.index(failed)
+        raw = n_done * self.seg_size
+        r = {"side": side, "mode": mode, "run": self.run_no, "command": cmd_t.replace(str(rd), "<RUN>"),
+             "segments": n_done, "wall_s": wall, "segments_per_s": n_done / wall, "mb_per_s": raw / MB / wall,
+             "raw_bytes": raw, "lat_p50_ms": 1000 * percentile(lat, .5), "lat_p95_ms": 1000 * percentile(lat, .95),
+             "lat_max_ms": 1000 * max(lat), "lat_first_ms": 1000 * lat[0], "calls": len(lat),
+             "nonzero_exits": sum(1 for c in codes if c != 0), "failed_at": failed, "drain_s": drain,
+             "cpu_s": m["cpu_s"], "cpu_ms_per_segment": 1000 * m["cpu_s"] / max(n_done, 1), "meter": m,
+             "unreaped": still}
+        r.update(self.verify(side, d, rd, repo_url))
+        r["compression_ratio"] = raw / r["stored_bytes"] if r.get("stored_bytes") else float("nan")
+        r["ok"] = failed is None and r["nonzero_exits"] == 0 and r["verified"] and not still
+        if not r["ok"]:
+            r["log_tail"] = tail(log_path)
+        # clean up outside the measurement
+        if side == "ours-s3":
+            S3Repository(self.s3.client(), self.s3.bucket, "bench").delete_prefix("")
+        if not self.a.keep:
+            shutil.rmtree(rd, ignore_errors=True)
+        return r
+
+    def archive(self, d: Path, cmd_t: str, env: dict, log_path: Path, rate: float):
+        """PostgreSQL's archiver: one call per segment, in order; .ready -> .done after exit 0, a
+        failed call retried after 1 s (3 tries). With `rate`, segment i becomes ready at t0 + i/rate
+        (its call starts then, or when the previous one returned). (latencies, exit codes, the
+        segment given up on or None)"""
+        st = d / "pg_wal" / "archive_status"
+        lat, codes, failed = [], [], None
+        t0 = time.monotonic()
         with open(log_path, "ab") as log:
-            for name in self.segs:
+            for i, name in enumerate(self.segs):
+                if rate:
+                    pause = t0 + i / rate - time.monotonic()
+                    if pause > 0:
+                        time.sleep(pause)
+                    (st / f"{name}.ready").touch()
+                    if self.pgbr_user:
+                        chown_tree(st / f"{name}.ready", self.pgbr_user)
                 cmd = cmd_t.replace("%p", f"pg_wal/{name}").replace("%f", name)
                 for attempt in range(3):  # PostgreSQL retries a failed file (then waits a minute)
                     t = time.monotonic()
@@ -413,44 +478,15 @@ class Bench:
                 if r.returncode != 0:
                     failed = name
                     break
-                st = d / "pg_wal" / "archive_status"
                 os.rename(st / f"{name}.ready", st / f"{name}.done")
-            wall = time.monotonic() - meter.t0
-        drain = None
-        still = []
-        if side.startswith("ours"):
-            wait_lock_free(d / "pg_wal" / "pgincr_spool" / "lock")
-            if side != "ours-sync":
-                drain = time.monotonic() - meter.t0
-            still = reap_adopted(before)
-        m = meter.stop()
-        n_done = len(self.segs) if failed is None else self.segs.index(failed)
-        raw = n_done * self.seg_size
-        r = {"side": side, "run": self.run_no, "command": cmd_t.replace(str(d), "<D>"), "segments": n_done,
-             "wall_s": wall, "segments_per_s": n_done / wall, "mb_per_s": raw / MB / wall, "raw_bytes": raw,
-             "lat_p50_ms": 1000 * percentile(lat, .5), "lat_p95_ms": 1000 * percentile(lat, .95),
-             "lat_max_ms": 1000 * max(lat), "lat_first_ms": 1000 * lat[0], "calls": len(lat),
-             "nonzero_exits": sum(1 for c in codes if c != 0), "failed_at": failed, "drain_s": drain,
-             "cpu_s": m["cpu_s"], "cpu_ms_per_segment": 1000 * m["cpu_s"] / max(n_done, 1), "meter": m,
-             "unreaped": still}
-        r.update(self.verify(side, d, rd, repo_url))
-        r["compression_ratio"] = raw / r["stored_bytes"] if r.get("stored_bytes") else float("nan")
-        r["ok"] = failed is None and r["nonzero_exits"] == 0 and r["verified"]
-        if not r["ok"]:
-            r["log_tail"] = tail(log_path)
-        # clean up outside the measurement
-        if side == "ours-s3":
-            S3Repository(self.s3.client(), self.s3.bucket, "bench").delete_prefix("")
-        if not self.a.keep:
-            shutil.rmtree(rd, ignore_errors=True)
-        return r
+        return lat, codes, failed
 
     def verify(self, side: str, d: Path, rd: Path, repo_url: str) -> dict:
         """Every segment is in the repository; a sample of 4 decompresses byte-identical."""
         rng = random.Random(self.run_no)
         sample = sorted({self.segs[0], self.segs[len(self.segs) // 2], self.segs[-1], rng.choice(self.segs)})
         problems = []
-        if side == "pgbackrest":
+        if side.startswith("pgbackrest"):
             arch = rd / "repo" / "archive" / "bench"
             files = {}
             for p in arch.rglob("*.zst"):
@@ -478,7 +514,9 @@ class Bench:
             logtxt = (spool / "walpush.log").read_text(errors="replace") if (spool / "walpush.log").exists() else ""
             m = re.search(r"pushed (\d+) file\(s\) ahead", logtxt)
             extra = {"pushed_ahead": int(m.group(1)) if m else 0, "leftover_markers": len(markers),
-                     "pusher_log_errors": [ln for ln in logtxt.splitlines() if "fail" in ln.lower()][:5]}
+                     "pusher_log_errors": [ln for ln in logtxt.splitlines()
+                                           if re.search(r"push ahead of .* failed|gave up|cannot start|pusher failed|"
+                                                        r"NOT archived", ln)][:5]}
             if markers:
                 problems.append(f"{len(markers)} marker(s) left")
             if extra["pusher_log_errors"]:
@@ -577,7 +615,7 @@ class Bench:
         self.make_source()
         self.setup_pgbackrest()
         if not self.pgbr:
-            print(f"pgBackRest row skipped: {self.pgbr_note}", flush=True)
+            print(f"pgBackRest rows skipped: {self.pgbr_note}", flush=True)
         # the source server is not needed any more (pgBackRest reads only pg_control): stop it, so
         # that it takes no CPU during the measurements
         self.src_pg.stop()
@@ -588,33 +626,43 @@ class Bench:
             print(f"SeaweedFS S3 started at {self.s3.endpoint_url} ({time.monotonic() - t:.1f} s)", flush=True)
         self.warm_up()
 
-        sides = ["ours"] + (["pgbackrest"] if self.pgbr else []) + ["ours-sync"] + (["ours-s3"] if a.s3 else [])
-        for i in range(a.repeat):
-            order = sides if i % 2 == 0 else list(reversed(sides))
-            for side in order:
-                r = self.run_side(side)
-                r["repeat"] = i + 1
-                self.runs.append(r)
-                print(f"  [{i + 1}/{a.repeat}] {SIDE_LABEL[side]:<15} {r['wall_s']:6.2f} s  "
-                      f"{r['segments_per_s']:6.1f} seg/s  p50 {r['lat_p50_ms']:6.1f} ms  "
-                      f"CPU {r['cpu_s']:5.1f} s  other procs {r['meter']['other_cpu_pct']:4.0f}% "
-                      f"{'ok' if r['ok'] else 'PROBLEM: ' + _problem(r)}",
-                      flush=True)
+        pgbr = ([REF] + ([] if a.no_sync else ["pgbackrest"])) if self.pgbr else []
+        sides = {"burst": ["ours"] + pgbr + ([] if a.no_sync else ["ours-sync"]) + (["ours-s3"] if a.s3 else [])}
+        if a.rate:
+            sides["steady"] = ["ours"] + pgbr[:1] + (["ours-s3"] if a.s3 else [])
+        for mode, mode_sides in sides.items():
+            what = ("burst: all segments .ready at the start" if mode == "burst"
+                    else f"steady: {a.rate:g} segment(s)/s, each archived as it becomes ready")
+            print(f"-- {what}", flush=True)
+            for i in range(a.repeat):
+                order = mode_sides if i % 2 == 0 else list(reversed(mode_sides))
+                for side in order:
+                    r = self.run_side(side, mode)
+                    r["repeat"] = i + 1
+                    self.runs.append(r)
+                    print(f"  [{i + 1}/{a.repeat}] {SIDE_LABEL[side]:<17} {r['wall_s']:6.2f} s  "
+                          f"{r['segments_per_s']:6.1f} seg/s  p50 {r['lat_p50_ms']:6.1f} ms  "
+                          f"CPU {r['cpu_ms_per_segment']:6.1f} ms/seg  load {r['meter']['loadavg_1m_end']:4.2f}  "
+                          f"other procs {r['meter']['other_cpu_pct']:4.0f}% "
+                          f"{'ok' if r['ok'] else 'PROBLEM: ' + _problem(r)}", flush=True)
         capture = self.run_capture() if not a.no_capture else None
 
-        med = {s: _medians([r for r in self.runs if r["side"] == s]) for s in sides}
+        med = {mode: {s: _medians([r for r in self.runs if r["side"] == s and r["mode"] == mode]) for s in ss}
+               for mode, ss in sides.items()}
         report = {
-            "benchmark": "WAL archiving: ours (walcmd.py push) vs pgBackRest sync archive-push; pull capture",
+            "benchmark": "WAL archiving: ours (walcmd.py push) vs pgBackRest archive-push async (and sync); pull capture",
             "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "config": {"segments": a.segments, "level": a.level, "repeat": a.repeat, "s3": a.s3,
+            "config": {"segments": a.segments, "level": a.level, "repeat": a.repeat, "rate": a.rate, "s3": a.s3,
                        "sides": sides, "commands": {s: next(r["command"] for r in self.runs if r["side"] == s)
-                                                    for s in sides}},
+                                                    for ss in sides.values() for s in ss}},
             "environment": {"cpus": os.cpu_count(), "python": platform.python_version(),
                             "zstandard": zstandard.__version__, "platform": platform.platform(),
                             "pgbackrest": self.pgbr_version, "pgbackrest_note": self.pgbr_note,
                             "install": self.install_note, "subreaper": self.subreaper, "code": _git_state(),
-                            "page_cache": "warm (segments read once before the runs)"},
-            "source": self.source, "medians": med, "capture": capture, "runs": self.runs,
+                            "page_cache": "warm (segments read once before the runs)",
+                            "loadavg_end": os.getloadavg()},
+            "source": self.source, "medians": med, "ratios": _round_ratios(self.runs, sides),
+            "capture": capture, "runs": self.runs,
         }
         report["checks"] = _checks(report)
         _print_report(report)
@@ -625,6 +673,8 @@ def _problem(r: dict) -> str:
     p = list(r["verify_problems"])
     if r["nonzero_exits"]:
         p.insert(0, f"{r['nonzero_exits']} non-zero exit(s)" + (f", gave up at {r['failed_at']}" if r["failed_at"] else ""))
+    if r.get("unreaped"):
+        p.append(f"helper process(es) {r['unreaped']} still running 30 s after the last call")
     return "; ".join(p)
 
 
@@ -655,54 +705,60 @@ def _medians(runs: list[dict]) -> dict:
     out["other_cpu_pct"] = statistics.median(r["meter"]["other_cpu_pct"] for r in runs)
     out["other_cpu_pct_max"] = max(r["meter"]["other_cpu_pct"] for r in runs)
     out["steal_pct"] = statistics.median(r["meter"]["steal_pct"] for r in runs)
+    out["load_max"] = max(max(r["meter"]["loadavg_1m_start"], r["meter"]["loadavg_1m_end"]) for r in runs)
     out["ok"] = all(r["ok"] for r in runs)
     out["nonzero_exits"] = sum(r["nonzero_exits"] for r in runs)
     out["pushed_ahead"] = statistics.median(r.get("pushed_ahead", 0) for r in runs)
-    out["segments_per_s_min"] = min(r["segments_per_s"] for r in runs)
-    out["segments_per_s_max"] = max(r["segments_per_s"] for r in runs)
+    for k in ("segments_per_s", "cpu_ms_per_segment", "lat_p50_ms"):
+        out[f"{k}_min"] = min(r[k] for r in runs)
+        out[f"{k}_max"] = max(r[k] for r in runs)
     out["n"] = len(runs)
     return out
 
 
+def _round_ratios(runs: list[dict], sides: dict) -> dict:
+    """ours / reference per round (both measured in the same round), for throughput and CPU."""
+    out = {}
+    for mode, ss in sides.items():
+        for ref in (s for s in (REF, "pgbackrest") if s in ss):
+            for key in ("segments_per_s", "cpu_ms_per_segment"):
+                per = []
+                for i in sorted({r["repeat"] for r in runs if r["mode"] == mode}):
+                    o = [r[key] for r in runs if r["mode"] == mode and r["repeat"] == i and r["side"] == "ours"]
+                    b = [r[key] for r in runs if r["mode"] == mode and r["repeat"] == i and r["side"] == ref]
+                    if o and b and b[0]:
+                        per.append(o[0] / b[0])
+                out[f"{mode}:{key}:ours/{ref}"] = ratio_summary(per)
+    return out
+
+
 def _checks(rep: dict) -> list[dict]:
-    med = rep["medians"]
+    med, ratios = rep["medians"], rep["ratios"]
     out = []
-    if "pgbackrest" in med:
-        ratio = med["ours"]["segments_per_s"] / med["pgbackrest"]["segments_per_s"]
-        out.append({"check": "throughput ours / pgBackRest sync archive-push", "value": ratio,
-                    "target": f">= {TARGET_RATIO}", "pass": ratio >= TARGET_RATIO})
+    burst = med["burst"]
+    if REF in burst:
+        ratio = burst["ours"]["segments_per_s"] / burst[REF]["segments_per_s"]
+        spread = ratios.get(f"burst:segments_per_s:ours/{REF}", {})
+        out.append({"check": "burst throughput ours / pgBackRest async archive-push (medians)", "value": ratio,
+                    "target": f">= {TARGET_RATIO}", "pass": ratio >= TARGET_RATIO,
+                    "per_round": spread.get("per_round")})
     else:
-        out.append({"check": "throughput ours / pgBackRest sync archive-push", "value": None,
+        out.append({"check": "burst throughput ours / pgBackRest async archive-push", "value": None,
                     "target": f">= {TARGET_RATIO}", "pass": None, "why": rep["environment"]["pgbackrest_note"]})
-    for s, m in med.items():
-        out.append({"check": f"{SIDE_LABEL[s]}: every archive_command exited 0, all segments archived, sample "
-                             "byte-identical", "value": None, "target": "yes", "pass": m["ok"]})
+    for mode, m in med.items():
+        for s, v in m.items():
+            out.append({"check": f"{mode} {SIDE_LABEL[s]}: every archive_command exited 0, all segments archived, "
+                                 "sample byte-identical, no helper left running", "value": None, "target": "yes",
+                        "pass": v["ok"]})
     if rep["capture"]:
         out.append({"check": "pull capture: all segments stored, sample byte-identical", "value": None,
                     "target": "yes", "pass": rep["capture"]["ok"]})
     return out
 
 
-def _print_report(rep: dict) -> None:
-    med, cfg, env, src = rep["medians"], rep["config"], rep["environment"], rep["source"]
-    sides = cfg["sides"]
-    n, seg = cfg["segments"], src["segment_size"]
-    print()
-    print(f"WAL archiving benchmark - {n} segments x {seg // 1048576} MiB ({n * seg / MB:.1f} MB) of PostgreSQL "
-          f"{src['postgresql']} pgbench WAL, zstd level {cfg['level']}, {env['cpus']} CPUs")
-    g = src["generation"]
-    print(f"WAL: pgbench -i -s {g['scale']} ({g['init_wal_bytes'] / MB:.0f} MB), then CHECKPOINT + TPC-B rounds "
-          f"({g['tpcb_wal_bytes'] / MB:.0f} MB, full-page images); segments {src['first']} .. {src['last']}")
-    print("simulated archiver: one archive_command per segment, in order, cwd = data dir, %p = pg_wal/<name>, "
-          ".ready -> .done after exit 0;")
-    print(f"all {n} segments are .ready when the loop starts (a backlog being drained); "
-          f"{'median of ' + str(cfg['repeat']) + ' runs, order alternating' if cfg['repeat'] > 1 else 'single run'}"
-          "; MB = 10^6 bytes")
-    if env["pgbackrest"]:
-        print(f"pgBackRest: {env['pgbackrest']}, archive-async=n, compress-type=zst, compress-level={cfg['level']}")
-    print()
+def _print_table(mode: str, med: dict, sides: list[str], n: int, repeat: int) -> None:
     cols = [SIDE_LABEL[s] for s in sides]
-    ref = "pgbackrest" if "pgbackrest" in med else None
+    ref = REF if REF in med else None
     rows = [
         (f"wall time for {n} segments (s)", "wall_s", "{:.2f}"),
         ("throughput (segments/s)", "segments_per_s", "{:.1f}"),
@@ -715,13 +771,15 @@ def _print_report(rep: dict) -> None:
         ("CPU per segment (ms)", "cpu_ms_per_segment", "{:.1f}"),
         ("stored (MB)", "stored_bytes", "mb"),
         ("compression ratio", "compression_ratio", "{:.2f}"),
-        ("ahead pusher exited after (s)", "drain_s", "{:.2f}"),
+        ("pusher left after the last call (s)", "drain_s", "{:.2f}"),
         ("other processes' CPU (% of all CPUs)", "other_cpu_pct", "{:.0f}"),
+        ("load average (1 min), max", "load_max", "{:.2f}"),
         ("archived + verified", "ok", "yesno"),
     ]
+    spans = {"segments_per_s": "{:.1f}", "cpu_ms_per_segment": "{:.1f}", "lat_p50_ms": "{:.1f}"}
     w0 = max(len(r[0]) for r in rows) + 2
     wc = max(14, max(len(c) for c in cols) + 2)
-    head = f"{'':<{w0}}" + "".join(f"{c:>{wc}}" for c in cols) + (f"{'ours/pgBR':>11}" if ref else "")
+    head = f"{'':<{w0}}" + "".join(f"{c:>{wc}}" for c in cols) + (f"{'ours/async':>12}" if ref else "")
     print(head)
     print("-" * len(head))
     for label, key, fmt in rows:
@@ -736,27 +794,56 @@ def _print_report(rep: dict) -> None:
                 cells.append(f"{'yes' if v else 'NO':>{wc}}")
             else:
                 cells.append(f"{fmt.format(v):>{wc}}")
-        tail = ""
-        if ref and fmt not in ("yesno",) and key not in ("drain_s", "other_cpu_pct"):
+        tail_ = ""
+        if ref and fmt != "yesno" and key not in ("drain_s", "other_cpu_pct", "load_max"):
             rv, ov = med[ref].get(key), med["ours"].get(key)
-            tail = f"{ov / rv:>11.2f}" if rv and ov is not None else f"{'-':>11}"
-        print(f"{label:<{w0}}" + "".join(cells) + tail)
-        if key == "segments_per_s" and cfg["repeat"] > 1:
-            spans = [f"{med[s]['segments_per_s_min']:.1f}-{med[s]['segments_per_s_max']:.1f}" for s in sides]
-            rng = "".join(f"{x:>{wc}}" for x in spans)
-            print(f"{'  min-max over the runs':<{w0}}" + rng)
+            tail_ = f"{ov / rv:>12.2f}" if rv and ov is not None else f"{'-':>12}"
+        print(f"{label:<{w0}}" + "".join(cells) + tail_)
+        if key in spans and repeat > 1:
+            f = spans[key]
+            rng = [f"{f.format(med[s][key + '_min'])}-{f.format(med[s][key + '_max'])}" for s in sides]
+            print(f"{'  min-max over the runs':<{w0}}" + "".join(f"{x:>{wc}}" for x in rng))
+
+
+def _print_report(rep: dict) -> None:
+    med, cfg, env, src = rep["medians"], rep["config"], rep["environment"], rep["source"]
+    n, seg = cfg["segments"], src["segment_size"]
+    print()
+    print(f"WAL archiving benchmark - {n} segments x {seg // 1048576} MiB ({n * seg / MB:.1f} MB) of PostgreSQL "
+          f"{src['postgresql']} pgbench WAL, zstd level {cfg['level']}, {env['cpus']} CPUs")
+    g = src["generation"]
+    print(f"WAL: pgbench -i -s {g['scale']} ({g['init_wal_bytes'] / MB:.0f} MB), then CHECKPOINT + TPC-B rounds "
+          f"({g['tpcb_wal_bytes'] / MB:.0f} MB, full-page images); segments {src['first']} .. {src['last']}")
+    print("simulated archiver: one archive_command per segment, in order, cwd = data dir, %p = pg_wal/<name>, "
+          ".ready -> .done after exit 0;")
+    print(f"{'median of ' + str(cfg['repeat']) + ' interleaved rounds (order alternating)' if cfg['repeat'] > 1 else 'single run'}"
+          "; MB = 10^6 bytes")
+    if env["pgbackrest"]:
+        print(f"pgBackRest: {env['pgbackrest']}, compress-type=zst, compress-level={cfg['level']}; async: "
+              "--archive-async --process-max=2 --spool-path (per run); sync: archive-async=n")
+    for mode, m in med.items():
+        print()
+        print("BURST: all segments .ready when the loop starts (a backlog being drained)" if mode == "burst" else
+              f"STEADY: one segment becomes .ready every {1 / cfg['rate']:.2f} s ({cfg['rate']:g}/s) and is archived "
+              "at once")
+        _print_table(mode, m, cfg["sides"][mode], n, cfg["repeat"])
     print()
     print("wall time = first call start to last call exit, as the archiver sees it. CPU = user+sys of every process "
-          "of the side,\nincluding ours' forked ahead pusher (re-parented to the benchmark and waited for)"
-          + ("" if env["subreaper"] else " [NOT counted: could not become a subreaper]")
-          + ". 'ahead pusher exited' includes its idle wait\n(idle_exit 3 s, which walcmd counts from the start of its last batch).")
-    o = med["ours"]
-    print(f"ours: the first call pushed its own segment and forked a pusher that stored {o['pushed_ahead']:.0f} "
-          f"segment(s) ahead; later calls found their marker.")
-    other = ", ".join(f"{SIDE_LABEL[s]} {med[s]['other_cpu_pct']:.0f}%" for s in sides)
-    steal = max(med[s]["steal_pct"] for s in sides)
-    print(f"noise: other processes used {other} of the machine's CPU during the runs (steal {steal:.0f}%); "
-          f"load average at the end {os.getloadavg()[0]:.2f}")
+          "of the side,\nincluding ours' resident pusher and pgBackRest's async worker (re-parented to the benchmark "
+          "and waited for)" + ("" if env["subreaper"] else " [NOT counted: could not become a subreaper]")
+          + ".\nThe \"server\" stops after the last call (postmaster.pid removed): ours' pusher leaves then, its idle "
+          "wait (--idle-exit 30 s) is not part of the run.")
+    if REF in med["burst"]:
+        print("per-round ratios ours / pgBackRest async (same round):")
+        for k, v in rep["ratios"].items():
+            if v["median"] is not None:
+                print(f"  {k:<48} median {v['median']:.2f}  min {v['min']:.2f}  max {v['max']:.2f}  "
+                      f"[{', '.join(f'{x:.2f}' for x in v['per_round'])}]")
+    allm = [v for m in med.values() for v in m.values()]
+    print(f"noise: other processes used up to {max(v['other_cpu_pct_max'] for v in allm):.0f}% of the machine's CPU "
+          f"during a run (median {statistics.median(v['other_cpu_pct'] for v in allm):.0f}%), steal "
+          f"{max(v['steal_pct'] for v in allm):.0f}%; load average up to {max(v['load_max'] for v in allm):.2f}, "
+          f"at the end {os.getloadavg()[0]:.2f}")
     cap = rep["capture"]
     if cap:
         print()
@@ -774,13 +861,21 @@ def _print_report(rep: dict) -> None:
             print(f"{'PASS' if c['pass'] else 'FAIL'}  {c['check']}")
         else:
             print(f"{'PASS' if c['pass'] else 'FAIL'}  {c['check']}: {c['value']:.2f} (target {c['target']})")
-    if "pgbackrest" in med:
-        pb = med["pgbackrest"]["segments_per_s"]
-        for s in sides:
-            if s not in ("ours", "pgbackrest"):
-                print(f"info  {SIDE_LABEL[s]} / pgBackRest throughput: {med[s]['segments_per_s'] / pb:.2f} (no target)")
+    for mode, m in med.items():
+        if REF in m:
+            print(f"info  {mode}: CPU per segment ours {m['ours']['cpu_ms_per_segment']:.1f} ms, pgBackRest async "
+                  f"{m[REF]['cpu_ms_per_segment']:.1f} ms (ratio {m['ours']['cpu_ms_per_segment'] / m[REF]['cpu_ms_per_segment']:.2f})")
+    burst = med["burst"]
+    if REF in burst:
+        pb = burst[REF]["segments_per_s"]
+        for s in burst:
+            if s not in ("ours", REF):
+                print(f"info  burst {SIDE_LABEL[s]} / pgBackRest async throughput: {burst[s]['segments_per_s'] / pb:.2f}")
+        if "pgbackrest" in burst:
+            print(f"info  burst ours / pgBackRest sync throughput: "
+                  f"{burst['ours']['segments_per_s'] / burst['pgbackrest']['segments_per_s']:.2f} (secondary line)")
         if cap:
-            print(f"info  pull capture / pgBackRest throughput: {cap['segments_per_s'] / pb:.2f} (different WAL: "
+            print(f"info  pull capture / pgBackRest async throughput: {cap['segments_per_s'] / pb:.2f} (different WAL: "
                   "PostgreSQL 18; no target)")
 
 
@@ -811,6 +906,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-install", action="store_true",
                     help="do not apt-get install postgresql-15 / pgbackrest when missing")
     ap.add_argument("--no-capture", action="store_true", help="skip the pull-capture measurement (PostgreSQL 18)")
+    ap.add_argument("--rate", type=float, default=0.0,
+                    help="also measure a steady rate: one segment becomes ready every 1/RATE s (e.g. 2); 0: burst only")
+    ap.add_argument("--no-sync", action="store_true",
+                    help="skip the secondary sync lines (pgBackRest archive-async=n, ours --ahead 0)")
     a = ap.parse_args(argv)
     if not 1 <= a.level <= 19:
         ap.error("--level must be 1..19 (pgBackRest's zst range)")

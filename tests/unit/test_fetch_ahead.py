@@ -118,7 +118,8 @@ def test_fast_args_parse_fetch_and_push_without_argparse():
         assert walcmd._fast_args(unusual) is None, unusual
     push = walcmd._fast_args(["push", "--repo", "/r", "--cluster", "c", "--spool", "s", "pg_wal/X"])
     assert push == {"cmd": "push", "repo": "/r", "cluster": "c", "spool": "s", "positional": ["pg_wal/X"]}
-    assert walcmd._fast_args(["push", "--idle-exit", "3", "pg_wal/X"]) is None
+    assert walcmd._fast_args(["push", "--idle-exit", "3", "pg_wal/X"])["idle_exit"] == "3"
+    assert walcmd._fast_args(["push", "--bogus", "3", "pg_wal/X"]) is None
 
 
 def test_bad_fetch_arguments_stop_recovery_never_end_it(tmp_path):
