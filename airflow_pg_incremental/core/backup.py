@@ -179,11 +179,11 @@ def take_backup(conn: ConnInfo, repo: Repository, cluster: str, *, kind: str = "
     log.info("backup %s: %s", backup_id, plan.describe())
     cmd = [pg_basebackup, "-Ft", "-X", "fetch", "-w", "--manifest-checksums=CRC32C",
            "-l", f"pgincr {cluster} {backup_id}", "-c", "fast" if fast_checkpoint else "spread"]
-    stage = None
+    stage = stage_lock = None
     if plan.staged:
-        stage = tempfile.mkdtemp(prefix=f"pgincr-backup-{backup_id}-", dir=staging_dir)
+        stage, out_dir, stage_lock = backup_stream.make_stage(backup_id, staging_dir)
         procs.register_dir(stage)
-        cmd += ["-D", stage, "--no-sync", plan.compress_option()]
+        cmd += ["-D", out_dir, "--no-sync", plan.compress_option()]
     else:
         cmd += ["-D", "-"]
     parent_manifest = None
@@ -193,7 +193,8 @@ def take_backup(conn: ConnInfo, repo: Repository, cluster: str, *, kind: str = "
     log.info("running: %s", " ".join(cmd))
     app_name = f"pgincr backup {backup_id}"
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL if plan.staged else subprocess.PIPE, stderr=stderr_file,
-                            env={**os.environ, **conn.env(), "PGAPPNAME": app_name}, cwd="/")
+                            env={**os.environ, **conn.env(), "PGAPPNAME": app_name}, cwd="/",
+                            preexec_fn=backup_stream.die_with_parent if plan.staged else None)
     procs.register_child(proc)  # killed by procs.terminate_all (a killed task): the backup then fails
     progress = Progress(f"{kind} backup {backup_id}", facts["size_estimate"], log, progress_interval)
 
@@ -204,8 +205,8 @@ def take_backup(conn: ConnInfo, repo: Repository, cluster: str, *, kind: str = "
     try:
         base_key = f"{prefix}/base.tar.zst"
         if plan.staged:
-            base_info, manifest, label = _store_staged(repo, base_key, stage, proc, progress, failure, conn, app_name,
-                                                       content_sha256)
+            base_info, manifest, label = _store_staged(repo, base_key, out_dir, proc, progress, failure, conn,
+                                                       app_name, content_sha256)
         else:
             pipe, base_info, manifest, label = _store_piped(repo, base_key, proc, progress, failure, plan,
                                                             content_sha256)
@@ -261,6 +262,7 @@ def take_backup(conn: ConnInfo, repo: Repository, cluster: str, *, kind: str = "
         if stage is not None:
             shutil.rmtree(stage, ignore_errors=True)
             procs.forget_dir(stage)
+            os.close(stage_lock)
         if parent_manifest is not None:
             parent_manifest.close()
         if proc.stdout:

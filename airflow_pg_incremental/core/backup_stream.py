@@ -132,6 +132,74 @@ def choose(mode: str, level: int, threads: int | None, *, server_zstd: bool, ser
     return Plan("python", level, n, f"{why}; {os.path.basename(pg_basebackup)} has no zstd, so pgincr compresses")
 
 
+# --- the staging directory and file -------------------------------------------------------------
+STAGE_PREFIX = "pgincr-backup-"
+
+
+def make_stage(backup_id: str, parent: str | None) -> tuple[str, str, int]:
+    """A private staging directory for one backup: (its path, the empty directory pg_basebackup
+    writes into, a descriptor holding the flock that says it is in use). Staging directories left
+    by a killed process (their flock is free) are removed first."""
+    import fcntl
+    import tempfile
+
+    remove_stale_stages(parent)
+    root = tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{backup_id}-", dir=parent)
+    fd = os.open(os.path.join(root, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    out = os.path.join(root, "pg_basebackup")
+    os.mkdir(out, 0o700)
+    return root, out, fd
+
+
+def remove_stale_stages(parent: str | None) -> list[str]:
+    """Remove the staging directories in `parent` whose owner is gone (lock file not flocked)."""
+    import fcntl
+    import shutil
+    import tempfile
+
+    parent = parent or tempfile.gettempdir()
+    removed = []
+    try:
+        names = [n for n in os.listdir(parent) if n.startswith(STAGE_PREFIX)]
+    except OSError:
+        return removed
+    for n in names:
+        root = os.path.join(parent, n)
+        try:
+            fd = os.open(os.path.join(root, "lock"), os.O_RDWR)
+        except OSError:
+            continue  # not ours, or being created right now
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a running backup
+        finally:
+            os.close(fd)
+        shutil.rmtree(root, ignore_errors=True)
+        removed.append(root)
+        log.info("removed the staging directory of a backup that was killed: %s", root)
+    return removed
+
+
+def _load_prctl():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_prctl = _load_prctl()  # resolved here: the forked child must not load libraries
+
+
+def die_with_parent() -> None:
+    """preexec_fn for pg_basebackup: killed (SIGKILL) when the process that started it dies, even
+    by kill -9. It writes into a file, not a pipe, so nothing else would stop it: it would fill the
+    staging file system with a whole backup nobody reads (Linux prctl PR_SET_PDEATHSIG)."""
+    if _prctl is not None:
+        _prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
+
+
 # --- the staging file ---------------------------------------------------------------------------
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -159,12 +227,12 @@ class StagedFile(_ReadInto, io.RawIOBase):
     than `max_backlog` bytes wait (see the module docstring). `on_chunk` sees every chunk."""
 
     def __init__(self, path: str, proc: subprocess.Popen, *, on_failure: Callable[[int], BaseException],
-                 on_chunk: Callable[[bytes], None] | None = None, max_backlog: int = MAX_BACKLOG):
+                 on_chunk: Callable[[bytes], None] | None = None, max_backlog: int | None = None):
         self.path = path
         self.proc = proc
         self.on_failure = on_failure
         self.on_chunk = on_chunk
-        self.max_backlog = max_backlog
+        self.max_backlog = max_backlog or MAX_BACKLOG
         self.size = 0
         self._fd: int | None = None
         self._punched = 0

@@ -154,3 +154,73 @@ def test_a_flipped_byte_in_a_server_compressed_backup_is_found(pg15, workdir, sc
     with pytest.raises(ChecksumMismatch, match="base.tar.zst"):
         restore_backup(repo, "f15", meta["backup_id"], scratch / "bad", os_user=pg15.os_user)
     assert not (scratch / "bad").exists()
+
+
+KILLED_CHILD = r"""
+import json, os, sys, time
+from airflow_pg_incremental.core import backup_stream
+from airflow_pg_incremental.core.backup import take_full_backup
+from airflow_pg_incremental.core.pgconn import ConnInfo
+from airflow_pg_incremental.core.repository import LocalRepository
+
+backup_stream.MAX_BACKLOG = 1  # pg_basebackup is paused after its first bytes
+
+
+class Slow(LocalRepository):  # a repository that takes its time
+    def put(self, key, reader, **kw):
+        class R:
+            def read(self, n=-1):
+                data = reader.read(64 * 1024)
+                time.sleep(0.5)
+                return data
+        return super().put(key, R(), **kw)
+
+
+a = json.loads(sys.argv[1])
+take_full_backup(ConnInfo(**a["conn"]), Slow(a["repo"]), "k15", staging_dir=a["staging"])
+"""
+
+
+def test_a_killed_backup_leaves_no_pg_basebackup_and_its_staging_is_removed_next_time(pg15, workdir):
+    """kill -9 of the process taking a server-compressed backup: its pg_basebackup (which writes
+    into a file, so no broken pipe would stop it) dies with it, the walsender ends, and the next
+    backup removes the staging directory left behind."""
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    # ~120 MB that compresses about 2x: the stream lasts long enough to be caught mid-way
+    pg15.psql("CREATE DATABASE bulk")
+    pg15.psql("CREATE TABLE b AS SELECT g, md5(g::text) || md5(random()::text) AS t "
+              "FROM generate_series(1, 1200000) g", dbname="bulk")
+    repo = created(LocalRepository(workdir / f"pg15-k-{uuid.uuid4().hex[:6]}"))
+    staging = workdir / f"stage-k-{uuid.uuid4().hex[:6]}"
+    staging.mkdir()
+    ci = pg15.conninfo()
+    arg = {"conn": {"host": ci.host, "port": ci.port, "user": ci.user, "password": ci.password,
+                    "dbname": ci.dbname}, "repo": str(repo.root), "staging": str(staging)}
+    child = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, json.dumps(arg)])
+    try:
+        deadline = time.monotonic() + 60
+        pbb = []
+        while time.monotonic() < deadline and not pbb:
+            time.sleep(0.05)
+            pbb = [p for p in psutil.Process(child.pid).children()  # not the quick probe of its zstd support
+                   if p.name() == "pg_basebackup" and any(str(staging) in x for x in p.cmdline())]
+        assert pbb, "pg_basebackup never started"
+        time.sleep(1.0)  # writing, then paused: the repository is slow
+        assert pbb[0].is_running() and child.poll() is None, f"child exit {child.poll()}, pg_basebackup {pbb[0]}"
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(10)
+        gone, alive = psutil.wait_procs(pbb, timeout=10)
+        assert not alive, "pg_basebackup outlived the process that started it"
+    finally:
+        if child.poll() is None:
+            child.kill()
+    left = [p.name for p in staging.iterdir()]
+    assert len(left) == 1 and left[0].startswith("pgincr-backup-")
+    meta = take_full_backup(ci, repo, "k15", staging_dir=str(staging))  # a new backup cleans up
+    assert meta["status"] == "complete" and list(staging.iterdir()) == []
+    pg15.psql("DROP DATABASE bulk")
