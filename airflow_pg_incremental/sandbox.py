@@ -179,13 +179,22 @@ class SeaweedS3:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"weed mini exited with {self.proc.returncode}; see {self.workdir / 'weed.log'}")
             try:
-                self.client().head_bucket(Bucket=self.bucket)
+                self._check_ready()
                 return self
             except Exception as e:  # not up yet
                 last = e
                 time.sleep(0.3)
         self.stop()
         raise RuntimeError(f"SeaweedFS S3 not ready after {timeout}s: {last}")
+
+    def _check_ready(self) -> None:
+        """The bucket answers, and after a restart an object stored before can be read (the filer
+        answers before the volume server has loaded its volumes: a GET then fails with InternalError)."""
+        c = self.client()
+        c.head_bucket(Bucket=self.bucket)
+        first = c.list_objects_v2(Bucket=self.bucket, MaxKeys=1).get("Contents") or []
+        if first:
+            c.get_object(Bucket=self.bucket, Key=first[0]["Key"])["Body"].read()
 
     @property
     def endpoint_url(self) -> str:
