@@ -407,6 +407,8 @@ class Prefetcher:
             with open(os.path.join(self.data_dir, "postmaster.pid")) as f:
                 pid = int(f.readline())
             os.kill(pid, 0)
+        except PermissionError:  # alive, run by another user
+            return None
         except (OSError, ValueError):
             return "the server stopped"
         return None

@@ -232,3 +232,23 @@ def test_idle_prefetcher_removes_itself_and_its_spool(tmp_path):
     assert rec.ask(segment_name(1, 1, MB)) == (True, None)
     rec.threads[0].join(5)
     assert rec.stopped == ["no request for 0.5s"] and not os.path.exists(rec.spool)
+
+
+def test_a_postmaster_of_another_user_counts_as_running(tmp_path, monkeypatch):
+    """kill(pid, 0) on a live process of another user fails with EPERM: the server runs (before,
+    the prefetcher took it for stopped and left at once, so every call was a direct fetch)."""
+    dd = tmp_path / "data"
+    (dd / "pg_wal").mkdir(parents=True)
+    (dd / "postmaster.pid").write_text("1\n")  # pid 1: alive; EPERM as a normal user, simulated for root
+    (dd / "recovery.signal").touch()
+    p = fa.Prefetcher(new_repo(tmp_path / "r"), C, str(dd / "pg_wal" / fa.SPOOL_DIR), str(dd))
+    os.mkdir(p.spool)
+
+    def eperm(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(fa.os, "kill", eperm)
+    assert p._why_stop() is None
+    (dd / "postmaster.pid").write_text("999999999\n")
+    monkeypatch.undo()
+    assert p._why_stop() == "the server stopped"
