@@ -101,6 +101,13 @@ def _emit(args, data: dict, lines: list[str]) -> None:
         print("\n".join(line for line in lines if line is not None))
 
 
+def _compressed_by(c: dict | None) -> str:
+    if not c:
+        return ""
+    where = {"server": "the database server", "client": "pg_basebackup", "python": "pgincr"}.get(c.get("where"), "?")
+    return f", zstd-{c.get('level')} by {where} ({c.get('threads')} thread(s))"
+
+
 def cmd_backup(args) -> int:
     from .core.backup import summary, take_full_backup
     from .core.preflight import ensure_wal_archiving
@@ -134,6 +141,7 @@ def cmd_backup(args) -> int:
         f"{out['kind']} backup {out['backup_id']} of {args.cluster} complete: {human_bytes(out['raw_bytes'] or 0)} "
         f"read, {human_bytes(out['stored_bytes'] or 0)} stored in {out['duration_s']:.1f} s",
         f"  LSN {out['start_lsn']} .. {out['stop_lsn']}, timeline {out['timeline']}, PostgreSQL {out['pg_major']}"
+        + _compressed_by(out.get("compression"))
         + (f", on top of {out['parent_id']}" if out.get("parent_id") else ""),
         f"  a full was taken instead of {args.kind}: {reason}" if reason else None,
         f"  {nxt}", *[f"  WARNING: {w}" for w in wal["warnings"]]])

@@ -440,5 +440,5 @@ def summary(meta: dict) -> dict:
     keys = ("cluster", "backup_id", "kind", "parent_id", "chain_root_id", "chain_length", "reason", "status",
             "start_lsn", "stop_lsn",
             "timeline", "system_identifier", "pg_major", "raw_bytes", "stored_bytes", "duration_s", "started_at",
-            "finished_at", "start_wal_file", "stop_wal_file", "repository")
+            "finished_at", "start_wal_file", "stop_wal_file", "repository", "compression")
     return {k: meta.get(k) for k in keys}
