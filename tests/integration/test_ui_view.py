@@ -21,7 +21,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import tomllib
 import urllib.error
@@ -45,8 +44,8 @@ CHROMIUM = "/usr/bin/chromium"
 # component/background updates or sync), a fresh profile (the user-data dir given at launch)
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SCREENSHOT = REPO_ROOT / "docs" / "backups-view.png" if os.environ.get("PGINCR_UPDATE_SCREENSHOT") == "1" else \
-    Path(tempfile.gettempdir()) / f"pgincr-backups-view-{os.getpid()}.png"
+# None: the screenshot goes into the test's own work directory (removed with the session's)
+SCREENSHOT = REPO_ROOT / "docs" / "backups-view.png" if os.environ.get("PGINCR_UPDATE_SCREENSHOT") == "1" else None
 SEG = 16 * 1024 * 1024
 
 
@@ -450,8 +449,9 @@ def test_backups_view_in_the_airflow_ui(pg, workdir):
                 link = view.locator(f"tr.backup-row[data-backup='{ids['full']}'] a.dagrun")
                 run_path = f"/dags/{dag['weekly_full']}/runs/{quote(runs['full']['run_id'], safe='')}"
                 assert link.get_attribute("href") == run_path
-                SCREENSHOT.parent.mkdir(exist_ok=True)
-                ui.screenshot(path=str(SCREENSHOT))
+                shot = SCREENSHOT or base / "backups-view.png"
+                shot.parent.mkdir(exist_ok=True)
+                ui.screenshot(path=str(shot))
                 # the README opens inside the UI too (the iframe may not open a new window), and back
                 view.locator("header a.docs").click()
                 expect(view.locator("main h1").first).to_have_text("airflow-pg-incremental")
