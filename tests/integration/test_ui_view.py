@@ -353,9 +353,12 @@ def _trigger_the_restore_form(ui, url: str, cluster: str, bearer: dict) -> None:
     submit = dialog.get_by_role("button", name="Trigger")
     expect(submit).to_be_enabled()
     submit.click()
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 240
     while True:
-        status, _, body = _http(f"{url}/api/v2/dags/pgincr_restore/dagRuns", headers=bearer)
+        try:  # polling: one slow answer of a loaded standalone API server is not a failure
+            status, _, body = _http(f"{url}/api/v2/dags/pgincr_restore/dagRuns", headers=bearer)
+        except OSError as e:
+            status, body = None, f"{type(e).__name__}: {e}"
         runs = json.loads(body).get("dag_runs", []) if status == 200 else []
         if runs and runs[-1]["state"] in ("success", "failed"):
             break
