@@ -244,17 +244,28 @@ def _start_pusher(lock_fd: int, name: str, pg_wal: str, spool: str, repo_url: st
     except BaseException:
         os.close(lock_fd)
         raise
+
+    def child() -> None:
+        from airflow_pg_incremental.core.pushahead import run_detached
+
+        run_detached(lock_fd, repo, cluster, pg_wal, spool, os.getcwd(), first=name, log=lambda m: _log(spool, m),
+                     **opts)
+
+    _fork_detached(lock_fd, child)
+    return repo
+
+
+def _fork_detached(lock_fd: int, child) -> int:
+    """Fork; the child runs `child()` holding `lock_fd` (the same open file as ours) and exits
+    without ever returning into PostgreSQL's caller; the parent closes its copy. The child's pid."""
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid:
         os.close(lock_fd)
-        return repo
-    try:  # never let the child return into PostgreSQL's caller
-        from airflow_pg_incremental.core.pushahead import run_detached
-
-        run_detached(lock_fd, repo, cluster, pg_wal, spool, os.getcwd(), first=name, log=lambda m: _log(spool, m),
-                     **opts)
+        return pid
+    try:
+        child()
     finally:
         os._exit(0)
 
@@ -291,19 +302,14 @@ def start_prefetcher(lock_fd: int, spool: str, repo_url: str, cluster: str, opts
     except BaseException:
         os.close(lock_fd)
         raise
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid:
-        os.close(lock_fd)
-        return pid
-    try:  # never let the child return into PostgreSQL's caller
+
+    def child() -> None:
         _enable_site()
         from airflow_pg_incremental.core.fetchahead import run_detached
 
         run_detached(lock_fd, repo_url, cluster, spool, os.getcwd(), **opts)
-    finally:
-        os._exit(0)
+
+    return _fork_detached(lock_fd, child)
 
 
 def fetch_direct(name: str, dest: str, repo_url: str, cluster: str, note: str | None = None,
