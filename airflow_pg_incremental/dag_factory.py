@@ -128,6 +128,7 @@ def parse_config(raw: dict) -> list[ClusterConfig]:
                 raise ConfigError(f"clusters[{i}].{key} must be true or false")
         if not isinstance(merged.get("tags", []), list):
             raise ConfigError(f"clusters[{i}].tags must be a list")
+        # core.backup_stream.MODES, spelled out: importing it would load zstandard at DAG parse time
         if merged.get("compression", "auto") not in ("auto", "server", "client"):
             raise ConfigError(f"clusters[{i}].compression must be 'auto', 'server' or 'client' (where zstd runs: "
                               "auto = on the database server when it supports zstd, else on the worker)")
