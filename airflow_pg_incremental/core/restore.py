@@ -116,11 +116,18 @@ def extract_object(repo: Repository, info: ObjectInfo, dest: Path, what: str, in
                              "--no-same-owner", "--delay-directory-restore"], stdin=subprocess.PIPE, stderr=err)
     _grow_pipe(proc.stdin.fileno(), TAR_RECORD)
     try:
-        with repo.open(info.key) as stored, _ReadAhead(VerifyingReader(stored, info).read, TAR_RECORD) as chunks:
-            for data in chunks:
-                scanner.feed(data)  # raises before tar sees a forbidden member
-                proc.stdin.write(data)
-                progress.add(len(data))
+        with repo.open(info.key) as stored:
+            reader = VerifyingReader(stored, info)
+            ahead = _ReadAhead(reader.read, TAR_RECORD)
+            try:
+                with ahead:
+                    for data in ahead:
+                        scanner.feed(data)  # raises before tar sees a forbidden member
+                        proc.stdin.write(data)
+                        progress.add(len(data))
+            except Exception as e:
+                _blame_damage(reader, ahead.error, e)
+                raise
         proc.stdin.close()
         rc = proc.wait()
         if rc != 0:
@@ -148,6 +155,7 @@ class _ReadAhead:
 
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
+        self.error: BaseException | None = None  # the reader's error, even if never consumed
         self._thread = threading.Thread(target=self._run, args=(read, size), name="pgincr-read-ahead", daemon=True)
         self._thread.start()
 
@@ -158,6 +166,7 @@ class _ReadAhead:
                 if not self._put(data) or not data:
                     return
         except BaseException as e:  # handed to the consumer
+            self.error = e
             self._put(e)
 
     def _put(self, item) -> bool:
@@ -192,10 +201,37 @@ def _extract_with_tarfile(repo: Repository, info: ObjectInfo, dest: Path, what: 
     progress = Progress(f"restore {what}", info.raw_size, log, interval)
     with repo.open(info.key) as stored:
         reader = VerifyingReader(stored, info)
-        with tarfile.open(fileobj=CountingReader(reader, progress), mode="r|", bufsize=1 << 20) as tf:
-            tf.extractall(dest, filter=_base_backup_filter)
+        try:
+            with tarfile.open(fileobj=CountingReader(reader, progress), mode="r|", bufsize=1 << 20) as tf:
+                tf.extractall(dest, filter=_base_backup_filter)
+        except Exception as e:
+            _blame_damage(reader, None, e)
+            raise
         reader.drain()
     progress.finish()
+
+
+def _blame_damage(reader: VerifyingReader, read_error: BaseException | None, error: Exception) -> None:
+    """An extraction stopped part-way (a header that is no tar header, a refused member, tar
+    exiting): when the stored object is damaged, that is the cause to report. A server-compressed
+    backup's zstd frames carry no content checksum, so a flipped byte decompresses into a garbled
+    tar stream; the object's stored SHA-256, checked by reading it to its end, names the damage."""
+    from .errors import ChecksumMismatch
+
+    if isinstance(error, ChecksumMismatch):
+        return
+    if isinstance(read_error, ChecksumMismatch):
+        raise read_error from error
+    try:
+        reader.drain()
+    except ChecksumMismatch as damaged:
+        raise damaged from error
+    except Exception:  # the stored object cannot be read to its end: the first error stands
+        return
+    from .tarscan import TarFormatError
+
+    if isinstance(error, TarFormatError):  # the object is as stored, and is no tar archive
+        raise RestoreError(f"{reader.expected.key} is not a readable tar archive: {error}") from error
 
 
 class Timings:

@@ -11,11 +11,36 @@ import tempfile
 BLOCK = 512
 
 
+class TarFormatError(ValueError):
+    """A header that is not a tar header: the stream is damaged (or is not a tar archive)."""
+
+
 def _parse_size(field: bytes) -> int:
     if field and field[0] & 0x80:  # GNU base-256
         return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
     s = field.split(b"\0", 1)[0].strip()
-    return int(s, 8) if s else 0
+    try:
+        return int(s, 8) if s else 0
+    except ValueError:
+        raise TarFormatError(f"tar header has a malformed size field {bytes(field)!r}") from None
+
+
+def _check_header(hdr: bytes, offset: int) -> None:
+    """The header's own checksum (the sum of its bytes with the checksum field read as spaces), as
+    tar itself checks it: damage in a header is named here, before any field of it is trusted."""
+    field = hdr[148:156].split(b"\0", 1)[0].strip()
+    try:
+        recorded = int(field, 8)
+    except ValueError:
+        raise TarFormatError(f"no tar header at byte {offset} of the archive (checksum field {bytes(hdr[148:156])!r})") from None
+    actual = sum(hdr[:148]) + 8 * 32 + sum(hdr[156:])
+    if recorded != actual and recorded != _signed_sum(hdr):  # some old tars summed signed chars
+        raise TarFormatError(f"tar header at byte {offset} of the archive is damaged "
+                             f"(header checksum {recorded:o}, computed {actual:o})")
+
+
+def _signed_sum(hdr: bytes) -> int:
+    return sum(b - 256 if b > 127 else b for b in hdr[:148] + b" " * 8 + hdr[156:])
 
 
 class TarScanner:
@@ -31,6 +56,7 @@ class TarScanner:
         self._sink = None        # file to copy content into, or None
         self._special = None     # 'L' or 'x' header content collector
         self._next_name: str | None = None
+        self._offset = 0         # bytes of the archive fed so far
 
     def feed(self, data: bytes) -> None:
         mv = memoryview(data)
@@ -58,11 +84,13 @@ class TarScanner:
             if len(self._hdr) == BLOCK:
                 hdr = bytes(self._hdr)
                 self._hdr.clear()
-                self._header(hdr)
+                self._header(hdr, self._offset + i - BLOCK)
+        self._offset += n
 
-    def _header(self, hdr: bytes) -> None:
+    def _header(self, hdr: bytes, offset: int = 0) -> None:
         if hdr == b"\0" * BLOCK:
             return
+        _check_header(hdr, offset)
         name = hdr[0:100].split(b"\0", 1)[0].decode("utf-8", "replace")
         prefix = hdr[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") if hdr[257:262] == b"ustar" else ""
         if prefix:

@@ -150,6 +150,7 @@ def test_base256_size_field():
     assert data[0:15] == b"backup_manifest"
     field = bytes([0x80]) + len(MANIFEST).to_bytes(11, "big")
     data[124:136] = field
+    data[148:156] = b"%06o\0 " % (sum(data[:148]) + 8 * 32 + sum(data[156:512]))  # the header's own checksum
     s = _feed(bytes(data), 333)
     assert s.read_captured("backup_manifest") == MANIFEST
     assert s.members == 2
@@ -199,3 +200,16 @@ def test_extension_headers_not_members(kind):
     s = _feed(data, 512, capture=("a",))
     assert s.read_captured("a") == b"abc"  # capture itself works
     assert s.members == expected
+
+
+@pytest.mark.parametrize("where", [124 + 2, 0, 300, 151])
+def test_damaged_header_is_named_with_its_offset(where):
+    """A header whose own checksum does not match is refused before any field of it is used."""
+    from airflow_pg_incremental.core.tarscan import TarFormatError
+
+    data = bytearray(_tar(tarfile.GNU_FORMAT, [("a", b"x" * 1000), ("backup_manifest", MANIFEST)], dirs=False))
+    second = 512 + 1024  # a's header and its content padded to 1024
+    assert data[second:second + 15] == b"backup_manifest"
+    data[second + where] ^= 0x10
+    with pytest.raises(TarFormatError, match=f"at byte {second} "):
+        _feed(bytes(data), 700)
