@@ -192,6 +192,25 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX ON {s}.restores (cluster, started_at DESC);
     """,
+    # 7: synthetic fulls (core.synthetic): a fourth kind, without a parent, standing for a backup
+    """
+    DO $$
+    DECLARE c record;
+    BEGIN
+        FOR c IN SELECT conname FROM pg_constraint
+                 WHERE conrelid = '{s}.backups'::regclass AND contype = 'c'
+                   AND pg_get_constraintdef(oid) LIKE '%kind%'
+        LOOP
+            EXECUTE format('ALTER TABLE {s}.backups DROP CONSTRAINT %I', c.conname);
+        END LOOP;
+    END $$;
+    ALTER TABLE {s}.backups
+        ADD CONSTRAINT backups_kind_check CHECK (kind IN ('full', 'incremental', 'differential', 'synthetic')),
+        ADD CONSTRAINT backups_parent_check CHECK ((kind IN ('full', 'synthetic')) = (parent_id IS NULL)),
+        ADD COLUMN stands_for text;
+    COMMENT ON COLUMN {s}.backups.stands_for IS
+        'a synthetic full: the backup whose point it holds (built from its chain on a worker)';
+    """,
 ]
 
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -248,6 +267,7 @@ class Catalog:
             "stored_bytes": meta.get("stored_bytes"), "error": meta.get("error"), "dag_id": af.get("dag_id"),
             "run_id": af.get("run_id"), "task_id": af.get("task_id"),
             "meta": json.dumps({k: v for k, v in meta.items() if k not in ("objects",)}),
+            "stands_for": meta.get("stands_for"),
         }
         cols = list(row)
         updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in cols if c not in ("cluster", "backup_id"))

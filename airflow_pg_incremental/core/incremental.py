@@ -24,22 +24,37 @@ KINDS = ("incremental", "differential")
 
 
 def current_chain(backups: list[dict]) -> list[dict]:
-    """The newest chain: the newest full backup and the backups built on it, oldest first."""
+    """The newest chain of parents: the newest full backup taken from the server and the backups
+    built on it, oldest first. Synthetic fulls are not parents (see core.synthetic)."""
     fulls = [b for b in backups if b["kind"] == "full"]
     if not fulls:
         return []
     root = fulls[-1]
-    return [b for b in backups if b.get("chain_root_id") == root["backup_id"]]
+    return [b for b in backups if b.get("chain_root_id") == root["backup_id"] and b["kind"] != "synthetic"]
+
+
+def restore_length(chain: list[dict], backups: list[dict]) -> int:
+    """How many backups a restore of the chain's newest combines: the chain, or its tail after the
+    newest member a synthetic full stands for, plus that synthetic full."""
+    from .synthetic import synthetic_for
+
+    synth = synthetic_for(backups)
+    for i in range(len(chain) - 1, -1, -1):
+        if chain[i]["backup_id"] in synth:
+            return len(chain) - i
+    return len(chain)
 
 
 def decide(kind: str, facts: dict, chain: list[dict], *, max_chain_length: int = 14,
            summaries: list[tuple[int, int, int]] | None = None, summarized_lsn: int | None = None,
            keep_time_s: float | None = None, now: dt.datetime | None = None, parent_ok: bool = True,
-           parent_problem: str | None = None) -> dict:
+           parent_problem: str | None = None, restore_len: int | None = None) -> dict:
     """What to take. Returns {"kind": full|incremental|differential|none, "parent_id", "reason"}.
 
     facts: server facts (major, summarize_wal, system_identifier, timeline, data_checksums).
-    summaries: (timeline, start_lsn, end_lsn) of pg_available_wal_summaries()."""
+    summaries: (timeline, start_lsn, end_lsn) of pg_available_wal_summaries().
+    restore_len: backups a restore of the chain's newest combines (shorter than the chain when a
+    synthetic full stands for part of it); the chain's length by default."""
     if kind not in KINDS:
         raise ConfigError(f"unknown incremental kind {kind!r}; use 'incremental' (parent = newest backup of the "
                           "chain) or 'differential' (parent = the chain's full)")
@@ -70,9 +85,11 @@ def decide(kind: str, facts: dict, chain: list[dict], *, max_chain_length: int =
                     f"{pid}: every page changed")
     if not parent_ok:
         return full(f"the parent {pid} cannot be used: {parent_problem or 'missing or damaged'}")
-    if kind == "incremental" and len(chain) >= max_chain_length:
-        return full(f"the chain of {len(chain)} backups from {chain[0]['backup_id']} reached the limit of "
-                    f"{max_chain_length}: restores would combine too many backups")
+    restore_len = len(chain) if restore_len is None else restore_len
+    if kind == "incremental" and restore_len >= max_chain_length:
+        return full(f"the chain of {restore_len} backups restored together from {chain[-restore_len]['backup_id']} "
+                    f"reached the limit of {max_chain_length}: restores would combine too many backups (a synthetic "
+                    "full, `pgincr synthesize`, shortens it without reading the server)")
     if keep_time_s is not None and parent.get("finished_at"):
         age = (now - dt.datetime.fromisoformat(parent["finished_at"])).total_seconds()
         if age > keep_time_s:
@@ -116,7 +133,8 @@ def plan_backup(conn: ConnInfo, repo: Repository, cluster: str, *, kind: str = "
             summarized = parse_lsn(row[0]) if row and row[0] else None
             cur.execute("SELECT setting::bigint * 60 FROM pg_settings WHERE name = 'wal_summary_keep_time'")
             keep_s = float(cur.fetchone()[0]) or None  # 0 = keep forever
-    chain = current_chain(list_backups(repo, cluster))
+    backups = list_backups(repo, cluster)
+    chain = current_chain(backups)
     parent_ok, problem = True, None
     if chain:
         parent = chain[-1] if kind == "incremental" else chain[0]
@@ -128,7 +146,8 @@ def plan_backup(conn: ConnInfo, repo: Repository, cluster: str, *, kind: str = "
         except Exception as e:
             parent_ok, problem = False, str(e)
     d = decide(kind, facts, chain, max_chain_length=max_chain_length, summaries=summaries,
-               summarized_lsn=summarized, keep_time_s=keep_s, parent_ok=parent_ok, parent_problem=problem)
+               summarized_lsn=summarized, keep_time_s=keep_s, parent_ok=parent_ok, parent_problem=problem,
+               restore_len=restore_length(chain, backups))
     d.update({"cluster": cluster, "pg_major": facts["major"], "timeline": facts["timeline"],
               "chain": [b["backup_id"] for b in chain]})
     if d["reason"]:
@@ -152,15 +171,33 @@ def take_planned_backup(conn: ConnInfo, repo: Repository, cluster: str, *, kind:
     return meta
 
 
-def resolve_chain(repo: Repository, cluster: str, meta: dict) -> list[dict]:
-    """[full, ..., meta]: the backups a restore of `meta` combines, oldest first. A missing link
-    is refused with a message naming it."""
+def resolve_chain(repo: Repository, cluster: str, meta: dict, *, synthetic: bool = True) -> list[dict]:
+    """[full, ..., meta]: the backups a restore of `meta` combines, oldest first. Walking back from
+    `meta`, the first backup a synthetic full stands for is replaced by it with all its ancestors
+    (the newest such synthetic full whose objects are present; `synthetic=False`: the chain of
+    parents only). A missing link is refused with a message naming it."""
+    synth = {}
+    if synthetic and meta.get("kind") != "synthetic":
+        from .synthetic import synthetic_for
+
+        synth = {k: s for k, s in synthetic_for(list_backups(repo, cluster)).items()
+                 if all(repo.exists(o["key"]) for o in s.get("objects", []))}
     chain = [meta]
     seen = {meta["backup_id"]}
-    while chain[0].get("parent_id"):
+    while True:
+        s = synth.get(chain[0]["backup_id"])
+        if s is not None:
+            chain[0] = s
+            return chain
+        if not chain[0].get("parent_id"):
+            break
         pid = chain[0]["parent_id"]
         if pid in seen:
             raise RestoreError(f"backup chain of {meta['backup_id']} loops at {pid}")
+        s = synth.get(pid)
+        if s is not None:  # the parent itself may be gone (retention): its synthetic full stands for it
+            chain.insert(0, s)
+            return chain
         try:
             parent = load_backup(repo, cluster, pid)
         except Exception as e:
@@ -168,6 +205,6 @@ def resolve_chain(repo: Repository, cluster: str, meta: dict) -> list[dict]:
                                f"(parent of {chain[0]['backup_id']}): {e}") from None
         chain.insert(0, parent)
         seen.add(pid)
-    if chain[0]["kind"] != "full":
+    if chain[0]["kind"] not in ("full", "synthetic"):
         raise RestoreError(f"the chain of {meta['backup_id']} does not start with a full backup")
     return chain

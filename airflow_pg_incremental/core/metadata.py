@@ -307,13 +307,13 @@ def cleanup_abandoned_writes(repo: Repository, cluster: str, *, older_than_s: fl
 
 
 def new_backup_id(repo: Repository, cluster: str, kind: str, now: dt.datetime | None = None) -> str:
-    """Sortable id not used yet: 20261121T124048Z-F (F full, I incremental, D differential). Only
+    """Sortable id not used yet: 20261121T124048Z-F (F full, I incremental, D differential, S synthetic full). Only
     a proposal: `claim_backup_id` makes it the caller's."""
     return _candidate_ids(repo, cluster, kind, now or utcnow())[0]
 
 
 def _candidate_ids(repo: Repository, cluster: str, kind: str, now: dt.datetime, n: int = 1) -> list[str]:
-    suffix = {"full": "F", "incremental": "I", "differential": "D"}[kind]
+    suffix = {"full": "F", "incremental": "I", "differential": "D", "synthetic": "S"}[kind]
     base = now.strftime("%Y%m%dT%H%M%SZ")
     existing = set(list_backup_ids(repo, cluster))
     out, i = [], 1

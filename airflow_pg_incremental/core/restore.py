@@ -288,11 +288,13 @@ def restore_backup(repo: Repository, cluster: str, backup_id: str | None, target
     verifybackup = find_program("pg_verifybackup", major) if verify else None
     _object(meta, "base.tar.zst")  # refused before anything is touched when missing
     chain = [meta]
-    if meta.get("kind", "full") != "full":
+    if meta.get("parent_id"):
         from .incremental import resolve_chain
 
-        chain = resolve_chain(repo, cluster, meta)  # refuses a broken chain before anything is touched
-        combine = find_program("pg_combinebackup", major)
+        # refuses a broken chain before anything is touched; a synthetic full stands in for its prefix
+        chain = resolve_chain(repo, cluster, meta)
+        if len(chain) > 1:
+            combine = find_program("pg_combinebackup", major)
         for b in chain:
             _object(b, "base.tar.zst")
     created = not target.exists()
@@ -306,10 +308,10 @@ def restore_backup(repo: Repository, cluster: str, backup_id: str | None, target
         os.chmod(target, 0o700)
         if len(chain) == 1:
             with timings.step("extract"), _write_behind(target):
-                extract_backup(repo, meta, target, progress_interval)
+                extract_backup(repo, chain[0], target, progress_interval)
             if verify:
                 with timings.step("verify"):
-                    _verify(verifybackup, target, VERIFY_EXTRACTED, f"the restored backup {meta['backup_id']}")
+                    _verify(verifybackup, target, VERIFY_EXTRACTED, f"the restored backup {chain[0]['backup_id']}")
         else:
             _combine_chain(repo, chain, target, combine, verifybackup, major, progress_interval, timings)
         os.chmod(target, 0o700)
@@ -342,7 +344,7 @@ def _verify(verifybackup: str, directory: Path, options: list[str], what: str) -
 
 
 def _combine_chain(repo, chain, target: Path, combine: str, verifybackup: str | None, major: int,
-                   progress_interval: float, timings: Timings) -> None:
+                   progress_interval: float, timings: Timings, *, flush: bool = True) -> None:
     """Stage every backup of the chain beside the target (same filesystem), verify each, then
     pg_combinebackup them oldest -> newest into the target (no fsync of its own: the restore
     flushes the filesystem once at the end). Staging is removed in every case."""
@@ -383,7 +385,7 @@ def _combine_chain(repo, chain, target: Path, combine: str, verifybackup: str | 
         shutil.rmtree(staging, ignore_errors=True)  # the parts' dirty pages go unwritten
         if verifybackup:
             # pg_verifybackup reads the output from the page cache while the kernel writes it back
-            flusher = WriteBehind(target, immediate=True).start() if OVERLAP_FLUSH else None
+            flusher = WriteBehind(target, immediate=True).start() if OVERLAP_FLUSH and flush else None
             try:
                 with timings.step("verify"):
                     _verify(verifybackup, target, VERIFY_COMBINED, f"the combined backup {chain[-1]['backup_id']}")

@@ -202,7 +202,7 @@ def _select(repo: Repository, cluster: str, backup_id: str | None, chain: bool) 
         return [], [(e.backup_id, str(e))]
     except ChecksumMismatch as e:
         return [], [(backup_id, str(e))]
-    if not chain or meta.get("kind", "full") == "full":
+    if not chain or not meta.get("parent_id"):  # a full or a synthetic full
         return [meta], []
     # the ancestors that can be loaded; a broken link is reported by the 'chain' check of the
     # backup above it
@@ -259,7 +259,7 @@ def _verify_one(repo: Repository, cluster: str, meta: dict, *, verifybackup: str
     bid = meta["backup_id"]
     t0 = time.monotonic()
     checks = []
-    if meta.get("kind", "full") != "full":
+    if meta.get("parent_id"):
         checks.append(_chain_check(repo, cluster, meta))
     try:
         checks += _objects_and_verifybackup(repo, meta, verifybackup, staging_parent, progress_interval)
@@ -397,7 +397,7 @@ def _run_verifybackup(program: str, stage: Path, meta: dict) -> dict:
     if r.returncode == 0:
         return _check("pg_verifybackup", True, f"passed (files and WAL) in {time.monotonic() - t0:.1f} s")
     first = (r.stderr.strip() or r.stdout.strip())
-    if meta.get("kind", "full") != "full":
+    if meta.get("parent_id"):
         r2 = _run([program, "--quiet", "--no-parse-wal", str(stage)])
         if r2.returncode == 0:
             log.warning("backup %s: pg_verifybackup could not parse the WAL of the incremental backup (%s); its "
