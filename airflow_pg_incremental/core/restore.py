@@ -314,6 +314,7 @@ def restore_backup(repo: Repository, cluster: str, backup_id: str | None, target
                     _verify(verifybackup, target, VERIFY_EXTRACTED, f"the restored backup {chain[0]['backup_id']}")
         else:
             _combine_chain(repo, chain, target, combine, verifybackup, major, progress_interval, timings)
+        _drop_signal_files(target, meta)
         os.chmod(target, 0o700)
         chown_tree(target, os_user)
         with timings.step("sync"):
@@ -331,6 +332,22 @@ def restore_backup(repo: Repository, cluster: str, backup_id: str | None, target
             "verified": verify, "restore_seconds": round(took, 3), "timings": split, "durable": True,
             "stop_lsn": meta.get("stop_lsn"),
             "timeline": meta.get("timeline"), "bootstrap_superuser": meta.get("bootstrap_superuser")}
+
+
+# A backup taken from a standby holds its standby.signal (and primary_conninfo in
+# postgresql.auto.conf): started as it is, the restored copy would enter standby mode and stream
+# from the live primary. A restore is never a standby of its source; the signal files go (after
+# pg_verifybackup, whose manifest lists them), and PITR writes its own recovery.signal.
+SIGNAL_FILES = ("standby.signal", "recovery.signal")
+
+
+def _drop_signal_files(target: Path, meta: dict) -> None:
+    for name in SIGNAL_FILES:
+        path = target / name
+        if path.exists():
+            path.unlink()
+            log.info("removed %s from the restored copy of %s (taken from a standby): it would stream from the "
+                     "source's primary; create it again to make this copy a standby", name, meta["backup_id"])
 
 
 def _write_behind(target: Path):
