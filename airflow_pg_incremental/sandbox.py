@@ -112,6 +112,40 @@ class SandboxPostgres:
             raise RuntimeError(f"pgbench failed: {r.stderr}")
 
 
+class SandboxStandby(SandboxPostgres):
+    """A streaming standby of a SandboxPostgres (pg_basebackup -R over its private socket), hot,
+    with its own port; it shares the primary's roles and password."""
+
+    def __init__(self, primary: SandboxPostgres, workdir: str | os.PathLike, **kwargs):
+        super().__init__(workdir, major=primary.major, os_user=primary.os_user, password=primary.password,
+                         settings=dict(primary.extra_settings), **kwargs)
+        self.primary = primary
+
+    def base_settings(self) -> dict:
+        return {**super().base_settings(), "hot_standby": "on", "archive_mode": "off"}
+
+    def start(self) -> "SandboxStandby":
+        if not (self.server.data_dir / "PG_VERSION").exists():
+            from .core.server import make_user_dir
+
+            make_user_dir(self.server.data_dir, self.os_user)
+            p = self.primary.server
+            self.server._run("pg_basebackup", ["-D", str(self.server.data_dir), "-R", "-X", "stream", "-c", "fast",
+                                               "-h", str(p.socket_dir), "-p", str(p.port), "-U", "postgres"])
+        self.server.start(self.base_settings(), env=self.env)
+        return self
+
+    def wait_replayed(self, timeout: float = 60) -> str:
+        """Until the standby has replayed everything the primary has written now; returns that LSN."""
+        target = self.primary.psql("SELECT pg_current_wal_lsn()").strip()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.psql(f"SELECT pg_last_wal_replay_lsn() >= '{target}'::pg_lsn").strip() == "t":
+                return target
+            time.sleep(0.05)
+        raise TimeoutError(f"the standby did not replay up to {target} in {timeout} s")
+
+
 def data_fingerprint(conn: ConnInfo) -> dict:
     """Row count and content hash of every user table: compares a restored copy with its source."""
     from .core.pgconn import connect

@@ -14,7 +14,7 @@ import tempfile
 import time
 
 from .. import __version__
-from . import backup_stream, procs
+from . import backup_stream, procs, standby
 from .binaries import find_program, major_from_version_num
 from .codec import CompressingReader, PipeReader
 from .errors import BackupFailed, ConfigError, PgIncrError, ServerError
@@ -120,7 +120,7 @@ def take_backup(conn: ConnInfo, repo: Repository, cluster: str, *, kind: str = "
                 compression_level: int = 3, threads: int | None = None, compression: str = "auto",
                 content_sha256: bool = False, catalog=None, airflow: dict | None = None,
                 progress_interval: float = 10.0, fast_checkpoint: bool = True, reason: str | None = None,
-                staging_dir: str | None = None) -> dict:
+                staging_dir: str | None = None, primary: ConnInfo | None = None) -> dict:
     """Take a base backup: `kind` full, or incremental/differential on top of `parent` (the
     metadata of the backup whose manifest pg_basebackup --incremental compares against; see
     core.incremental.plan_backup for choosing it).
@@ -128,7 +128,9 @@ def take_backup(conn: ConnInfo, repo: Repository, cluster: str, *, kind: str = "
     compression: auto (on the database server when it supports zstd, else on this machine), server,
     or client; threads: zstd worker threads (None: the cores, see backup_stream.default_threads);
     staging_dir: where pg_basebackup writes when it compresses (a few MiB of disk, see
-    backup_stream), the system's temporary directory by default.
+    backup_stream), the system's temporary directory by default; primary: when `conn` is a
+    streaming standby, its primary, asked for a checkpoint first so the backup starts now (see
+    core.standby).
 
     Returns the backup metadata (a JSON-able dict without secrets). Nothing is published unless
     the whole backup succeeded: backup.json is written last.
@@ -144,6 +146,7 @@ def take_backup(conn: ConnInfo, repo: Repository, cluster: str, *, kind: str = "
     # 1. everything that can fail without side effects first
     facts = server_facts(conn)
     check_source(facts, conn)
+    from_primary = standby.check_standby_source(facts, conn, primary)  # None: not a standby, or no primary
     pg_basebackup = find_program("pg_basebackup", facts["major"])
     repo.check_writable()
 
@@ -151,6 +154,9 @@ def take_backup(conn: ConnInfo, repo: Repository, cluster: str, *, kind: str = "
     if parent is not None and facts["major"] < 17:
         raise ConfigError(f"block-level incremental backups need PostgreSQL 17+; the server runs {facts['major']}. "
                           "Take full backups; the WAL archive carries the changes in between")
+    # a standby starts its backup at its last restartpoint: the primary checkpoints first (no side
+    # effect on the repository yet, so a lagging standby fails with nothing to clean up)
+    caught = standby.catch_up(conn, primary) if from_primary is not None else None
     backup_id = claim_backup_id(repo, cluster, kind, {"kind": kind, "started_at": iso(started),
                                                       "host": socket.gethostname(), "pid": os.getpid()}, started)
     prefix = backup_prefix(cluster, backup_id)
@@ -166,7 +172,8 @@ def take_backup(conn: ConnInfo, repo: Repository, cluster: str, *, kind: str = "
         "system_identifier": facts["system_identifier"], "data_checksums": facts["data_checksums"],
         "wal_segment_size": facts["wal_segment_size"], "bootstrap_superuser": facts["bootstrap_superuser"],
         "summarize_wal": facts["summarize_wal"], "from_standby": facts["in_recovery"],
-        "source": conn.safe_dict(), "airflow": airflow or {}, "repository": repo.url,
+        "source": conn.safe_dict(), "primary": primary.safe_dict() if from_primary is not None else None,
+        "standby_catch_up": caught, "airflow": airflow or {}, "repository": repo.url,
         "tool": {"name": "airflow-pg-incremental", "version": __version__}, "wal_included": True,
     }
     if catalog is not None:
