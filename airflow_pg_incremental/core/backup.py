@@ -120,7 +120,8 @@ def take_backup(conn: ConnInfo, repo: Repository, cluster: str, *, kind: str = "
                 compression_level: int = 3, threads: int | None = None, compression: str = "auto",
                 content_sha256: bool = False, catalog=None, airflow: dict | None = None,
                 progress_interval: float = 10.0, fast_checkpoint: bool = True, reason: str | None = None,
-                staging_dir: str | None = None, primary: ConnInfo | None = None) -> dict:
+                staging_dir: str | None = None, primary: ConnInfo | None = None,
+                restore_chain: list[str] | None = None) -> dict:
     """Take a base backup: `kind` full, or incremental/differential on top of `parent` (the
     metadata of the backup whose manifest pg_basebackup --incremental compares against; see
     core.incremental.plan_backup for choosing it).
@@ -130,7 +131,8 @@ def take_backup(conn: ConnInfo, repo: Repository, cluster: str, *, kind: str = "
     staging_dir: where pg_basebackup writes when it compresses (a few MiB of disk, see
     backup_stream), the system's temporary directory by default; primary: when `conn` is a
     streaming standby, its primary, asked for a checkpoint first so the backup starts now (see
-    core.standby).
+    core.standby); restore_chain: the backups a restore of this one combines, oldest first, as
+    planned (core.incremental.plan_backup; it ends with this backup), recorded in its metadata.
 
     Returns the backup metadata (a JSON-able dict without secrets). Nothing is published unless
     the whole backup succeeded: backup.json is written last.
@@ -174,6 +176,7 @@ def take_backup(conn: ConnInfo, repo: Repository, cluster: str, *, kind: str = "
         "summarize_wal": facts["summarize_wal"], "from_standby": facts["in_recovery"],
         "source": conn.safe_dict(), "primary": primary.safe_dict() if from_primary is not None else None,
         "standby_catch_up": caught, "airflow": airflow or {}, "repository": repo.url,
+        "restore_chain": [*(restore_chain or []), backup_id] if parent else [backup_id],
         "tool": {"name": "airflow-pg-incremental", "version": __version__}, "wal_included": True,
     }
     if catalog is not None:

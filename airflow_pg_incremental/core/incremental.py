@@ -33,16 +33,21 @@ def current_chain(backups: list[dict]) -> list[dict]:
     return [b for b in backups if b.get("chain_root_id") == root["backup_id"] and b["kind"] != "synthetic"]
 
 
-def restore_length(chain: list[dict], backups: list[dict]) -> int:
-    """How many backups a restore of the chain's newest combines: the chain, or its tail after the
-    newest member a synthetic full stands for, plus that synthetic full."""
+def restore_chain_ids(chain: list[dict], backups: list[dict]) -> list[str]:
+    """The backups a restore of the chain's newest combines: the chain, or the newest synthetic full
+    standing for one of its members followed by the members after that one."""
     from .synthetic import synthetic_for
 
     synth = synthetic_for(backups)
     for i in range(len(chain) - 1, -1, -1):
         if chain[i]["backup_id"] in synth:
-            return len(chain) - i
-    return len(chain)
+            return [synth[chain[i]["backup_id"]]["backup_id"]] + [b["backup_id"] for b in chain[i + 1:]]
+    return [b["backup_id"] for b in chain]
+
+
+def restore_length(chain: list[dict], backups: list[dict]) -> int:
+    """How many backups a restore of the chain's newest combines (see restore_chain_ids)."""
+    return len(restore_chain_ids(chain, backups))
 
 
 def decide(kind: str, facts: dict, chain: list[dict], *, max_chain_length: int = 14,
@@ -150,6 +155,9 @@ def plan_backup(conn: ConnInfo, repo: Repository, cluster: str, *, kind: str = "
                restore_len=restore_length(chain, backups))
     d.update({"cluster": cluster, "pg_major": facts["major"], "timeline": facts["timeline"],
               "chain": [b["backup_id"] for b in chain]})
+    if d["kind"] in KINDS:  # what a restore of the new backup combines before it
+        d["restore_chain"] = (restore_chain_ids(chain, backups) if d["kind"] == "incremental"
+                              else [chain[0]["backup_id"]])
     if d["reason"]:
         log.warning("taking %s instead of %s: %s", d["kind"] if d["kind"] != "none" else "no backup", kind, d["reason"])
     else:
@@ -166,8 +174,11 @@ def take_planned_backup(conn: ConnInfo, repo: Repository, cluster: str, *, kind:
     if plan["kind"] == "none":
         return {"cluster": cluster, "kind": "none", "backup_id": None, "reason": plan["reason"], "plan": plan}
     parent = load_backup(repo, cluster, plan["parent_id"]) if plan["parent_id"] else None
-    meta = take_backup(conn, repo, cluster, kind=plan["kind"], parent=parent, reason=plan["reason"], **backup_kwargs)
+    restore_chain = plan.get("restore_chain")
+    meta = take_backup(conn, repo, cluster, kind=plan["kind"], parent=parent, reason=plan["reason"],
+                       restore_chain=restore_chain, **backup_kwargs)
     meta["plan"] = {k: plan[k] for k in ("requested", "kind", "reason", "parent_id", "chain")}
+    meta["plan"]["restore_chain"] = meta.get("restore_chain")
     return meta
 
 

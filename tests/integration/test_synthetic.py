@@ -82,8 +82,12 @@ def test_synthetic_metadata(syn):
     assert {"extract", "combine", "verify", "store"} <= set(s["timings"])
     # the server full's raw size, not the incrementals': it is a whole cluster
     assert s["raw_bytes"] > syn["I2"]["raw_bytes"] and s["stored_bytes"] > 0
-    # the next incremental took the newest real backup as its parent
-    assert syn["I3"]["parent_id"] == i2["backup_id"] and syn["I3"]["kind"] == "incremental"
+    # the next incremental took the newest real backup as its parent, and records both chains
+    i3 = syn["I3"]
+    assert i3["parent_id"] == i2["backup_id"] and i3["kind"] == "incremental"
+    assert i3["plan"]["chain"] == [syn["F"]["backup_id"], syn["I1"]["backup_id"], i2["backup_id"]]
+    assert i3["restore_chain"] == i3["plan"]["restore_chain"] == [s["backup_id"], i3["backup_id"]]
+    assert syn["I1"]["restore_chain"] == [syn["F"]["backup_id"], syn["I1"]["backup_id"]]
     # synthesizing again is a no-op that says why
     again = synthesize(syn["repo"], CL, i2["backup_id"])
     assert again["kind"] == "none" and s["backup_id"] in again["reason"]
