@@ -68,6 +68,21 @@ def _conninfo(args, dbname_default="postgres"):
                     dbname=args.dbname or os.environ.get("PGDATABASE") or dbname_default, origin="cli")
 
 
+def _primary(args, conn):
+    """--primary-host/--primary-port: the primary of the standby being backed up (same role, password
+    and database as the standby's connection)."""
+    if not getattr(args, "primary_host", None):
+        if getattr(args, "primary_port", None):
+            from .core.errors import ConfigError
+
+            raise ConfigError("--primary-port needs --primary-host")
+        return None
+    from .core.pgconn import ConnInfo
+
+    return ConnInfo(host=args.primary_host, port=int(args.primary_port or 5432), user=conn.user,
+                    password=conn.password, dbname=conn.dbname, origin="cli")
+
+
 def _catalog(args):
     if not getattr(args, "catalog_db", None):
         return None
@@ -114,10 +129,12 @@ def cmd_backup(args) -> int:
     from .core.progress import human_bytes
 
     conn, repo = _conninfo(args), _repo(args)
+    primary = _primary(args, conn)
     # the backup's WAL must reach the repository, or the backup is no use for point-in-time recovery
-    wal = ensure_wal_archiving(conn, repo, args.cluster, args.wal_mode, slot=args.slot)
+    # (from a standby's backup: the primary archives it)
+    wal = ensure_wal_archiving(primary or conn, repo, args.cluster, args.wal_mode, slot=args.slot)
     kw = {"compression_level": args.level, "threads": args.threads, "compression": args.compression,
-          "catalog": _catalog(args)}
+          "catalog": _catalog(args), "primary": primary}
     if args.kind == "full":
         meta = take_full_backup(conn, repo, args.cluster, **kw)
     else:
@@ -144,8 +161,21 @@ def cmd_backup(args) -> int:
         + _compressed_by(out.get("compression"))
         + (f", on top of {out['parent_id']}" if out.get("parent_id") else ""),
         f"  a full was taken instead of {args.kind}: {reason}" if reason else None,
+        _from_standby(meta),
         f"  {nxt}", *[f"  WARNING: {w}" for w in wal["warnings"]]])
     return 0
+
+
+def _from_standby(meta: dict) -> str | None:
+    if not meta.get("from_standby"):
+        return None
+    caught = meta.get("standby_catch_up")
+    if caught:
+        p = meta.get("primary") or {}
+        return (f"  taken from the standby; the primary {p.get('host')}:{p.get('port')} checkpointed at "
+                f"{caught['checkpoint_lsn']} first (replayed in {caught['waited_s']:.2f} s)")
+    return ("  taken from the standby without its primary: it starts at the standby's last restartpoint "
+            "(--primary-host makes it start now)")
 
 
 def cmd_info(args) -> int:
@@ -560,6 +590,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "this backup); auto (default): pull when the slot exists, push when archive_command pushes "
                          "here, else refused")
     sp.add_argument("--slot", help="replication slot of pull mode (default pgincr_<cluster>)")
+    sp.add_argument("--primary-host", help="backing up a streaming standby (--host): its primary, which checkpoints "
+                                           "first so the backup starts now, and whose WAL is archived (same role "
+                                           "and password)")
+    sp.add_argument("--primary-port", type=int, help="port of --primary-host (default 5432)")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_backup)
 

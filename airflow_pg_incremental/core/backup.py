@@ -450,5 +450,6 @@ def summary(meta: dict) -> dict:
     keys = ("cluster", "backup_id", "kind", "parent_id", "chain_root_id", "chain_length", "reason", "status",
             "start_lsn", "stop_lsn",
             "timeline", "system_identifier", "pg_major", "raw_bytes", "stored_bytes", "duration_s", "started_at",
-            "finished_at", "start_wal_file", "stop_wal_file", "repository", "compression")
+            "finished_at", "start_wal_file", "stop_wal_file", "repository", "compression", "from_standby",
+            "primary", "standby_catch_up", "restore_chain")
     return {k: meta.get(k) for k in keys}

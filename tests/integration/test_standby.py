@@ -112,3 +112,30 @@ def test_without_the_primary_a_standby_backup_says_where_it_starts(pair, caplog,
         m = take_full_backup(pair["standby"].conninfo(), repo, "np")
     assert m["from_standby"] is True and m["primary"] is None
     assert any("no primary connection was given" in r.getMessage() for r in caplog.records)
+
+
+def test_cli_backs_up_the_standby_with_its_primary(pair):
+    """`pgincr backup --host <standby> --primary-host <primary>`: WAL from the primary's slot (pull),
+    the summary says where it was taken and that the primary checkpointed first."""
+    import os
+    import subprocess
+    import sys
+
+    sb, pr = pair["standby"].conninfo(), pair["primary"].conninfo()
+    args = ["backup", "--repo", pair["repo"].url, "--cluster", CL, "--host", sb.host, "--port", str(sb.port),
+            "--user", sb.user, "--primary-host", pr.host, "--primary-port", str(pr.port), "--wal-mode", "pull",
+            "--kind", "incremental"]
+    env = {**os.environ, "PGPASSWORD": sb.password}
+    r = subprocess.run([sys.executable, "-m", "airflow_pg_incremental.cli", *args], capture_output=True, text=True,
+                       env=env)
+    assert r.returncode == 0, r.stderr
+    assert "taken from the standby; the primary" in r.stdout and "checkpointed at" in r.stdout
+    assert sb.password not in r.stdout + r.stderr
+    r = subprocess.run([sys.executable, "-m", "airflow_pg_incremental.cli", *args, "--json"], capture_output=True,
+                       text=True, env=env)
+    out = __import__("json").loads(r.stdout)
+    assert out["from_standby"] is True and out["primary"]["port"] == pr.port and out["standby_catch_up"]
+    without_primary = args[:args.index("--primary-host")]
+    bad = subprocess.run([sys.executable, "-m", "airflow_pg_incremental.cli", *without_primary, "--primary-port", "5",
+                          "--wal-mode", "none"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "--primary-port needs --primary-host" in bad.stderr
