@@ -204,6 +204,13 @@ def _select(repo: Repository, cluster: str, backup_id: str | None, chain: bool) 
         return [], [(backup_id, str(e))]
     if not chain or not meta.get("parent_id"):  # a full or a synthetic full
         return [meta], []
+    from .incremental import resolve_chain
+
+    try:  # what a restore of it combines (through a synthetic full that stands for part of it)
+        members = resolve_chain(repo, cluster, meta)
+        return (members if members[-1]["backup_id"] == meta["backup_id"] else [*members, meta]), []
+    except RestoreError:
+        pass
     # the ancestors that can be loaded; a broken link is reported by the 'chain' check of the
     # backup above it
     members = [meta]

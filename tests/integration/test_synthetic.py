@@ -252,3 +252,10 @@ def test_catalog_records_the_synthetic_full(pg, catalog, tmp_path, workdir):
     rows = {r["backup_id"]: r for r in catalog.backups("cat")}
     assert rows[s["backup_id"]]["kind"] == "synthetic" and rows[s["backup_id"]]["status"] == "complete"
     assert rows[s["backup_id"]]["parent_id"] is None and rows[i1["backup_id"]]["kind"] == "incremental"
+
+
+def test_verify_of_a_chain_checks_what_its_restore_combines(syn, scratch):
+    rep = verify_backup(syn["repo"], CL, syn["I3"]["backup_id"], chain=True, check_wal=False, staging_parent=scratch)
+    assert rep["failed"] == [] and rep["verified"] == [syn["S"]["backup_id"], syn["I3"]["backup_id"]]
+    chain_check = [c for c in rep["results"][-1]["checks"] if c["name"] == "chain"][0]
+    assert chain_check["ok"] and chain_check["detail"].startswith(syn["S"]["backup_id"])
