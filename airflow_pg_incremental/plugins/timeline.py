@@ -20,7 +20,7 @@ ROW_H, LANE_H, LANE_GAP = 16, 16, 6
 STORED_H, AXIS_H = 46, 20
 MIN_SPAN = dt.timedelta(seconds=15)
 MAX_LANES = 8
-KIND_CLASS = {"full": "full", "incremental": "incr", "differential": "diff"}
+KIND_CLASS = {"full": "full", "incremental": "incr", "differential": "diff", "synthetic": "synt"}
 _STEPS = [dt.timedelta(seconds=s) for s in (2, 5, 10, 15, 30)] + \
          [dt.timedelta(minutes=m) for m in (1, 2, 5, 10, 15, 30)] + \
          [dt.timedelta(hours=h) for h in (1, 2, 3, 6, 12)] + [dt.timedelta(days=d) for d in (1, 2, 7, 14, 28)]
