@@ -102,3 +102,58 @@ def test_weekly_synthetic_full_falls_back_then_synthesizes_and_restores(syn_clus
         assert data_fingerprint(srv.local_conninfo()) == source
     finally:
         srv.stop()
+
+
+class _TI:
+    dag_id, run_id, task_id, try_number = "d", "r", "synthetic_full", 1
+
+    def __init__(self, xcom):
+        self.xcom = xcom
+
+    def xcom_pull(self, task_ids=None):
+        return self.xcom
+
+
+def test_operator_falls_back_to_a_server_full_saying_why(pg, workdir, monkeypatch):
+    """A chain that cannot be combined (a broken link; no incremental taken, as on PostgreSQL < 17):
+    the operator takes a server full and returns why; without incremental_task_id (the CLI's and a
+    standalone task's way) the broken chain is an error instead."""
+    from airflow_pg_incremental.core.backup import take_full_backup
+    from airflow_pg_incremental.core.errors import RestoreError
+    from airflow_pg_incremental.core.incremental import take_planned_backup
+    from airflow_pg_incremental.core.metadata import backup_prefix, list_backups
+    from airflow_pg_incremental.core.repository import LocalRepository
+    from airflow_pg_incremental.operators.backup import PgSyntheticFullOperator
+    from tests.conftest import conn_json
+
+    monkeypatch.setenv("AIRFLOW_CONN_PGINCR_SYN_PG", conn_json(pg.conninfo()))
+    root = workdir / f"op-syn-{uuid.uuid4().hex[:6]}"
+    repo = created(LocalRepository(root))
+    full = take_full_backup(pg.conninfo(), repo, "opsyn")
+    pg.pgbench_run(50)
+    i1 = take_planned_backup(pg.conninfo(), repo, "opsyn")
+    pg.pgbench_run(50)
+    i2 = take_planned_backup(pg.conninfo(), repo, "opsyn")
+    repo.delete(f"{backup_prefix('opsyn', i1['backup_id'])}/backup.json")  # the chain is broken at i1
+
+    def op(**kw):
+        return PgSyntheticFullOperator(task_id="synthetic_full", cluster="opsyn", postgres_conn_id="pgincr_syn_pg",
+                                       repository=str(root), **kw)
+
+    with pytest.raises(RestoreError, match="broken"):
+        op(upto=i2["backup_id"]).execute({"ti": _TI(None)})
+    assert [b["backup_id"] for b in list_backups(repo, "opsyn")] == [full["backup_id"], i2["backup_id"]]
+
+    out = op(incremental_task_id="incremental_backup").execute({"ti": _TI({"kind": "incremental",
+                                                                           "backup_id": i2["backup_id"]})})
+    assert out["full_mode"] == "server" and out["kind"] == "full" and out["status"] == "complete"
+    assert f"chain of {i2['backup_id']} cannot be combined" in out["fallback_reason"]
+    assert f"broken at {i1['backup_id']}" in out["fallback_reason"]
+    assert out["restore_chain"] == out["parent_chain"] == [out["backup_id"]] and out["stop_wal_file"]
+
+    why = "PostgreSQL 16 has no block-level incremental backup (17+)"
+    out2 = op(incremental_task_id="incremental_backup").execute({"ti": _TI({"kind": "none", "backup_id": None,
+                                                                            "reason": why})})
+    assert out2["full_mode"] == "server" and out2["kind"] == "full" and why in out2["fallback_reason"]
+    assert out2["backup_id"] not in (out["backup_id"], full["backup_id"])
+    assert [b["kind"] for b in list_backups(repo, "opsyn")] == ["full", "incremental", "full", "full"]
