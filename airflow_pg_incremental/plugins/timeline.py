@@ -1,7 +1,7 @@
 """The timeline picture of one cluster, as server-rendered SVG (no script, no external asset):
 
     recoverable   ████████████▌▐██████         band: times a point-in-time restore can reach; red: WAL gaps
-    chain 1       [F]─[I]─[I]─[I]              boxes on a time axis: full / incremental / differential
+    chain 1       [F]─[I]─[I]─[I]              boxes on a time axis: full / incremental / differential / synthetic full
     chain 2                      [F]─[I]       (outline: green verified, red verification failed)
     tests/points      ●        ▲     ●        restore tests (green passed / red failed, with RTO), restore points
     stored        ▁▂▂▃▃▃▄▅▅▆▆▇                 bytes the repository holds, cumulated over time
