@@ -569,6 +569,7 @@ EXIT_CODES = """exit codes:
   4    check-wal: the WAL archive is not usable (a gap, missing history, a backup's WAL missing)
   5    verify: a backup failed a check
   130  interrupted (Ctrl-C)
+  synthesize: 0 also when there is nothing to combine (the newest backup is a full, or has a synthetic full)
   wal-push: 0 stored, 1 not stored (PostgreSQL retries); wal-fetch: 0 restored, 1 not in the archive, 126 any
   other failure (recovery stops instead of ending early)"""
 
