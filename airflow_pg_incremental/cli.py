@@ -484,6 +484,64 @@ def cmd_verify(args) -> int:
     return 5 if rep.get("failed") else 0
 
 
+def cmd_synthesize(args) -> int:
+    """Combine a backup's chain on this machine into a synthetic full (the server is not read);
+    --dry-run prints the chain it would combine and writes nothing."""
+    from .core import synthetic
+    from .core.names import validate_backup_id
+    from .core.progress import human_bytes
+
+    if args.upto != "latest":
+        validate_backup_id(args.upto)  # bad input is refused before anything is touched
+    if not 1 <= args.compression_level <= 22:
+        raise PgIncrError(f"--compression-level {args.compression_level} is out of range: give 1..22 (3, the "
+                          "default, is fast and compresses well)")
+    if args.scratch_dir and not os.path.isdir(args.scratch_dir):
+        raise PgIncrError(f"scratch directory {args.scratch_dir} does not exist: create it (it needs about the "
+                          "cluster's size free) or pass another --scratch-dir")
+    repo = _repo(args)
+    plan = synthetic.plan_synthesis(repo, args.cluster, args.upto)
+    if args.dry_run or plan["skip"]:
+        return _synthesis_plan(args, plan)
+    meta = synthetic.synthesize(repo, args.cluster, args.upto, compression_level=args.compression_level,
+                                threads=args.threads, scratch_dir=args.scratch_dir, catalog=_catalog(args))
+    if meta["kind"] == "none":  # another process synthesized it meanwhile
+        _emit(args, meta, [f"nothing to synthesize: {meta['reason']}"])
+        return 0
+    out = synthetic.summary(meta)
+    t = out.get("timings") or {}
+    _emit(args, out, [
+        f"synthetic full {out['backup_id']} of {args.cluster} complete: combined {' -> '.join(out['built_from'])} "
+        "on this machine (the database server was not read)",
+        f"  stands for {out['stands_for']}: LSN {out['start_lsn']} .. {out['stop_lsn']}, timeline {out['timeline']}, "
+        f"PostgreSQL {out['pg_major']}, finished at {out['finished_at']}",
+        f"  {human_bytes(out['raw_bytes'] or 0)} of data, {human_bytes(out['stored_bytes'] or 0)} stored "
+        f"(zstd-{args.compression_level}) in {out['duration_s']:.1f} s"
+        + (" (" + ", ".join(f"{k} {v:.1f} s" for k, v in t.items()) + ")" if t else ""),
+        f"  restores of {out['stands_for']} and of the incrementals after it now start from {out['backup_id']}; "
+        f"the next incremental still builds on {out['stands_for']}"])
+    return 0
+
+
+def _synthesis_plan(args, plan: dict) -> int:
+    """--dry-run, or nothing to combine: what synthesize would do; nothing written."""
+    out = {"cluster": args.cluster, "dry_run": bool(args.dry_run), "stands_for": plan["stands_for"],
+           "chain": plan["chain"], "skip": plan["skip"]}
+    if plan["skip"]:
+        out["kind"] = "none"
+        _emit(args, out, [f"nothing to synthesize: {plan['skip']}"])
+        return 0
+    from .core.progress import human_bytes
+
+    raw = sum(int(b.get("raw_bytes") or 0) for b in plan["chain_meta"])
+    out["chain_raw_bytes"] = raw
+    _emit(args, out, [f"would combine {' -> '.join(plan['chain'])} ({len(plan['chain'])} backups, "
+                      f"{human_bytes(raw)} uncompressed) into a synthetic full standing for {plan['stands_for']} "
+                      f"(LSN {plan['meta'].get('stop_lsn')})",
+                      "dry run: nothing written (drop --dry-run to build it)"])
+    return 0
+
+
 def cmd_retention(args) -> int:
     from .core.retention import RetentionPolicy, apply_retention, format_plan, plan_retention, summary
 
@@ -541,6 +599,7 @@ EXIT_CODES = """exit codes:
   4    check-wal: the WAL archive is not usable (a gap, missing history, a backup's WAL missing)
   5    verify: a backup failed a check
   130  interrupted (Ctrl-C)
+  synthesize: 0 also when there is nothing to combine (the newest backup is a full, or has a synthetic full)
   wal-push: 0 stored, 1 not stored (PostgreSQL retries); wal-fetch: 0 restored, 1 not in the archive, 126 any
   other failure (recovery stops instead of ending early)"""
 
@@ -678,6 +737,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-wal", action="store_true")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_verify)
+
+    sp = sub.add_parser("synthesize", help="combine a backup's chain (full + incrementals, PostgreSQL 17+) on this "
+                                           "machine into a synthetic full; the database server is not read")
+    repo_args(sp)
+    conn_args(sp)
+    sp.add_argument("--upto", default="latest",
+                    help="the backup the synthetic full stands for: a backup id, or latest (the default)")
+    sp.add_argument("--scratch-dir", help="where the chain is combined: needs about the cluster's size plus the "
+                                          "incrementals free (default: the system's temporary directory)")
+    sp.add_argument("--compression-level", type=int, default=3, help="zstd level 1..22 (default 3)")
+    sp.add_argument("--threads", type=int, default=None,
+                    help="zstd worker threads (default: the cores this machine gives pgincr, at most 8)")
+    sp.add_argument("--dry-run", action="store_true", help="print the chain it would combine; write nothing")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_synthesize)
 
     sp = sub.add_parser("retention", help="plan (--dry-run, default) or --apply a retention policy")
     repo_args(sp)

@@ -37,7 +37,7 @@ _CLUSTER_KEYS = {"name", "postgres_conn_id", "repository", "aws_conn_id", "catal
                  "rpo_minutes", "max_slot_retained_gb", "wal_wait_minutes", "deferrable", "incremental_kind",
                  "max_chain_length", "notifiers", "restore_test_checks", "restore_test_databases", "retention",
                  "scratch_dir", "create_repository", "restore_queue", "restore_pool", "backup_pool",
-                 "max_backup_age_hours"}
+                 "max_backup_age_hours", "full_mode"}
 
 
 @dataclass
@@ -69,6 +69,8 @@ class ClusterConfig:
     deferrable: bool = True           # sensors defer to the triggerer instead of holding a worker slot
     incremental_kind: str = "incremental"  # or "differential" (parent = the chain's full)
     max_chain_length: int = 14        # a full is taken instead once the chain is this long
+    full_mode: str = "server"         # weekly full: server (pg_basebackup) or synthetic (incremental-forever: an
+                                      # incremental, combined on the worker into a synthetic full; PostgreSQL 17+)
     notifiers: list = field(default_factory=list)  # [{"class": "...SmtpNotifier", "kwargs": {...}}]
     restore_test_checks: list = field(default_factory=lambda: ["SELECT count(*) FROM pg_class"])
     restore_test_databases: list = field(default_factory=lambda: ["postgres"])
@@ -132,6 +134,10 @@ def parse_config(raw: dict) -> list[ClusterConfig]:
         if merged.get("compression", "auto") not in ("auto", "server", "client"):
             raise ConfigError(f"clusters[{i}].compression must be 'auto', 'server' or 'client' (where zstd runs: "
                               "auto = on the database server when it supports zstd, else on the worker)")
+        if merged.get("full_mode", "server") not in ("server", "synthetic"):
+            raise ConfigError(f"clusters[{i}].full_mode must be 'server' (the weekly full is read from the server) or "
+                              "'synthetic' (incremental-forever: the weekly run takes an incremental and combines "
+                              "its chain on the worker into a synthetic full; PostgreSQL 17+ with summarize_wal)")
         if merged.get("incremental_kind", "incremental") not in ("incremental", "differential"):
             raise ConfigError(f"clusters[{i}].incremental_kind must be 'incremental' or 'differential'")
         if "max_chain_length" in merged and (not isinstance(merged["max_chain_length"], int)
@@ -282,42 +288,81 @@ def _wal_tasks(cl: ClusterConfig, segment_template: str, upto_template: str, out
     return tasks
 
 
-def build_weekly_full(cl: ClusterConfig):
-    from airflow_pg_incremental.operators.backup import (
-        PgBackupPreflightOperator,
-        PgBaseBackupOperator,
-    )
+def _preflight(cl: ClusterConfig):
+    from airflow_pg_incremental.operators.backup import PgBackupPreflightOperator
 
-    with _dag(
-        cl, "weekly_full", f"Weekly full base backup of {cl.name}", ["backup"],
-        f"""Full base backup of cluster **{cl.name}** into `{cl.repository}`: the start of a new chain. The
-backup counts only once its WAL is archived and it is verified; then the backups Asset event starts
-the restore test. The XCom of `full_backup` holds the backup id, LSNs and sizes.""",
-    ) as dag:
-        common = cl.engine_kwargs()
-        pre = PgBackupPreflightOperator(task_id="preflight", cleanup_after_s=cl.cleanup_after_hours * 3600,
-                                        wal_mode=cl.wal_mode, slot_name=cl.slot_name,
-                                        create_repository=cl.create_repository,
-                                        max_slot_retained_bytes=int(cl.max_slot_retained_gb * (1 << 30)), **common)
-        full = PgBaseBackupOperator(task_id="full_backup", compression_level=cl.compression_level,
-                                    compression_threads=cl.compression_threads, compression=cl.compression,
-                                    **_backup_routing(cl), **common)
+    return PgBackupPreflightOperator(task_id="preflight", cleanup_after_s=cl.cleanup_after_hours * 3600,
+                                     wal_mode=cl.wal_mode, slot_name=cl.slot_name,
+                                     create_repository=cl.create_repository,
+                                     max_slot_retained_bytes=int(cl.max_slot_retained_gb * (1 << 30)),
+                                     **cl.engine_kwargs())
+
+
+def _incremental_task(cl: ClusterConfig):
+    from airflow_pg_incremental.operators.backup import PgIncrementalBackupOperator
+
+    return PgIncrementalBackupOperator(task_id="incremental_backup", incremental_kind=cl.incremental_kind,
+                                       max_chain_length=cl.max_chain_length, compression_level=cl.compression_level,
+                                       compression_threads=cl.compression_threads, compression=cl.compression,
+                                       **_backup_routing(cl), **cl.engine_kwargs())
+
+
+WEEKLY_DOC = {
+    "server": """Full base backup of cluster **{name}** into `{repository}` (full_mode: server): the start of a new
+chain. The backup counts only once its WAL is archived and it is verified; then the backups Asset
+event starts the restore test. The XCom of `full_backup` holds the backup id, LSNs and sizes.""",
+    "synthetic": """Incremental-forever weekly full of cluster **{name}** into `{repository}` (full_mode: synthetic):
+the database server sends only an incremental; the worker combines that incremental's chain into a
+**synthetic full** (kind `synthetic`, standing for the incremental: same LSNs and point in time),
+so restores combine a short chain while the server never sends a full again. The next incremental
+still builds on the incremental (PostgreSQL's WAL summaries were computed against it).
+
+A **server full** is taken instead, and the reason is in the log and in the XCom of `synthetic_full`
+(`fallback_reason`), when the chain cannot be combined: no full backup yet, PostgreSQL older than 17,
+summarize_wal off (the incremental planner took a full), or a broken or damaged chain. The backup
+counts only once its WAL is archived and it is verified; then the backups Asset event starts the
+restore test, which restores the synthetic full. The XCom of `synthetic_full` holds the backup id,
+what it stands for, the restore chain and the chain of parents.""",
+}
+
+
+def build_weekly_full(cl: ClusterConfig):
+    """The weekly full: read from the server (full_mode server), or an incremental combined on the
+    worker into a synthetic full (full_mode synthetic, incremental-forever)."""
+    with _dag(cl, "weekly_full", f"Weekly {'synthetic ' if cl.full_mode == 'synthetic' else ''}full backup of "
+              f"{cl.name}", ["backup"] + (["synthetic"] if cl.full_mode == "synthetic" else []),
+              WEEKLY_DOC[cl.full_mode].format(name=cl.name, repository=cl.repository)) as dag:
+        pre = _preflight(cl)
+        tasks = [pre, *_weekly_backup_tasks(cl)]
+        task_id = tasks[-1].task_id
         # a backup counts as complete only once the WAL that makes it consistent is archived
-        wal = _wal_tasks(cl, segment_template="{{ ti.xcom_pull(task_ids='full_backup')['stop_wal_file'] }}",
+        wal = _wal_tasks(cl, segment_template=f"{{{{ ti.xcom_pull(task_ids='{task_id}')['stop_wal_file'] }}}}",
                          upto_template="{{ ti.xcom_pull(task_ids='wal_switch')['lsn'] }}")
         # verified, then announced: the Asset event triggers the restore test
-        ver = _verify_task(cl, "{{ ti.xcom_pull(task_ids='full_backup')['backup_id'] }}", [backups_asset(cl.name)])
-        pre >> full >> wal[0]
+        ver = _verify_task(cl, f"{{{{ ti.xcom_pull(task_ids='{task_id}')['backup_id'] }}}}",
+                           [backups_asset(cl.name)])
+        for a, b in zip(tasks, tasks[1:] + [wal[0]]):
+            a >> b
         wal[-1] >> ver
     return dag
 
 
-def build_daily_incremental(cl: ClusterConfig):
-    from airflow_pg_incremental.operators.backup import (
-        PgBackupPreflightOperator,
-        PgIncrementalBackupOperator,
-    )
+def _weekly_backup_tasks(cl: ClusterConfig) -> list:
+    from airflow_pg_incremental.operators.backup import PgBaseBackupOperator, PgSyntheticFullOperator
 
+    if cl.full_mode == "server":
+        return [PgBaseBackupOperator(task_id="full_backup", compression_level=cl.compression_level,
+                                     compression_threads=cl.compression_threads, compression=cl.compression,
+                                     **_backup_routing(cl), **cl.engine_kwargs())]
+    # the synthetic full (or the server full it falls back to) is the backup the run stands for
+    return [_incremental_task(cl),
+            PgSyntheticFullOperator(task_id="synthetic_full", incremental_task_id="incremental_backup",
+                                    compression_level=cl.compression_level,
+                                    compression_threads=cl.compression_threads, compression=cl.compression,
+                                    scratch_dir=cl.scratch_dir, **_backup_routing(cl), **cl.engine_kwargs())]
+
+
+def build_daily_incremental(cl: ClusterConfig):
     with _dag(
         cl, "daily_incremental", f"Daily {cl.incremental_kind} backup of {cl.name}", ["backup", "incremental"],
         f"""Block-level {cl.incremental_kind} backup of cluster **{cl.name}** (PostgreSQL 17+, summarize_wal = on).
@@ -330,16 +375,7 @@ returned in the XCom (`plan.reason`). **On PostgreSQL 16 and older no backup is 
 archive is the incremental** (the task logs so and succeeds). The new backup counts only once its
 WAL is archived and it is verified.""",
     ) as dag:
-        common = cl.engine_kwargs()
-        pre = PgBackupPreflightOperator(task_id="preflight", cleanup_after_s=cl.cleanup_after_hours * 3600,
-                                        wal_mode=cl.wal_mode, slot_name=cl.slot_name,
-                                        create_repository=cl.create_repository,
-                                        max_slot_retained_bytes=int(cl.max_slot_retained_gb * (1 << 30)), **common)
-        incr = PgIncrementalBackupOperator(task_id="incremental_backup", incremental_kind=cl.incremental_kind,
-                                           max_chain_length=cl.max_chain_length,
-                                           compression_level=cl.compression_level,
-                                           compression_threads=cl.compression_threads,
-                                           compression=cl.compression, **_backup_routing(cl), **common)
+        pre, incr = _preflight(cl), _incremental_task(cl)
         # wait for the switch's segment: it lies after the backup's end (and exists on PG <= 16 too)
         wal = _wal_tasks(cl, segment_template="{{ ti.xcom_pull(task_ids='wal_switch')['segment'] }}",
                          upto_template="{{ ti.xcom_pull(task_ids='wal_switch')['lsn'] }}")
@@ -519,6 +555,10 @@ TASK_DOCS = {
                  "in place (pull: the replication slot exists before the backup; push: archive_command pushes "
                  "here), leftovers of killed backups removed",
     "full_backup": "pg_basebackup streamed through zstd into the repository; backup.json written last",
+    "synthetic_full": "full_mode synthetic: the incremental's chain combined on the worker (never on the database "
+                      "server) into a synthetic full, checked by pg_verifybackup, stored, backup.json written last; "
+                      "a server full instead when the chain cannot be combined (no full yet, PostgreSQL < 17, "
+                      "summarize_wal off, a broken chain), the reason in the log and the XCom",
     "incremental_backup": "block-level incremental (PostgreSQL 17+) on the chain, or a full when an incremental is "
                           "not possible (the reason is in the log and the XCom); nothing on PostgreSQL 16 and older",
     "wal_switch": "pg_switch_wal(): closes the current WAL segment so it can be archived",
@@ -575,6 +615,10 @@ def cluster_facts(cl: ClusterConfig) -> list[str]:
         + f"; newest backup at most {cl.max_backup_age_hours:g} h old",
         "schedules: " + ", ".join(f"{k} `{v}`" for k, v in sorted(cl.schedules.items())),
         f"incrementals: {cl.incremental_kind}, chains of at most {cl.max_chain_length}",
+        "weekly full: full_mode `server` (pg_basebackup reads the whole cluster from the server)"
+        if cl.full_mode == "server" else
+        "weekly full: full_mode `synthetic` (incremental-forever: an incremental, combined on the worker into a "
+        "synthetic full; a server full only when the chain cannot be combined, saying why)",
         f"retention: {kept}",
         f"catalog: connection `{cl.catalog_conn_id}`, schema `{cl.catalog_schema}`" if cl.catalog_conn_id else
         "catalog: none configured",

@@ -5,9 +5,10 @@ root), fills it with pgbench data and a table of random bytes, and runs what the
 (through Airflow: `airflow dags test` of the generated DAGs; or, with --no-airflow, the same
 engine calls directly): full backup, WAL switch + capture, verification; source changed; hourly
 WAL capture; incremental backup, WAL switch + capture, verification; then restores the full, the
-chain and a point in time into scratch directories, compares each with what the source held,
-runs a restore test and a retention dry run, and prints a report: every check with PASS/FAIL and,
-for a failure, why.
+chain and a point in time into scratch directories, builds a synthetic full from the chain on this
+machine (incremental forever: the server never sends a full again) and restores it alone, compares
+each with what the source held, runs a restore test and a retention dry run, and prints a report:
+every check with PASS/FAIL and, for a failure, why.
 
 The work directory is a new one, or an empty one the user gives (a non-empty one is refused: the
 demo removes what it created there afterwards). On SIGTERM, Ctrl-C or failure it stops every
@@ -405,6 +406,28 @@ class Demo:
         self.step("point-in-time restore", t, f"to {target_time}: {rep['stopped_at'] or rep['state']}, reached LSN "
                                               f"{rep['reached_lsn']} in {self.r['pitr_rto']:.1f} s")
 
+    def synthetic_full(self) -> None:
+        """Incremental-forever: the chain combined on this machine (the server is not read) into a
+        synthetic full, verified, then restored alone and compared with the source at its point."""
+        from .core.synthetic import synthesize
+
+        t = time.monotonic()
+        inc = self.r["incr"]
+        self.r["syn"] = syn = synthesize(self.repo, CLUSTER, inc["backup_id"], scratch_dir=self.scratch,
+                                         catalog=self.catalog)
+        if syn["kind"] != "synthetic":
+            raise RuntimeError(f"no synthetic full was built: {syn.get('reason')}")
+        self._verify(syn["backup_id"])
+        self.step("synthetic full (pgincr synthesize)", t,
+                  f"{syn['backup_id']}: {' + '.join(syn['built_from'])} combined here, not on the server; stands "
+                  f"for {syn['stands_for']}; {human_bytes(syn['stored_bytes'])} stored in {syn['duration_s']:.1f} s")
+        t = time.monotonic()
+        res, self.r["got_syn"], self.r["syn_rto"] = self._restore_and_read(syn["backup_id"],
+                                                                           self.w / "restored-synthetic")
+        self.r["syn_chain"] = res["chain"]
+        self.step("restore of the synthetic full", t, f"{' + '.join(res['chain'])} alone, started in "
+                                                      f"{self.r['syn_rto']:.1f} s")
+
     def restore_test(self) -> None:
         from .core.pitr import parse_target
         from .core.restoretest import run_restore_test
@@ -454,6 +477,7 @@ class Demo:
         self.wal_archive()
         self.incremental_backup()
         self.restores()
+        self.synthetic_full()
         self.restore_test()
         self.evidence()
 
@@ -470,6 +494,9 @@ class Demo:
         if inc["kind"] != "incremental":
             incr_why = f"the daily backup {inc['backup_id']} is a {inc['kind']}, not an incremental"
         unchanged = [name for name, got in (("full", r["got"]), ("PITR", r["got_pitr"])) if got == r["after"]]
+        syn_why = table_differences(r["at_incr"], r["got_syn"])
+        if r["syn_chain"] != [r["syn"]["backup_id"]]:
+            syn_why = f"its restore combined {' + '.join(r['syn_chain'])}, not the synthetic full alone"
         return [
             ("full backup restored == source at backup time", not table_differences(r["before"], r["got"]),
              table_differences(r["before"], r["got"])),
@@ -483,6 +510,8 @@ class Demo:
             ("every backup verified (checksums, pg_verifybackup, WAL)",
              not verification_problems(r["verified"]), verification_problems(r["verified"])),
             ("restore test passed with the data as at its target", not rt_why, rt_why),
+            ("synthetic full (chain combined on the worker) restored alone == source at the incremental",
+             not syn_why, syn_why),
             ("no password or S3 secret in logs, repository or restored copies", not r["leaks"],
              "found in " + ", ".join(r["leaks"]) if r["leaks"] else ""),
         ]
@@ -512,6 +541,10 @@ class Demo:
         print(f"incremental     {inc['backup_id']} on {inc.get('parent_id')}: stored {human_bytes(inc['stored_bytes'])} "
               f"({100 * inc['stored_bytes'] / max(b['stored_bytes'], 1):.0f}% of the full); chain restore "
               f"{r['incr_rto']:.2f} s; restored == source at the incremental: {yes[checks[1][1]]}")
+        syn = r["syn"]
+        print(f"synthetic full  {syn['backup_id']} = {' + '.join(syn['built_from'])} combined on this machine (the "
+              f"server sent no full): stored {human_bytes(syn['stored_bytes'])} in {syn['duration_s']:.2f} s; "
+              f"restored alone in {r['syn_rto']:.2f} s; == source at the incremental: {yes[checks[7][1]]}")
         cont = r["cont"]
         print(f"WAL archive     {len(r['wal_rows'])} segments, continuous: "
               f"{'yes' if cont['ok'] else 'NO: ' + '; '.join(cont['problems'])}")

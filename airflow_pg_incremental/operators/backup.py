@@ -178,3 +178,109 @@ class PgIncrementalBackupOperator(PgBaseBackupOperator):
             self.log.warning("Took a %s backup instead of %s: %s", meta["kind"], self.incremental_kind,
                              out["plan"]["reason"])
         return out
+
+
+# what makes a chain impossible to combine (the weekly DAG then takes a server full instead)
+def _uncombinable():
+    from airflow_pg_incremental.core.errors import BackupNotFound, ChecksumMismatch, ConfigError, ObjectNotFound, \
+        RestoreError
+
+    return (BackupNotFound, ChecksumMismatch, ConfigError, ObjectNotFound, RestoreError)
+
+
+class PgSyntheticFullOperator(PgBaseBackupOperator):
+    """Synthetic full backup: the restore chain of backup `upto` (full or synthetic full +
+    incrementals, PostgreSQL 17+) combined on the worker, never on the database server, into a new
+    full (kind `synthetic`, standing for `upto`: same LSNs and point in time). Restores of `upto`
+    and of later incrementals start from it; the next incremental still builds on `upto`. Needs
+    the cluster's size free in `scratch_dir` (the worker's temporary directory by default).
+
+    With `incremental_task_id` (incremental-forever weekly runs): the backup to stand for is the one
+    that task took (its XCom); when there is no chain to combine (that task took a full: no full
+    yet, summarize_wal off, ...; or took nothing: PostgreSQL < 17), or the chain cannot be combined
+    (a broken or damaged link), a server full is taken instead (`postgres_conn_id`), and why is
+    logged and returned as `fallback_reason`. Without it, nothing to combine is not an error: the
+    XCom says `kind: none` and why.
+
+    XCom: the synthetic (or full) backup's summary plus {full_mode: synthetic|server,
+    fallback_reason, stop_wal_file, restore_chain (what a restore of it combines), parent_chain
+    (the chain of parents the next incremental builds on)}.
+    """
+
+    template_fields: Sequence[str] = (*PgBaseBackupOperator.template_fields, "upto", "scratch_dir")
+    ui_color = "#d3ecf5"
+
+    def __init__(self, *, upto: str | None = "latest", incremental_task_id: str | None = None,
+                 scratch_dir: str | None = None, postgres_conn_id: str | None = None, **kwargs: Any) -> None:
+        super().__init__(postgres_conn_id=postgres_conn_id or "", **kwargs)
+        self.upto = upto
+        self.incremental_task_id = incremental_task_id
+        self.scratch_dir = scratch_dir
+
+    def execute(self, context: Context) -> dict:
+        repo = self._repo()
+        if self.incremental_task_id:
+            inc = context["ti"].xcom_pull(task_ids=self.incremental_task_id) or {}
+            if inc.get("kind") == "full":  # the planner took a full: that is this run's full
+                why = (inc.get("plan") or {}).get("reason") or inc.get("reason") or "the planner chose a full"
+                return self._fallback(context, repo, f"no incremental to combine: {self.incremental_task_id} took a "
+                                                     f"server full ({why})", taken=inc["backup_id"])
+            if not inc.get("backup_id"):
+                return self._fallback(context, repo, f"no incremental to combine: {self.incremental_task_id} took "
+                                                     f"no backup ({inc.get('reason') or 'see its log'})")
+            upto = inc["backup_id"]
+        else:
+            upto = str(self.upto or "").strip() or "latest"
+        try:
+            meta = self._synthesize(context, repo, upto)
+        except _uncombinable() as e:
+            if not self.incremental_task_id:
+                raise
+            return self._fallback(context, repo, f"the chain of {upto} cannot be combined: {e}")
+        if meta["kind"] == "none":
+            self.log.info("Nothing to synthesize: %s", meta["reason"])
+            return {**meta, "full_mode": "synthetic", "fallback_reason": None}
+        _backup_metrics(self.cluster, meta)
+        return self._result(repo, meta, "synthetic", None)
+
+    def _synthesize(self, context: Context, repo, upto: str) -> dict:
+        from airflow_pg_incremental.core.synthetic import plan_synthesis, synthesize
+
+        plan = plan_synthesis(repo, self.cluster, upto)  # refusals (PostgreSQL < 17, broken chain) first
+        if not plan["skip"]:
+            self.log.info("Combining %s on this worker into a synthetic full standing for %s",
+                          " -> ".join(plan["chain"]), plan["stands_for"])
+        return synthesize(repo, self.cluster, upto, compression_level=int(self.compression_level),
+                          threads=self.compression_threads, scratch_dir=self.scratch_dir or None,
+                          catalog=self._catalog(), airflow=self._airflow_ids(context),
+                          progress_interval=self.progress_interval)
+
+    def _fallback(self, context: Context, repo, reason: str, taken: str | None = None) -> dict:
+        """A server full instead of a synthetic one (or the full `taken` already this run), saying why."""
+        from airflow_pg_incremental.core.backup import take_full_backup
+        from airflow_pg_incremental.core.metadata import load_backup
+
+        if taken:
+            self.log.warning("No synthetic full this run: %s", reason)
+            meta = load_backup(repo, self.cluster, taken)
+        else:
+            self.log.warning("Taking a server full instead of a synthetic full: %s", reason)
+            meta = take_full_backup(self._conninfo(), repo, self.cluster,
+                                    compression_level=int(self.compression_level), threads=self.compression_threads,
+                                    compression=self.compression, catalog=self._catalog(),
+                                    airflow=self._airflow_ids(context), progress_interval=self.progress_interval)
+            _backup_metrics(self.cluster, meta)
+        return self._result(repo, meta, "server", reason)
+
+    def _result(self, repo, meta: dict, mode: str, reason: str | None) -> dict:
+        from airflow_pg_incremental.core import backup, synthetic
+        from airflow_pg_incremental.core.incremental import resolve_chain
+        from airflow_pg_incremental.core.metadata import load_backup
+
+        out = synthetic.summary(meta) if meta["kind"] == "synthetic" else backup.summary(meta)
+        stands = load_backup(repo, self.cluster, meta["stands_for"]) if meta["kind"] == "synthetic" else meta
+        out.update({"full_mode": mode, "fallback_reason": reason, "stop_wal_file": meta.get("stop_wal_file"),
+                    "restore_chain": [b["backup_id"] for b in resolve_chain(repo, self.cluster, meta)],
+                    "parent_chain": [b["backup_id"] for b in resolve_chain(repo, self.cluster, stands,
+                                                                           synthetic=False)]})
+        return out

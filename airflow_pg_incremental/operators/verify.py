@@ -105,7 +105,8 @@ class PgBackupVerifyOperator(_PgBackupBase):
 
 class PgBackupFreshnessOperator(_PgBackupBase):
     """The backup-age check: fails (and so alerts, like a breached RPO) when the newest complete
-    backup of `cluster` (full, incremental or differential) finished more than `max_age_hours` ago:
+    backup of `cluster` (full, incremental, differential, or synthetic: dated by the backup it stands
+    for) finished more than `max_age_hours` ago:
     backups stopped being taken, or keep failing. Emits `backup.age_seconds` and `backup.stale`.
     XCom: {cluster, backup_id, kind, finished_at, age_s, max_age_s, stale}."""
 

@@ -62,6 +62,7 @@ def test_every_dag_doc_lists_its_own_tasks_in_order_and_the_configuration():
             cl = clusters[0]
             assert f"repository `{cl.repository}`" in dag.doc_md and f"RPO {cl.rpo_minutes:g} min" in dag.doc_md
             assert all(f"`{v}`" in dag.doc_md for v in cl.schedules.values())
+            assert f"full_mode `{cl.full_mode}`" in dag.doc_md  # how the weekly full is made
 
 
 def test_restore_tasks_run_where_their_cluster_says():

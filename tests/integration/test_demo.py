@@ -21,7 +21,7 @@ from tests.integration.proc_helpers import processes_under, wait_for
 
 pytestmark = pytest.mark.integration
 
-CHECKS = 8  # lines "PASS  ..." in the report's checks list
+CHECKS = 9  # lines "PASS  ..." in the report's checks list
 
 
 def _env() -> dict:
@@ -46,7 +46,10 @@ def _assert_passed(r: subprocess.CompletedProcess) -> None:
     assert "PITR restored == source at the target time: YES" in r.stdout
     assert "continuous: yes" in r.stdout
     assert "restored == source at the incremental: YES" in r.stdout
-    assert "data as at the target: YES" in r.stdout and "2 of 2 backups verified" in r.stdout
+    # incremental forever: the chain combined on the worker into a synthetic full that restores alone
+    assert re.search(r"^synthetic full  \S+-S = \S+-F \+ \S+-I combined on this machine .*== source at the "
+                     r"incremental: YES$", r.stdout, re.M), r.stdout[-3000:]
+    assert "data as at the target: YES" in r.stdout and "3 of 3 backups verified" in r.stdout
     assert "(dry run)" in r.stdout
     assert len(re.findall(r"^  PASS  ", r.stdout, re.M)) == CHECKS and "  FAIL  " not in r.stdout, r.stdout[-3000:]
     # the window's end as a time as well as an LSN

@@ -134,3 +134,29 @@ def test_load_config_malformed(tmp_path, fname, text):
     p.write_text(text)
     with pytest.raises(ConfigError, match=fname):
         load_config(p)
+
+
+def test_full_mode_defaults_to_server_and_is_validated():
+    (c,) = parse_config({"clusters": [_cl()]})
+    assert c.full_mode == "server"
+    (c,) = parse_config({"defaults": {"full_mode": "synthetic"}, "clusters": [_cl()]})
+    assert c.full_mode == "synthetic"
+    for bad in ("Synthetic", "incremental", 1, None):
+        with pytest.raises(ConfigError, match="full_mode must be 'server'.*'synthetic'"):
+            parse_config({"clusters": [_cl(full_mode=bad)]})
+
+
+def test_weekly_dag_of_each_full_mode():
+    """server: preflight -> full_backup; synthetic: preflight -> incremental -> synthetic_full, the
+    WAL wait and the verification following the synthetic full's XCom; the doc says which."""
+    from airflow_pg_incremental.dag_factory import build_weekly_full
+
+    server, syn = (build_weekly_full(c) for c in parse_config({"clusters": [
+        _cl(), _cl(name="s", full_mode="synthetic", scratch_dir="/srv/scratch")]}))
+    assert [t.task_id for t in server.topological_sort()][:2] == ["preflight", "full_backup"]
+    assert [t.task_id for t in syn.topological_sort()][:3] == ["preflight", "incremental_backup", "synthetic_full"]
+    tasks = {t.task_id: t for t in syn.tasks}
+    assert tasks["synthetic_full"].incremental_task_id == "incremental_backup"
+    assert tasks["synthetic_full"].scratch_dir == "/srv/scratch"
+    assert "synthetic_full" in tasks["wal_archived"].segment and "synthetic_full" in tasks["verify"].backup_id
+    assert "full_mode: synthetic" in syn.doc_md and "full_mode: server" in server.doc_md
