@@ -147,7 +147,8 @@ def _overview(p: Page) -> str:
 
 
 LEGEND = ('<p class="legend"><span class="sw full"></span>full <span class="sw incr"></span>incremental '
-          '<span class="sw diff"></span>differential <span class="sw band"></span>recoverable '
+          '<span class="sw diff"></span>differential <span class="sw synt"></span>synthetic full '
+          '<span class="sw band"></span>recoverable '
           '<span class="sw gap"></span>WAL gap <span class="sw rt-ok"></span>restore test passed '
           '<span class="sw rt-failed"></span>failed <span class="sw rp"></span>restore point · green outline: '
           'verified · click a backup to open its DAG run</p>')
@@ -253,7 +254,7 @@ svg.timeline{display:block;max-width:1100px;font-size:11px}
 .axis{stroke:#a0aec0}.tick{stroke:#edf2f7}.now{stroke:#718096;stroke-dasharray:3 3}
 .window-band{fill:#c6f6d5;stroke:#68d391}.wal-gap{fill:var(--bad)}
 .backup{stroke:#fff;stroke-width:1}.backup.full{fill:var(--full)}.backup.incr{fill:var(--incr)}
-.backup.diff{fill:var(--diff)}.backup.failed{fill:#fff;stroke:var(--bad);stroke-dasharray:3 2}
+.backup.diff{fill:var(--diff)}.backup.synt{fill:var(--full);fill-opacity:.55}.backup.failed{fill:#fff;stroke:var(--bad);stroke-dasharray:3 2}
 .backup.running{fill:#cbd5e0}.backup.verified-ok{stroke:var(--ok);stroke-width:2}
 .backup.verified-failed{stroke:var(--bad);stroke-width:2}
 a.dagrun rect:hover{opacity:.75}.chain-link{stroke:#a0aec0;stroke-width:2}
@@ -261,7 +262,7 @@ a.dagrun rect:hover{opacity:.75}.chain-link{stroke:#a0aec0;stroke-width:2}
 .rt-label.ok{fill:var(--ok)}.rt-label.failed{fill:var(--bad)}.rp-mark{fill:#d69e2e}
 .stored-area{fill:#bee3f8;stroke:#4299e1}.stored-max{fill:var(--muted);font-size:10px}
 .sw{display:inline-block;width:12px;height:10px;margin:0 4px 0 8px;vertical-align:middle;border-radius:2px}
-.sw.full{background:var(--full)}.sw.incr{background:var(--incr)}.sw.diff{background:var(--diff)}
+.sw.full{background:var(--full)}.sw.incr{background:var(--incr)}.sw.diff{background:var(--diff)}.sw.synt{background:var(--full);opacity:.55}
 .sw.band{background:#c6f6d5;border:1px solid #68d391}.sw.gap{background:var(--bad)}
 .sw.rt-ok{background:var(--ok);border-radius:50%}.sw.rt-failed{background:var(--bad);border-radius:50%}
 .sw.rp{background:#d69e2e}

@@ -1,7 +1,7 @@
 """The timeline picture of one cluster, as server-rendered SVG (no script, no external asset):
 
     recoverable   ████████████▌▐██████         band: times a point-in-time restore can reach; red: WAL gaps
-    chain 1       [F]─[I]─[I]─[I]              boxes on a time axis: full / incremental / differential
+    chain 1       [F]─[I]─[I]─[I]              boxes on a time axis: full / incremental / differential / synthetic full
     chain 2                      [F]─[I]       (outline: green verified, red verification failed)
     tests/points      ●        ▲     ●        restore tests (green passed / red failed, with RTO), restore points
     stored        ▁▂▂▃▃▃▄▅▅▆▆▇                 bytes the repository holds, cumulated over time
@@ -20,7 +20,7 @@ ROW_H, LANE_H, LANE_GAP = 16, 16, 6
 STORED_H, AXIS_H = 46, 20
 MIN_SPAN = dt.timedelta(seconds=15)
 MAX_LANES = 8
-KIND_CLASS = {"full": "full", "incremental": "incr", "differential": "diff"}
+KIND_CLASS = {"full": "full", "incremental": "incr", "differential": "diff", "synthetic": "synt"}
 _STEPS = [dt.timedelta(seconds=s) for s in (2, 5, 10, 15, 30)] + \
          [dt.timedelta(minutes=m) for m in (1, 2, 5, 10, 15, 30)] + \
          [dt.timedelta(hours=h) for h in (1, 2, 3, 6, 12)] + [dt.timedelta(days=d) for d in (1, 2, 7, 14, 28)]
