@@ -144,3 +144,20 @@ def test_the_parent_of_the_next_incremental_stays_though_absorbed(tmp_path):
     assert list(k) == ["F", "I4", "S4"]
     assert any("parent of the next incremental" in r for r in k["I4"])
     assert plan["delete_backups"] == ["I3", "S", "I2", "I1"]
+
+
+def test_a_synthetic_sorting_before_what_it_stands_for_still_anchors(tmp_path):
+    """Ids taken in the same second: 20261125T211209Z-S sorts before 20261125T211209Z.002-I (same
+    started_at). The window's anchor is still the synthetic full, not the backup it absorbed."""
+    repo = new_repo(tmp_path / "r")
+    f = Fake(repo)
+    f.backup("F", 10, NOW - 10 * DAY)
+    f.backup("I1", 13, NOW - 8 * DAY, kind="incremental", parent="F")
+    f.backup("I2", 16, NOW - 6 * DAY, kind="incremental", parent="I1")
+    f.synthetic("H", "I2")  # "H" < "I2"
+    f.backup("I3", 19, NOW - 4 * DAY, kind="incremental", parent="I2")
+    f.wal(1, range(5, 25))
+    assert [b["backup_id"] for b in md.list_backups(repo, C)][:4] == ["F", "I1", "H", "I2"]
+    plan = plan_retention(repo, C, WINDOW5, now=NOW, catalog=Verifications(H=True))
+    assert plan["window"]["anchor"] == "H"
+    assert list(kept(plan)) == ["F", "H", "I3"] and plan["delete_backups"] == ["I2", "I1"]
