@@ -547,12 +547,12 @@ def cmd_retention(args) -> int:
 
     policy = RetentionPolicy(keep_full_chains=args.keep_full_chains, recovery_window_days=args.window_days,
                              min_redundancy=args.min_redundancy, pinned=args.pin or [])
-    repo = _repo(args)
-    plan = plan_retention(repo, args.cluster, policy)
+    repo, catalog = _repo(args), _catalog(args)
+    plan = plan_retention(repo, args.cluster, policy, catalog=catalog)  # the catalog: synthetic fulls' verification
     if not args.apply:
         _emit(args, summary(plan) | {"dry_run": True}, [format_plan(plan), "dry run: nothing deleted (--apply deletes)"])
         return 0
-    res = summary(apply_retention(repo, args.cluster, plan, catalog=_catalog(args)))
+    res = summary(apply_retention(repo, args.cluster, plan, catalog=catalog))
     _emit(args, res, [format_plan(plan), f"applied: {len(res['delete_backups'])} backup(s), {res['wal_files']} WAL "
                                          f"file(s), {res['other_objects']} other object(s) deleted"])
     return 0

@@ -221,12 +221,166 @@ def _sizes(repo: Repository, keys: list[str], sample: int = 64) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+# chains: what a restore of each backup combines (core.incremental.resolve_chain, on the listing)
+# and what it would combine without the synthetic fulls that are not verified yet.
+
+def _synthetic_evidence(catalog, cluster: str, backups: list[dict]) -> dict[str, str | None]:
+    """{synthetic full: None when its last verification passed, else why it is not trusted yet}.
+    The evidence is the catalog's verifications table, where core.verify records every run."""
+    out: dict[str, str | None] = {}
+    for b in backups:
+        sid = b["backup_id"]
+        if b.get("kind") != "synthetic":
+            continue
+        if catalog is None:
+            out[sid] = ("no verification evidence: retention ran without the catalog, where `pgincr verify` "
+                        "records its results (pass the catalog)")
+            continue
+        try:
+            last = catalog.last_verification(cluster, sid)
+        except Exception as e:  # noqa: BLE001 - no evidence is a reason to keep, not to fail
+            out[sid] = f"its verification record could not be read from the catalog ({type(e).__name__}: {e})"
+            continue
+        if last is None:
+            out[sid] = f"not verified yet (run `pgincr verify` on {sid} with the catalog)"
+        elif not last.get("ok"):
+            out[sid] = f"its last verification ({last.get('started_at')}) failed: {last.get('error') or 'see the catalog'}"
+        else:
+            out[sid] = None
+    return out
+
+
+def _synthetic_maps(repo: Repository, backups: list[dict], by_id: dict, evidence: dict) -> tuple[dict, dict]:
+    """({stands_for: synthetic id} a restore uses now: the newest complete one with its objects
+    present, as resolve_chain; {stands_for: synthetic id} a kept chain may rest on: verified, or the
+    only way left to its point because the backup it stands for is gone)."""
+    present: dict[str, str] = {}
+    anchoring: dict[str, str] = {}
+    for b in backups:  # oldest first: the newest wins
+        if b.get("kind") != "synthetic" or not b.get("stands_for") or b.get("status", "complete") != "complete":
+            continue
+        if not all(repo.exists(o["key"]) for o in b.get("objects", [])):
+            continue
+        present[b["stands_for"]] = b["backup_id"]
+        if evidence.get(b["backup_id"]) is None or b["stands_for"] not in by_id:
+            anchoring[b["stands_for"]] = b["backup_id"]
+    return present, anchoring
+
+
+def _walk(b: dict, by_id: dict, synth: dict) -> tuple[list[str], str | None]:
+    """The ids a restore of `b` combines, oldest first, through the synthetic fulls in `synth`
+    ({stands_for: synthetic id}), as incremental.resolve_chain walks; and what breaks the chain."""
+    bid = b["backup_id"]
+    if b.get("kind") == "synthetic":
+        return [bid], None
+    if bid in synth:
+        return [synth[bid]], None
+    chain, cur = [bid], b
+    while cur.get("parent_id"):
+        pid = cur["parent_id"]
+        if pid in chain:
+            return chain, f"its chain loops at {pid}"
+        if pid in synth:
+            return [synth[pid]] + chain, None
+        if pid not in by_id:
+            return chain, (f"its chain is broken: {pid} (parent of {cur['backup_id']}) is not a complete backup in "
+                           "the repository")
+        chain.insert(0, pid)
+        cur = by_id[pid]
+    if cur.get("kind") != "full":
+        return chain, f"its chain does not start with a full backup ({cur['backup_id']} is {cur.get('kind')})"
+    return chain, None
+
+
+@dataclass
+class _Chains:
+    """Per backup: `rc` what a restore combines now; `tc` what it combines through verified synthetic
+    fulls only (for an unverified one: the chain of the backup it stands for); `root` the full or
+    synthetic full the backup's chain rests on (None: broken); `absorbed` {backup: the verified
+    synthetic full standing for it}; `untrusted` {synthetic full: why it cannot replace its chain}."""
+
+    order: dict[str, int]
+    rc: dict[str, list[str]] = field(default_factory=dict)
+    tc: dict[str, list[str]] = field(default_factory=dict)
+    root: dict[str, str | None] = field(default_factory=dict)
+    broken: dict[str, str] = field(default_factory=dict)
+    absorbed: dict[str, str] = field(default_factory=dict)
+    untrusted: dict[str, str] = field(default_factory=dict)
+    synthetic: set[str] = field(default_factory=set)
+
+    def needs(self, bid: str) -> list[str]:
+        """What must stay for `bid`'s point to restore, oldest first (`bid` itself unless absorbed)."""
+        return sorted(set(self.rc[bid]) | set(self.tc[bid]), key=self.order.__getitem__)
+
+    def label(self, a: str, bid: str) -> str:
+        """Why `a` stays for `bid`."""
+        if a not in self.rc[bid]:
+            return f"ancestor of {bid} (its chain without the unverified synthetic full {self.rc[bid][0]})"
+        if a in self.synthetic:
+            return f"restore chain of {bid}: the synthetic full it starts from"
+        return f"ancestor of {bid}"
+
+
+def _chains(repo: Repository, backups: list[dict], by_id: dict, evidence: dict) -> _Chains:
+    present, anchoring = _synthetic_maps(repo, backups, by_id, evidence)
+    ch = _Chains(order={b["backup_id"]: n for n, b in enumerate(backups)},
+                 untrusted={s: why for s, why in evidence.items() if why is not None},
+                 synthetic={b["backup_id"] for b in backups if b.get("kind") == "synthetic"})
+    for b in backups:
+        bid = b["backup_id"]
+        ch.rc[bid], problem = _walk(b, by_id, present)
+        src = by_id[b["stands_for"]] if bid in ch.untrusted and b.get("stands_for") in by_id else b
+        ch.tc[bid], t_problem = _walk(src, by_id, anchoring)
+        if problem:
+            ch.broken[bid], ch.root[bid] = problem, None
+            continue
+        ch.root[bid] = ch.rc[bid][0] if t_problem else ch.tc[bid][0]
+        if bid not in ch.tc[bid] and b.get("kind") != "synthetic" and not t_problem:
+            ch.absorbed[bid] = ch.tc[bid][0]
+    return ch
+
+
+def _check_chain_roots(backups: list[dict], by_id: dict, warnings: list[str]) -> None:
+    """Warn where a backup's recorded chain_root_id is not the full its parents lead to."""
+    for b in backups:
+        chain, problem = _walk(b, by_id, {})
+        if not problem and b.get("kind") != "synthetic" and b.get("chain_root_id") not in (None, chain[0]):
+            warnings.append(f"{b['backup_id']}: chain_root_id {b.get('chain_root_id')} differs from the full its "
+                            f"parents lead to ({chain[0]}); the parents are what a restore follows")
+
+
+def _note_unverified(keep: dict[str, list[str]], by_id: dict, ch: _Chains) -> None:
+    """Say why a kept backup that a synthetic full absorbed is not left to it."""
+    for sid, why in ch.untrusted.items():
+        for bid in by_id[sid].get("built_from") or []:
+            if bid in keep:
+                keep[bid].append(f"absorbed by the synthetic full {sid}, which cannot replace it yet: {why}")
+
+
+def _parent_roles(backups: list[dict], restorable: set[str]) -> list[tuple[str, str]]:
+    """(backup, reason) the next backup taken from the server needs, whatever the policy says."""
+    from .incremental import current_chain
+
+    chain = current_chain(backups)
+    if not chain:
+        return []
+    out = [(chain[-1]["backup_id"], "parent of the next incremental: it is taken against this backup's "
+                                    "backup_manifest (the newest backup of the current parent chain)")]
+    if chain[0]["kind"] == "full" and chain[0] is not chain[-1]:
+        out.append((chain[0]["backup_id"], "root of the current parent chain: the next incremental's chain is "
+                                           "found through it and a differential's parent is it (it goes once a "
+                                           "newer full starts a new chain)"))
+    return [(bid, why) for bid, why in out if bid in restorable]
+
+
+# ------------------------------------------------------------------------------------------------
 def plan_retention(repo: Repository, cluster: str, policy: RetentionPolicy | dict, now=None, *,
-                   raise_on_refusal: bool = True) -> dict:
+                   raise_on_refusal: bool = True, catalog=None) -> dict:
     """What `policy` keeps and deletes in `cluster`, computed from the repository listing alone
     (nothing is deleted). Raises RetentionRefused (a ConfigError) when the policy must not be
     applied; with raise_on_refusal=False the plan is returned with `refused` set and nothing to
-    delete instead."""
+    delete instead. catalog: where the verification evidence of synthetic fulls is read (without it
+    no synthetic full counts as verified, and the backups it absorbed stay)."""
     validate_cluster(cluster)
     if isinstance(policy, dict):
         policy = RetentionPolicy.from_dict(policy)
@@ -235,7 +389,7 @@ def plan_retention(repo: Repository, cluster: str, policy: RetentionPolicy | dic
     require_cluster(repo, cluster)
     now = _as_time(now) or utcnow()
     try:
-        plan, _ = _plan(repo, cluster, policy, now)
+        plan, _ = _plan(repo, cluster, policy, now, catalog)
         return plan
     except RetentionRefused as e:
         if raise_on_refusal:
@@ -248,7 +402,8 @@ def plan_retention(repo: Repository, cluster: str, policy: RetentionPolicy | dic
                 "bytes_freed": 0, "bytes_by_kind": {}, "warnings": [], "refused": str(e)}
 
 
-def _plan(repo: Repository, cluster: str, policy: RetentionPolicy, now: dt.datetime) -> tuple[dict, dict]:
+def _plan(repo: Repository, cluster: str, policy: RetentionPolicy, now: dt.datetime,
+          catalog=None) -> tuple[dict, dict]:
     warnings: list[str] = []
     backups = list_backups(repo, cluster)
     dir_ids = list_backup_ids(repo, cluster)
@@ -275,34 +430,13 @@ def _plan(repo: Repository, cluster: str, policy: RetentionPolicy, now: dt.datet
     by_id = {b["backup_id"]: b for b in backups}
     order = {b["backup_id"]: n for n, b in enumerate(backups)}  # oldest first (started_at)
 
-    # -- chains: walk parent_id like a restore does (core.incremental.resolve_chain) ---------------
-    ancestors: dict[str, list[str]] = {}  # parent, grandparent, ... (existing ones)
-    root_of: dict[str, str | None] = {}
-    broken: dict[str, str] = {}
-    for b in backups:
-        bid, chain, seen, cur = b["backup_id"], [], {b["backup_id"]}, b
-        problem = None
-        while cur.get("parent_id"):
-            pid = cur["parent_id"]
-            if pid in seen:
-                problem = f"its chain loops at {pid}"
-                break
-            if pid not in by_id:
-                problem = (f"its chain is broken: {pid} (parent of {cur['backup_id']}) is not a complete backup "
-                           "in the repository")
-                break
-            chain.append(pid)
-            seen.add(pid)
-            cur = by_id[pid]
-        if problem is None and cur.get("kind") != "full":
-            problem = f"its chain does not start with a full backup ({cur['backup_id']} is {cur.get('kind')})"
-        ancestors[bid] = chain
-        root_of[bid] = None if problem else cur["backup_id"]
-        if problem:
-            broken[bid] = problem
-        elif b.get("chain_root_id") and b.get("chain_root_id") != cur["backup_id"]:
-            warnings.append(f"{bid}: chain_root_id {b.get('chain_root_id')} differs from the full its parents lead "
-                            f"to ({cur['backup_id']}); the parents are what a restore follows")
+    # -- chains: what a restore of each backup combines (core.incremental.resolve_chain), and the
+    # same through verified synthetic fulls only: a backup an unverified one absorbed stays ----------
+    evidence = _synthetic_evidence(catalog, cluster, backups)
+    ch = _chains(repo, backups, by_id, evidence)
+    _check_chain_roots(backups, by_id, warnings)
+    ancestors = {bid: [a for a in ch.needs(bid) if a != bid] for bid in by_id}
+    root_of, broken = ch.root, ch.broken
     restorable = [b for b in backups if root_of[b["backup_id"]] is not None]
     # -- timelines: a backup on an abandoned branch (its timeline went on past the point where the
     # newest timeline's history left it) cannot start a recovery along the newest timeline: it
@@ -314,7 +448,7 @@ def _plan(repo: Repository, cluster: str, policy: RetentionPolicy, now: dt.datet
         warnings.append(f"{e}: the timeline path is unknown, every backup counts as on it")
     off_path = {b["backup_id"] for b in restorable if not on_timeline_path(b, path)}
     current = [b for b in restorable if b["backup_id"] not in off_path]
-    fulls = [b for b in current if b["kind"] == "full"]
+    fulls = [b for b in current if b["kind"] == "full" or root_of[b["backup_id"]] == b["backup_id"]]  # + synthetic
     if not fulls and off_path:
         raise RetentionRefused(f"no restorable full backup of {cluster!r} lies on the newest timeline's history "
                                f"(backups {', '.join(sorted(off_path))} are on an abandoned branch): take a full "
@@ -325,7 +459,7 @@ def _plan(repo: Repository, cluster: str, policy: RetentionPolicy, now: dt.datet
                                "nothing was deleted")
     members: dict[str, list[str]] = {f["backup_id"]: [] for f in fulls}
     for b in restorable:
-        if root_of[b["backup_id"]] in members:  # an abandoned backup on a current full goes with its chain
+        if root_of[b["backup_id"]] in members and b["backup_id"] not in ch.absorbed:  # abandoned ones too
             members[root_of[b["backup_id"]]].append(b["backup_id"])
     chain_rank = {f["backup_id"]: len(fulls) - n for n, f in enumerate(fulls)}  # 1 = newest
 
@@ -344,11 +478,20 @@ def _plan(repo: Repository, cluster: str, policy: RetentionPolicy, now: dt.datet
             keep[bid].append(reason)
         if with_ancestors:
             for a in ancestors[bid]:
-                r = f"ancestor of {bid}"
+                r = ch.label(a, bid)
                 keep.setdefault(a, [])
                 if r not in keep[a]:
                     keep[a].append(r)
 
+    def add_point(bid: str, reason: str) -> None:
+        """Keep what restores `bid`'s point: the verified synthetic full standing for it, if any."""
+        if bid in ch.absorbed:
+            add(ch.absorbed[bid], f"{reason} (stands for {bid}, which it absorbed)")
+        else:
+            add(bid, reason)
+
+    for bid, why in _parent_roles(backups, {b["backup_id"] for b in restorable}):
+        add(bid, why)
     for f in fulls[::-1][:policy.min_redundancy]:
         for m in members[f["backup_id"]]:
             add(m, f"min_redundancy={policy.min_redundancy}: chain of {f['backup_id']} "
@@ -369,13 +512,14 @@ def _plan(repo: Repository, cluster: str, policy: RetentionPolicy, now: dt.datet
                   "anchor_finished_at": None, "covered": bool(before), "restorable_from": None}
         if before:
             anchor_t, _, anchor = max(before, key=lambda e: (e[0], e[1]))
+            anchor = by_id[ch.absorbed.get(anchor["backup_id"], anchor["backup_id"])]
             window.update({"anchor": anchor["backup_id"], "anchor_finished_at": iso(anchor_t),
                            "restorable_from": iso(anchor_t)})
-            add(anchor["backup_id"], f"window: anchor, the newest backup ended at or before the window's start "
+            add_point(anchor["backup_id"], f"window: anchor, the newest backup ended at or before the window's start "
                                      f"{iso(start)}")
             for t, _, b in ended:
                 if t is None or t > anchor_t:
-                    add(b["backup_id"], "window: ended inside the recovery window")
+                    add_point(b["backup_id"], "window: ended inside the recovery window")
         else:
             oldest_t = min((e[0] for e in ended if e[0] is not None), default=None)
             window["restorable_from"] = iso(oldest_t) if oldest_t else None
@@ -400,6 +544,8 @@ def _plan(repo: Repository, cluster: str, policy: RetentionPolicy, now: dt.datet
                          "period; not counted, restorable with that recovery timeline")
         warnings.append(f"backup(s) {', '.join(sorted(off_path))} lie on an abandoned timeline branch (the newest "
                         "timeline's history left their timeline before they ended): they count toward no rule")
+
+    _note_unverified(keep, by_id, ch)
 
     # -- delete / untouched ------------------------------------------------------------------------
     untouched = [{"backup_id": bid, "reason": f"left alone, not restorable: {why}"} for bid, why in broken.items()
@@ -426,6 +572,10 @@ def _plan(repo: Repository, cluster: str, policy: RetentionPolicy, now: dt.datet
                         "every chain is kept")
 
     def why_deleted(b: dict) -> str:
+        if b["backup_id"] in ch.absorbed:
+            s = ch.absorbed[b["backup_id"]]
+            return (f"absorbed by the verified synthetic full {s}: a restore of its point ({b.get('finished_at')}) "
+                    f"combines {s} instead, and no kept backup's restore chain includes it; not pinned")
         if b["backup_id"] in off_path:
             return (f"on an abandoned timeline branch (timeline {b.get('timeline') or 1}, ended {b.get('finished_at')}), "
                     "older than every backup kept; not pinned")
@@ -539,6 +689,8 @@ def _plan(repo: Repository, cluster: str, policy: RetentionPolicy, now: dt.datet
         "untouched": untouched,
         "abandoned_branch": sorted(off_path),
         "window": window,
+        "synthetics": {sid: {"stands_for": by_id[sid].get("stands_for"), "verified": sid not in ch.untrusted,
+                             "why_not": ch.untrusted.get(sid)} for sid in sorted(ch.synthetic)},
         "wal_horizon": horizon,
         "wal_timelines": {f"{t:08X}": v for t, v in sorted(timelines.items())},
         "bytes_freed": bytes_backups + bytes_wal + bytes_other + sum(a.get("bytes") or 0 for a in abandoned),
@@ -577,6 +729,9 @@ def format_plan(plan: dict) -> str:
         else:
             L.append(f"  window {_span(w['days'])} from {w['start']}: reaches past every backup; restorable only "
                      f"from {w['restorable_from']}")
+    for sid, sy in plan.get("synthetics", {}).items():
+        L.append(f"  synthetic full {sid} stands for {sy['stands_for']}: " + (
+            "verified, the backups it absorbed may go" if sy["verified"] else f"NOT trusted yet, {sy['why_not']}"))
     for k in plan["keep"]:
         L.append(f"  keep    {k['backup_id']:<26} {k['kind']:<12} ended {k['finished_at']}: {'; '.join(k['reasons'])}")
     for d in plan.get("delete_backup_details", []):
@@ -611,7 +766,7 @@ def format_plan(plan: dict) -> str:
     return "\n".join(L)
 
 
-def _restrict(repo: Repository, cluster: str, approved: dict) -> dict:
+def _restrict(repo: Repository, cluster: str, approved: dict, catalog=None) -> dict:
     """Re-plan with the approved plan's policy and time, and keep only what the approved plan
     deletes. Refuses (nothing touched) when the approved plan deletes something that must now stay."""
     if approved.get("refused"):
@@ -621,7 +776,7 @@ def _restrict(repo: Repository, cluster: str, approved: dict) -> dict:
     if approved.get("repository") and approved["repository"] != repo.url:
         raise ConfigError(f"the plan is for repository {approved['repository']}, not {repo.url}")
     policy = RetentionPolicy.from_dict(approved["policy"])
-    fresh, internals = _plan(repo, cluster, policy, _as_time(approved["now"]))
+    fresh, internals = _plan(repo, cluster, policy, _as_time(approved["now"]), catalog)
     staying = {k["backup_id"] for k in fresh["keep"]} | {u["backup_id"] for u in fresh["untouched"]}
     want_b = set(approved.get("delete_backups", [])) | {lo["backup_id"] for lo in approved.get("leftovers", [])}
     conflict = sorted(want_b & staying)
@@ -674,9 +829,9 @@ def apply_retention(repo: Repository, cluster: str, plan_or_policy, *, catalog=N
     nothing. Returns the plan with `applied` (what was deleted) and `dry_run`."""
     validate_cluster(cluster)
     if isinstance(plan_or_policy, dict) and "delete_backups" in plan_or_policy:
-        plan = _restrict(repo, cluster, plan_or_policy)
+        plan = _restrict(repo, cluster, plan_or_policy, catalog)
     else:
-        plan = plan_retention(repo, cluster, plan_or_policy, now=now)
+        plan = plan_retention(repo, cluster, plan_or_policy, now=now, catalog=catalog)
     text = format_plan(plan)
     for line in text.splitlines():
         log.info("%s%s", "[dry run] " if dry_run else "", line)

@@ -96,7 +96,7 @@ class PgRetentionOperator(_PgBackupBase):
         self.log.info("Retention of %s (%s)%s", self.cluster, policy.describe(), ": plan only (dry run)" if dry_run
                       else "")
         result = apply_retention(self._repo(), self.cluster, policy, dry_run=dry_run,
-                                 catalog=None if dry_run else self._catalog())
+                                 catalog=self._catalog())  # also read by a dry run: verification evidence
         out = summary(result)
         for w in out["warnings"]:
             self.log.warning("%s", w)

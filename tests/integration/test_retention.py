@@ -226,3 +226,102 @@ def test_retention_on_s3_with_a_crash_midway(s3):
     assert [k.rsplit("/", 1)[-1] for k in repo.list(f"{C}/restore_points")] == ["new.json"]
     again = plan_retention(repo, C, policy, now=NOW)
     assert again["delete_backups"] == again["delete_wal"] == again["delete_other"] == []
+
+
+@pytest.mark.slow
+def test_retention_lets_what_a_verified_synthetic_full_absorbed_go(pg, workdir, scratch, catalog):
+    """F, I1, I2, S (synthetic full of I2, verified), I3, I4 with pgbench and WAL capture between;
+    a window starting after I2: without verification evidence nothing goes, with it I1 and I2 go
+    (F stays: the root of the current parent chain); afterwards every remaining backup and every
+    point of the window restore to the data fingerprint the source had then."""
+    from airflow_pg_incremental.core.synthetic import synthesize
+    from airflow_pg_incremental.core.verify import verify_backup
+    from airflow_pg_incremental.sandbox import data_fingerprint
+
+    cluster = f"rsyn-{uuid.uuid4().hex[:8]}"
+    repo = created(LocalRepository(workdir / f"{cluster}-repo"))
+    conn = pg.conninfo()
+    fps: dict[str, dict] = {}     # backup id -> the source's data at its end
+    points: list[tuple[str, dt.datetime, dict]] = []
+
+    def capture() -> None:
+        capture_wal_pull(conn, repo, cluster, upto_lsn=switch_wal(conn)["lsn"], catalog=catalog)
+
+    def backup(kind: str) -> dict:
+        m = take_planned_backup(conn, repo, cluster, kind="incremental", catalog=catalog)
+        assert m["kind"] == kind, m.get("plan")
+        fps[m["backup_id"]] = data_fingerprint(pg.superuser())
+        pg.pgbench_run(30)
+        return m
+
+    def point(label: str) -> None:
+        fp = data_fingerprint(pg.superuser())  # no commit between this and the time taken after it
+        points.append((label, query(pg.superuser(), "SELECT clock_timestamp()")[0][0], fp))
+        pg.pgbench_run(30)
+
+    try:
+        capture_wal_pull(conn, repo, cluster, catalog=catalog)  # the slot, before the first backup
+        f = take_full_backup(conn, repo, cluster, catalog=catalog)
+        fps[f["backup_id"]] = data_fingerprint(pg.superuser())
+        pg.pgbench_run(30)
+        i1, i2 = backup("incremental"), backup("incremental")
+        s = synthesize(repo, cluster, i2["backup_id"], scratch_dir=scratch, catalog=catalog)
+        assert s["stands_for"] == i2["backup_id"] and s["built_from"] == [f["backup_id"], i1["backup_id"],
+                                                                         i2["backup_id"]]
+        fps[s["backup_id"]] = fps[i2["backup_id"]]  # the point it stands for
+        point("window start")
+        capture()
+        i3 = backup("incremental")
+        point("between I3 and I4")
+        capture()
+        i4 = backup("incremental")
+        assert (i3["parent_id"], i4["parent_id"]) == (i2["backup_id"], i3["backup_id"])
+        point("after I4")
+        capture()
+        ids = [b["backup_id"] for b in (f, i1, i2, s, i3, i4)]
+        F, I1, I2, S, I3, I4 = ids
+        # (S shares I2's started_at; when they began in the same second S's id can sort first)
+        assert sorted(b["backup_id"] for b in md.list_backups(repo, cluster)) == sorted(ids)
+
+        now = md.utcnow()
+        policy = RetentionPolicy(recovery_window_days=(now - points[0][1]).total_seconds() / 86400)
+        # no verification evidence: S cannot replace its chain yet, nothing goes
+        unverified = plan_retention(repo, cluster, policy, now=now, catalog=catalog)
+        assert unverified["delete_backups"] == [] and unverified["window"]["anchor"] == S
+        assert any("cannot replace it yet: not verified yet" in r for k in unverified["keep"] if k["backup_id"] == I2
+                   for r in k["reasons"])
+        rep = verify_backup(repo, cluster, S, catalog=catalog, chain=False, check_wal=False, staging_parent=scratch)
+        assert rep["verified"] == [S], rep["failed"]
+
+        plan = plan_retention(repo, cluster, policy, now=now, catalog=catalog)
+        assert [k["backup_id"] for k in plan["keep"]] == [F, S, I3, I4]
+        assert plan["delete_backups"] == [I2, I1] and plan["window"]["anchor"] == S
+        res = apply_retention(repo, cluster, plan, catalog=catalog)
+        assert res["applied"]["backups"] == [I2, I1]
+        assert [b["backup_id"] for b in md.list_backups(repo, cluster)] == [F, S, I3, I4]
+        assert sorted(r["backup_id"] for r in catalog.backups(cluster)) == sorted([F, S, I3, I4])
+        assert check_continuity(repo, cluster, fail_on_gap=False)["ok"]
+        again = plan_retention(repo, cluster, policy, now=now, catalog=catalog)
+        assert again["delete_backups"] == [] and [k["backup_id"] for k in again["keep"]] == [F, S, I3, I4]
+
+        # every remaining backup restores to its own end, every point of the window exactly
+        cases = [(f"backup {b}", parse_target("immediate"), b, fps[b], b) for b in (F, S, I3, I4)]
+        cases += [(label, parse_target("time", t.isoformat()), None, fp, base)
+                  for (label, t, fp), base in zip(points, (S, I3, I4))]
+        for n, (label, target, bid, fp, base) in enumerate(cases):
+            target_dir = scratch / f"syn{n}"
+            out = restore_pitr(repo, cluster, target, target_dir, backup_id=bid, os_user=pg.os_user,
+                               keep_running=True)
+            srv = out.pop("server")
+            try:
+                got = data_fingerprint(srv.local_conninfo())
+            finally:
+                srv.stop()
+            assert out["backup_id"] == base, (label, out)
+            assert got == fp, label
+            shutil.rmtree(target_dir, ignore_errors=True)
+    finally:
+        try:
+            pg.psql(f"SELECT pg_drop_replication_slot('{default_slot_name(cluster)}')")
+        except Exception:
+            pass

@@ -29,7 +29,7 @@ class Fake:
         self.repo, self.cluster = repo, cluster
         self.metas: dict[str, dict] = {}
 
-    def backup(self, bid, start_seg, finished, kind="full", parent=None, timeline=1, size=1000):
+    def backup(self, bid, start_seg, finished, kind="full", parent=None, timeline=1, size=1000, extra=None):
         p = self.metas[parent] if parent else None
         prefix = md.backup_prefix(self.cluster, bid)
         objects = []
@@ -42,9 +42,21 @@ class Fake:
                 "started_at": md.iso(finished - dt.timedelta(minutes=5)), "finished_at": md.iso(finished),
                 "start_lsn": lsn(start_seg), "stop_lsn": lsn(start_seg, 0x2000), "timeline": timeline,
                 "wal_segment_size": SEG, "pg_major": 18, "stored_bytes": size + 10, "objects": objects}
+        meta.update(extra or {})
         md.write_meta(self.repo, meta)
         self.metas[bid] = meta
         return meta
+
+    def synthetic(self, bid, stands_for):
+        """A synthetic full standing for `stands_for` (its LSNs, timeline and times), built from its chain."""
+        t = self.metas[stands_for]
+        chain, cur = [], t
+        while cur is not None:
+            chain.insert(0, cur["backup_id"])
+            cur = self.metas.get(cur["parent_id"]) if cur["parent_id"] else None
+        same = {k: t[k] for k in ("start_lsn", "stop_lsn", "timeline", "started_at", "finished_at")}
+        return self.backup(bid, 0, dt.datetime.fromisoformat(t["finished_at"]), kind="synthetic",
+                           size=t["stored_bytes"] * 3, extra={**same, "stands_for": stands_for, "built_from": chain})
 
     def wal(self, tli, segnos):
         for s in segnos:
