@@ -37,7 +37,7 @@ _CLUSTER_KEYS = {"name", "postgres_conn_id", "repository", "aws_conn_id", "catal
                  "rpo_minutes", "max_slot_retained_gb", "wal_wait_minutes", "deferrable", "incremental_kind",
                  "max_chain_length", "notifiers", "restore_test_checks", "restore_test_databases", "retention",
                  "scratch_dir", "create_repository", "restore_queue", "restore_pool", "backup_pool",
-                 "max_backup_age_hours", "full_mode"}
+                 "max_backup_age_hours", "full_mode", "primary_conn_id"}
 
 
 @dataclass
@@ -45,6 +45,8 @@ class ClusterConfig:
     name: str
     postgres_conn_id: str
     repository: str
+    primary_conn_id: str | None = None  # postgres_conn_id is a streaming standby: backups are read from it; this,
+                                        # its primary, checkpoints first and switches and archives the WAL
     aws_conn_id: str | None = None
     catalog_conn_id: str | None = None
     catalog_schema: str = "pgincr"
@@ -92,6 +94,15 @@ class ClusterConfig:
                 "aws_conn_id": self.aws_conn_id, "catalog_conn_id": self.catalog_conn_id,
                 "catalog_schema": self.catalog_schema}
 
+    def backup_kwargs(self) -> dict:
+        """engine_kwargs of the backup tasks: read from postgres_conn_id, with its primary."""
+        return {**self.engine_kwargs(), "primary_conn_id": self.primary_conn_id}
+
+    def wal_kwargs(self) -> dict:
+        """engine_kwargs of the WAL tasks (switch, capture, freshness): the primary when the backups
+        are read from a standby."""
+        return {**self.engine_kwargs(), "postgres_conn_id": self.primary_conn_id or self.postgres_conn_id}
+
 
 def parse_config(raw: dict) -> list[ClusterConfig]:
     if not isinstance(raw, dict) or not isinstance(raw.get("clusters"), list) or not raw["clusters"]:
@@ -116,7 +127,8 @@ def parse_config(raw: dict) -> list[ClusterConfig]:
             if not merged.get(req):
                 raise ConfigError(f"clusters[{i}]: '{req}' is required")
         for key in ("name", "postgres_conn_id", "repository", "aws_conn_id", "catalog_conn_id", "catalog_schema",
-                    "owner", "start_date", "description", "restore_queue", "restore_pool", "backup_pool"):
+                    "owner", "start_date", "description", "restore_queue", "restore_pool", "backup_pool",
+                    "primary_conn_id"):
             if merged.get(key) is not None and not isinstance(merged[key], str):
                 raise ConfigError(f"clusters[{i}].{key} must be a string, got {type(merged[key]).__name__}")
         for key in ("compression_level", "compression_threads", "retries", "retry_delay_minutes",
@@ -272,7 +284,7 @@ def _wal_tasks(cl: ClusterConfig, segment_template: str, upto_template: str, out
     )
     from airflow_pg_incremental.sensors.wal import WalArchivedSensor
 
-    common = cl.engine_kwargs()
+    common = cl.wal_kwargs()
     switch = PgWalSwitchOperator(task_id="wal_switch", **common)
     tasks = [switch]
     if cl.wal_mode == "pull":
@@ -295,7 +307,7 @@ def _preflight(cl: ClusterConfig):
                                      wal_mode=cl.wal_mode, slot_name=cl.slot_name,
                                      create_repository=cl.create_repository,
                                      max_slot_retained_bytes=int(cl.max_slot_retained_gb * (1 << 30)),
-                                     **cl.engine_kwargs())
+                                     **cl.backup_kwargs())
 
 
 def _incremental_task(cl: ClusterConfig):
@@ -304,7 +316,7 @@ def _incremental_task(cl: ClusterConfig):
     return PgIncrementalBackupOperator(task_id="incremental_backup", incremental_kind=cl.incremental_kind,
                                        max_chain_length=cl.max_chain_length, compression_level=cl.compression_level,
                                        compression_threads=cl.compression_threads, compression=cl.compression,
-                                       **_backup_routing(cl), **cl.engine_kwargs())
+                                       **_backup_routing(cl), **cl.backup_kwargs())
 
 
 WEEKLY_DOC = {
@@ -353,13 +365,13 @@ def _weekly_backup_tasks(cl: ClusterConfig) -> list:
     if cl.full_mode == "server":
         return [PgBaseBackupOperator(task_id="full_backup", compression_level=cl.compression_level,
                                      compression_threads=cl.compression_threads, compression=cl.compression,
-                                     **_backup_routing(cl), **cl.engine_kwargs())]
+                                     **_backup_routing(cl), **cl.backup_kwargs())]
     # the synthetic full (or the server full it falls back to) is the backup the run stands for
     return [_incremental_task(cl),
             PgSyntheticFullOperator(task_id="synthetic_full", incremental_task_id="incremental_backup",
                                     compression_level=cl.compression_level,
                                     compression_threads=cl.compression_threads, compression=cl.compression,
-                                    scratch_dir=cl.scratch_dir, **_backup_routing(cl), **cl.engine_kwargs())]
+                                    scratch_dir=cl.scratch_dir, **_backup_routing(cl), **cl.backup_kwargs())]
 
 
 def build_daily_incremental(cl: ClusterConfig):
@@ -406,7 +418,7 @@ as `rpo_breached`); it runs even when the capture failed.""",
                                        catalog_schema=cl.catalog_schema)
         fresh = WalFreshnessSensor(task_id="wal_fresh", cluster=cl.name, repository=cl.repository,
                                    aws_conn_id=cl.aws_conn_id, max_age_s=cl.rpo_minutes * 60,
-                                   postgres_conn_id=cl.postgres_conn_id,
+                                   postgres_conn_id=cl.wal_kwargs()["postgres_conn_id"],
                                    deferrable=cl.deferrable, poke_interval=30, timeout=600)
         # the RPO check runs even when the capture failed: that is when it matters most
         fresh.trigger_rule = "all_done"
@@ -599,7 +611,8 @@ def dag_doc(dag, intro: str, facts: list[str]) -> str:
     """The DAG's doc: its purpose, its tasks in the order they run (from the DAG itself), and the
     configuration it was built from."""
     tasks = "\n".join(f"{n}. `{tid}`: {_task_doc(tid)}" for n, tid in enumerate(_ordered_task_ids(dag), 1))
-    return f"{intro.strip()}\n\n**Tasks**\n\n{tasks}\n\n**Configuration**\n\n" + "\n".join(f"- {f}" for f in facts)
+    return f"{intro.strip()}\n\n**Tasks**\n\n{tasks}\n\n**Configuration**\n\n" + "\n".join(f"- {f}" for f in facts
+                                                                                  if f)
 
 
 def cluster_facts(cl: ClusterConfig) -> list[str]:
@@ -609,6 +622,8 @@ def cluster_facts(cl: ClusterConfig) -> list[str]:
     return [
         f"cluster `{cl.name}`, server connection `{cl.postgres_conn_id}`, repository `{cl.repository}`"
         + (f" (AWS connection `{cl.aws_conn_id}`)" if cl.aws_conn_id else ""),
+        f"backups read from the standby `{cl.postgres_conn_id}`; its primary `{cl.primary_conn_id}` checkpoints "
+        "first (the backup starts now) and switches and archives the WAL" if cl.primary_conn_id else None,
         f"WAL: {cl.wal_mode} mode" + (f" (replication slot `{cl.slot_name or 'pgincr_' + cl.name}`, at most "
                                       f"{cl.max_slot_retained_gb:g} GB held between captures)" if cl.wal_mode == "pull"
                                       else " (archive_command = walcmd push)") + f"; RPO {cl.rpo_minutes:g} min"

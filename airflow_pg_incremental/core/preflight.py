@@ -27,22 +27,34 @@ _NOOP_COMMANDS = {"", "/bin/true", "/usr/bin/true", "true", ":", "exit 0", "(dis
 
 def preflight_full(conn: ConnInfo, repo: Repository, cluster: str, *, cleanup_after_s: float = 6 * 3600,
                    slot: str | None = None, catalog=None, create_repository: bool = False,
-                   wal_mode: str | None = None, max_slot_retained_bytes: int | None = None) -> dict:
+                   wal_mode: str | None = None, max_slot_retained_bytes: int | None = None,
+                   primary: ConnInfo | None = None) -> dict:
     """`slot`: pull mode's replication slot, created here if missing so that it holds the WAL from
     before the backup's start (a slot created after the backup could not capture its WAL).
     `wal_mode` 'push': archive_command must push into this repository and cluster.
     `catalog`: its rows of killed backups (left 'running') are settled, with the same age rule.
     `create_repository`: create the repository when the location holds none yet (an explicit
-    setting: otherwise a missing repository is an error, never created by a typo)."""
+    setting: otherwise a missing repository is an error, never created by a typo).
+    `primary`: `conn` is a streaming standby and this its primary, which archives the WAL (the
+    slot and archive_command are checked there); a standby without it is refused when WAL is
+    archived, as pg_switch_wal() and the slot need the primary."""
+    from .standby import check_standby_source
+
     validate_cluster(cluster)
     facts = server_facts(conn)
     check_source(facts, conn)
+    check_standby_source(facts, conn, primary)
+    if facts["in_recovery"] and primary is None and (slot or wal_mode in ("pull", "push")):
+        raise ConfigError(f"{conn.describe()} is a streaming standby: its WAL is switched and archived on the primary. "
+                          "Give the primary's connection (primary_conn_id in the cluster's configuration, "
+                          "--primary-host in the CLI); backups are still read from the standby")
+    wal_conn = primary if facts["in_recovery"] and primary is not None else conn
     find_program("pg_basebackup", facts["major"])
     created = _create_repository(repo) if create_repository else False
     repo.check_writable()
     wal = None
     if slot or wal_mode in ("pull", "push"):
-        wal = ensure_wal_archiving(conn, repo, cluster, "pull" if slot else wal_mode, slot=slot,
+        wal = ensure_wal_archiving(wal_conn, repo, cluster, "pull" if slot else wal_mode, slot=slot,
                                    max_slot_retained_bytes=max_slot_retained_bytes)
     removed = cleanup_incomplete(repo, cluster, older_than_s=cleanup_after_s)
     abandoned = cleanup_abandoned_writes(repo, cluster, older_than_s=cleanup_after_s)
@@ -50,6 +62,7 @@ def preflight_full(conn: ConnInfo, repo: Repository, cluster: str, *, cleanup_af
     result = {"cluster": cluster, "pg_major": facts["major"], "system_identifier": facts["system_identifier"],
               "data_checksums": facts["data_checksums"], "summarize_wal": facts["summarize_wal"],
               "from_standby": facts["in_recovery"], "size_estimate": facts["size_estimate"],
+              "primary": primary.describe() if facts["in_recovery"] and primary is not None else None,
               "removed_incomplete": removed, "removed_unfinished_writes": [a["key"] for a in abandoned],
               "settled_catalog_rows": settled, "repository": repo.url,
               "repository_created": created, "slot": (wal or {}).get("slot_info"), "wal_archiving": wal,

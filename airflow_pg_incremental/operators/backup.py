@@ -36,14 +36,21 @@ class StopsEngineOnKill:
 
 
 class _PgBackupBase(StopsEngineOnKill, BaseOperator):
-    template_fields: Sequence[str] = ("cluster", "postgres_conn_id", "repository", "aws_conn_id", "catalog_conn_id")
+    """`postgres_conn_id`: the server backups are read from; when it is a streaming standby,
+    `primary_conn_id` is its primary, which checkpoints first (so the backup starts now) and
+    archives the WAL (see core.standby)."""
+
+    template_fields: Sequence[str] = ("cluster", "postgres_conn_id", "repository", "aws_conn_id", "catalog_conn_id",
+                                      "primary_conn_id")
     ui_color = "#d3e4f5"
 
     def __init__(self, *, cluster: str, postgres_conn_id: str, repository: str, aws_conn_id: str | None = None,
-                 catalog_conn_id: str | None = None, catalog_schema: str = "pgincr", **kwargs: Any) -> None:
+                 catalog_conn_id: str | None = None, catalog_schema: str = "pgincr",
+                 primary_conn_id: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.cluster = cluster
         self.postgres_conn_id = postgres_conn_id
+        self.primary_conn_id = primary_conn_id
         self.repository = repository
         self.aws_conn_id = aws_conn_id
         self.catalog_conn_id = catalog_conn_id
@@ -54,6 +61,13 @@ class _PgBackupBase(StopsEngineOnKill, BaseOperator):
         from airflow_pg_incremental.hooks.repository import PgClusterHook
 
         return PgClusterHook(self.postgres_conn_id).get_conninfo()
+
+    def _primary(self):
+        if not self.primary_conn_id:
+            return None
+        from airflow_pg_incremental.hooks.repository import PgClusterHook
+
+        return PgClusterHook(self.primary_conn_id).get_conninfo()
 
     def _repo(self, must_exist: bool = True):
         from airflow_pg_incremental.hooks.repository import PgBackupRepositoryHook
@@ -108,7 +122,7 @@ class PgBackupPreflightOperator(_PgBackupBase):
         return preflight_full(self._conninfo(), self._repo(must_exist=not self.create_repository), self.cluster,
                               cleanup_after_s=self.cleanup_after_s, slot=slot, catalog=self._catalog(),
                               create_repository=bool(self.create_repository), wal_mode=self.wal_mode,
-                              max_slot_retained_bytes=int(self.max_slot_retained_bytes))
+                              max_slot_retained_bytes=int(self.max_slot_retained_bytes), primary=self._primary())
 
 
 class PgBaseBackupOperator(_PgBackupBase):
@@ -134,7 +148,7 @@ class PgBaseBackupOperator(_PgBackupBase):
                                 compression_level=int(self.compression_level), threads=self.compression_threads,
                                 compression=self.compression, catalog=self._catalog(),
                                 airflow=self._airflow_ids(context),
-                                progress_interval=self.progress_interval)
+                                progress_interval=self.progress_interval, primary=self._primary())
         _backup_metrics(self.cluster, meta)
         return summary(meta)
 
@@ -166,7 +180,7 @@ class PgIncrementalBackupOperator(PgBaseBackupOperator):
                                    compression_level=int(self.compression_level), threads=self.compression_threads,
                                    compression=self.compression, catalog=self._catalog(),
                                    airflow=self._airflow_ids(context),
-                                   progress_interval=self.progress_interval)
+                                   progress_interval=self.progress_interval, primary=self._primary())
         if meta["kind"] == "none":
             self.log.info("No block-level incremental: %s", meta["reason"])
             return {"cluster": self.cluster, "kind": "none", "backup_id": None, "reason": meta["reason"],
@@ -268,7 +282,8 @@ class PgSyntheticFullOperator(PgBaseBackupOperator):
             meta = take_full_backup(self._conninfo(), repo, self.cluster,
                                     compression_level=int(self.compression_level), threads=self.compression_threads,
                                     compression=self.compression, catalog=self._catalog(),
-                                    airflow=self._airflow_ids(context), progress_interval=self.progress_interval)
+                                    airflow=self._airflow_ids(context), progress_interval=self.progress_interval,
+                                    primary=self._primary())
             _backup_metrics(self.cluster, meta)
         return self._result(repo, meta, "server", reason)
 

@@ -139,3 +139,69 @@ def test_cli_backs_up_the_standby_with_its_primary(pair):
     bad = subprocess.run([sys.executable, "-m", "airflow_pg_incremental.cli", *without_primary, "--primary-port", "5",
                           "--wal-mode", "none"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "--primary-port needs --primary-host" in bad.stderr
+
+
+@pytest.fixture
+def standby_cluster(airflow_clusters, pair, workdir, monkeypatch):
+    """A cluster it_sb in the DAG configuration: postgres_conn_id the standby, primary_conn_id the
+    primary, a fresh local repository."""
+    import json
+    import os
+    from pathlib import Path
+
+    from tests.conftest import conn_json
+
+    monkeypatch.setenv("AIRFLOW_CONN_PGINCR_SB_STANDBY", conn_json(pair["standby"].conninfo()))
+    monkeypatch.setenv("AIRFLOW_CONN_PGINCR_SB_PRIMARY", conn_json(pair["primary"].conninfo()))
+    root = workdir / f"af-sb-{uuid.uuid4().hex[:6]}"
+    repo = created(LocalRepository(root))
+    cfg_path = Path(os.environ["PGINCR_CONFIG"])
+    cfg = json.loads(cfg_path.read_text())
+    entry = {"name": "it_sb", "postgres_conn_id": "pgincr_sb_standby", "primary_conn_id": "pgincr_sb_primary",
+             "repository": str(root), "catalog_conn_id": None,
+             "restore_test_checks": ["SELECT count(*) FROM pgbench_accounts"]}
+    cfg["clusters"] = [c for c in cfg["clusters"] if c["name"] != "it_sb"] + [entry]
+    cfg_path.write_text(json.dumps(cfg))
+    try:
+        yield repo
+    finally:
+        cfg["clusters"] = [c for c in cfg["clusters"] if c["name"] != "it_sb"]
+        cfg_path.write_text(json.dumps(cfg))
+
+
+@pytest.mark.slow
+def test_weekly_dag_backs_up_the_standby_and_archives_from_the_primary(standby_cluster, pair, scratch):
+    """The weekly DAG with postgres_conn_id a standby and primary_conn_id its primary: the preflight
+    creates the slot on the primary, the full is read from the standby, the WAL is switched and
+    captured on the primary, verify passes, and the backup restores to the primary's data."""
+    from tests.integration.test_airflow import _dags, _xcoms
+
+    repo, primary = standby_cluster, pair["primary"]
+    weekly = _dags()["pgincr_it_sb_weekly_full"]
+    assert "standby `pgincr_sb_standby`" in weekly.doc_md and "primary `pgincr_sb_primary`" in weekly.doc_md
+    primary.pgbench_run(100)
+    pair["standby"].wait_replayed()
+    source = data_fingerprint(primary.superuser())
+    dr = weekly.test()
+    assert dr.state == "success"
+    x = _xcoms(weekly.dag_id, dr.run_id)
+    pre, full = x[("preflight", "return_value")], x[("full_backup", "return_value")]
+    assert pre["from_standby"] is True and "pgincr_backup@127.0.0.1:%d" % primary.port in pre["primary"]
+    assert full["from_standby"] is True and full["primary"]["port"] == primary.port and full["standby_catch_up"]
+    assert x[("wal_switch", "return_value")]["segment"]  # pg_switch_wal() ran on the primary
+    assert x[("verify", "return_value")]["verified"] == [full["backup_id"]]
+    # the slot lives on the primary, not on the standby
+    assert primary.psql("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'pgincr_it_sb'").strip() == "1"
+    assert pair["standby"].psql("SELECT count(*) FROM pg_replication_slots").strip() == "0"
+    restore_backup(repo, "it_sb", full["backup_id"], scratch / "d", os_user=primary.os_user)
+    assert _fingerprint(scratch / "d", primary) == source
+    primary.psql("SELECT pg_drop_replication_slot('pgincr_it_sb')")
+
+
+def test_preflight_refuses_a_standby_without_its_primary(pair, workdir):
+    from airflow_pg_incremental.core.preflight import preflight_full
+
+    repo = created(LocalRepository(workdir / f"sb-pre-{uuid.uuid4().hex[:6]}"))
+    with pytest.raises(ConfigError, match="primary_conn_id"):
+        preflight_full(pair["standby"].conninfo(), repo, "pre", slot="pgincr_pre")
+    assert pair["standby"].psql("SELECT count(*) FROM pg_replication_slots").strip() == "0"
