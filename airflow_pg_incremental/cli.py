@@ -307,16 +307,28 @@ def cmd_restore(args) -> int:
 
     os_user = args.os_user if args.os_user is not None else default_os_user()
     target = _target(args)
-    if target is not None:
+
+    def restore(repo) -> dict:
+        if target is None:
+            return _restore_and_check(args, os_user, repo)
         from .core.pitr import restore_pitr
 
-        rep = restore_pitr(_repo(args), args.cluster, target, args.target_dir,
+        rep = restore_pitr(repo, args.cluster, target, args.target_dir,
                            backup_id=None if args.backup_id == "latest" else args.backup_id, os_user=os_user,
                            port=args.port, verify=not args.no_verify, keep_running=args.start,
                            checks=args.check, timeout_s=args.timeout, **_keep_failed(args))
         rep.pop("server", None)
+        return rep
+
+    if args.fallback_repo:
+        from .core.copies import restore_with_fallback
+        from .core.repository import open_repository
+
+        first = _repo(args, must_exist=False)  # unreachable or gone: the copies serve
+        rep = restore_with_fallback([first, *(open_repository(u, origin="cli") for u in args.fallback_repo)],
+                                    restore)
     else:
-        rep = _restore_and_check(args, os_user)
+        rep = restore(_repo(args))
     _emit(args, rep, _restore_lines(rep, target))
     failed = [c for c in rep.get("checks", []) if not c["ok"]]
     if failed:
@@ -326,11 +338,26 @@ def cmd_restore(args) -> int:
     return 0
 
 
+def cmd_copy(args) -> int:
+    from .core.copies import copy_cluster
+    from .core.progress import human_bytes
+    from .core.repository import open_repository
+
+    src = _repo(args)
+    rep = copy_cluster(src, open_repository(args.to, origin="cli"), args.cluster)
+    _emit(args, rep, [f"copied {args.cluster} from {rep['source']} into {rep['copy']}: {rep['wal_copied']} WAL file(s), "
+                      f"{len(rep['backups_copied'])} backup(s), {rep['restore_points_copied']} restore point(s), "
+                      f"{human_bytes(rep['bytes'])} in {rep['duration_s']:.1f} s",
+                      f"  new backups: {', '.join(rep['backups_copied'])}" if rep["backups_copied"] else
+                      "  the copy had every backup already"])
+    return 0
+
+
 def _keep_failed(args) -> dict:
     return {"keep_failed": bool(args.keep_failed)}
 
 
-def _restore_and_check(args, os_user) -> dict:
+def _restore_and_check(args, os_user, repo) -> dict:
     """Restore a backup (no recovery target), then start it for --start / --check. When the
     server does not start or a check cannot run, what the restore wrote is removed (unless
     --keep-failed), as a failed PITR does; a check that runs and fails leaves the copy (exit 3)."""
@@ -339,7 +366,7 @@ def _restore_and_check(args, os_user) -> dict:
     from .core.restore import Footprint, restore_backup, run_checks, start_restored
 
     written = Footprint(Path(args.target_dir))
-    rep = restore_backup(_repo(args), args.cluster, args.backup_id, args.target_dir, verify=not args.no_verify,
+    rep = restore_backup(repo, args.cluster, args.backup_id, args.target_dir, verify=not args.no_verify,
                          os_user=os_user, **_keep_failed(args))
     if not (args.start or args.check):
         return rep
@@ -361,7 +388,10 @@ def _restore_and_check(args, os_user) -> dict:
 
 def _restore_lines(rep: dict, target) -> list[str]:
     chain = rep.get("chain") or [rep.get("backup_id")]
-    lines = [f"restored {' + '.join(chain)} of {rep['cluster']} into {rep['target_dir']}"
+    lines = [f"restored from the copy {rep['repository']}: " + "; ".join(f"{f['repository']} failed ({f['error']})"
+                                                                       for f in rep["fell_back"])
+             if rep.get("fell_back") else None]
+    lines += [f"restored {' + '.join(chain)} of {rep['cluster']} into {rep['target_dir']}"
              + (f" in {rep.get('restore_seconds'):.1f} s" if rep.get("restore_seconds") is not None else "")
              + (", on disk (flushed)" if rep.get("durable") or target is not None else "")]
     t = rep.get("timings") or {}
@@ -682,8 +712,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--timeout", type=float, default=3600, help="seconds to wait for recovery to reach the target")
     sp.add_argument("--keep-failed", action="store_true",
                     help="keep what a failed point-in-time restore wrote (for debugging); by default it is removed")
+    sp.add_argument("--fallback-repo", action="append", metavar="URL",
+                    help="a copy of the repository (see `pgincr copy`), restored from when --repo is unreachable or "
+                         "holds a damaged or missing object (repeatable, tried in order)")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_restore)
+
+    sp = sub.add_parser("copy", help="copy what --repo holds of a cluster into a second repository (3-2-1): only "
+                                     "what the copy lacks, every object checked as it is read")
+    repo_args(sp)
+    sp.add_argument("--to", required=True, metavar="URL", help="the second repository (created with repo-create)")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_copy)
 
     sp = sub.add_parser("wal-push", help="archive_command: store one WAL file (see walcmd for the fast form)")
     repo_args(sp)
