@@ -37,7 +37,7 @@ _CLUSTER_KEYS = {"name", "postgres_conn_id", "repository", "aws_conn_id", "catal
                  "rpo_minutes", "max_slot_retained_gb", "wal_wait_minutes", "deferrable", "incremental_kind",
                  "max_chain_length", "notifiers", "restore_test_checks", "restore_test_databases", "retention",
                  "scratch_dir", "create_repository", "restore_queue", "restore_pool", "backup_pool",
-                 "max_backup_age_hours", "full_mode", "primary_conn_id"}
+                 "max_backup_age_hours", "full_mode", "primary_conn_id", "copies"}
 
 
 @dataclass
@@ -84,6 +84,7 @@ class ClusterConfig:
     restore_pool: str | None = None   # Airflow pool of restore and restore-test tasks (bounds them per host)
     backup_pool: str | None = None    # Airflow pool of backup and capture tasks (e.g. one per repository or
                                       # network link, so a fleet's weekly fulls do not all start at once)
+    copies: list = field(default_factory=list)  # [{"repository": ..., "aws_conn_id": ...}]: second repositories
 
     @property
     def dag_prefix(self) -> str:
@@ -181,7 +182,30 @@ def parse_config(raw: dict) -> list[ClusterConfig]:
                               "absolute directory")
         if repo.startswith("s3://") and not merged.get("aws_conn_id"):
             merged["aws_conn_id"] = "aws_default"
+        merged["copies"] = _parse_copies(merged.get("copies"), i, repo)
         out.append(ClusterConfig(**merged))
+    return out
+
+
+def _parse_copies(copies, i: int, repository: str) -> list[dict]:
+    """`copies: [{repository: s3://other-bucket/prefix, aws_conn_id: aws_dr}, ...]`: second repositories."""
+    if copies is None:
+        return []
+    if not isinstance(copies, list):
+        raise ConfigError(f"clusters[{i}].copies must be a list of {{repository: ..., aws_conn_id: ...}}")
+    out = []
+    for n, c in enumerate(copies):
+        if not isinstance(c, dict) or not isinstance(c.get("repository"), str) or set(c) - {"repository",
+                                                                                           "aws_conn_id"}:
+            raise ConfigError(f"clusters[{i}].copies[{n}] must be {{repository: s3://...|/dir, aws_conn_id: ...}}")
+        url = c["repository"]
+        if not (url.startswith("s3://") or os.path.isabs(url.removeprefix("file://"))):
+            raise ConfigError(f"clusters[{i}].copies[{n}].repository {url!r} must be s3://bucket/prefix or an "
+                              "absolute directory")
+        if url.rstrip("/") == repository.rstrip("/"):
+            raise ConfigError(f"clusters[{i}].copies[{n}] is the cluster's own repository: a copy goes elsewhere")
+        aws = c.get("aws_conn_id") or ("aws_default" if url.startswith("s3://") else None)
+        out.append({"repository": url, "aws_conn_id": aws})
     return out
 
 
@@ -455,6 +479,33 @@ point-in-time recovery for each of them; the `_on_backup` DAG runs on every veri
     return out
 
 
+COPY_SCHEDULE = "20 * * * *"  # hourly, after the hourly WAL capture (schedules.copy to change it)
+
+
+def build_copy(cl: ClusterConfig):
+    """Copies of the repository: one copy task per second repository (only what it lacks, every
+    object checked, new backups verified there), then its WAL continuity there."""
+    from airflow_pg_incremental.operators.copy import PgRepositoryCopyOperator
+    from airflow_pg_incremental.operators.wal import PgWalContinuityOperator
+
+    targets = ", ".join(f"`{c['repository']}`" for c in cl.copies)
+    with _dag(cl, "copy", f"Copies of {cl.name}'s repository", ["copy"],
+              f"""Copies of cluster **{cl.name}**'s repository `{cl.repository}` into {targets} (3-2-1): WAL, restore
+points and complete backups the copy lacks, each object checked as it is read; every backup new in a
+copy is verified there; then the copy's WAL continuity is checked. Restores (the `pgincr_restore`
+DAG, `pgincr restore --fallback-repo`) fall back to the copies when the repository cannot serve.""",
+              schedule=cl.schedules.get("copy", COPY_SCHEDULE)) as dag:
+        for n, c in enumerate(cl.copies, start=1):
+            copy = PgRepositoryCopyOperator(task_id=f"copy_{n}", copy_repository=c["repository"],
+                                            copy_aws_conn_id=c["aws_conn_id"], cluster=cl.name,
+                                            repository=cl.repository, aws_conn_id=cl.aws_conn_id,
+                                            **_backup_routing(cl))
+            cont = PgWalContinuityOperator(task_id=f"wal_continuity_copy_{n}", cluster=cl.name,
+                                           repository=c["repository"], aws_conn_id=c["aws_conn_id"])
+            copy >> cont
+    return dag
+
+
 def build_retention(cl: ClusterConfig):
     from airflow_pg_incremental.operators.retention import PgRetentionOperator
 
@@ -471,6 +522,12 @@ is refused.""") as dag:
         plan = PgRetentionOperator(task_id="plan", dry_run=True, **common)
         apply = PgRetentionOperator(task_id="apply", dry_run=False, **common)
         plan >> apply
+        # each copy on its own, by the same policy; without the catalog's verifications (they are the
+        # first repository's), what a synthetic full absorbed stays in a copy
+        for n, c in enumerate(cl.copies, start=1):
+            other = {**common, "repository": c["repository"], "aws_conn_id": c["aws_conn_id"], "catalog_conn_id": None}
+            PgRetentionOperator(task_id=f"plan_copy_{n}", dry_run=True, **other) >> PgRetentionOperator(
+                task_id=f"apply_copy_{n}", dry_run=False, **other)
     return dag
 
 
@@ -514,7 +571,7 @@ def restore_form(names: list[str]) -> dict:
 
 def _restore_cfg(c: ClusterConfig) -> dict:
     return {"repository": c.repository, "aws_conn_id": c.aws_conn_id, "catalog_conn_id": c.catalog_conn_id,
-            "catalog_schema": c.catalog_schema, "notifiers": c.notifiers}
+            "catalog_schema": c.catalog_schema, "notifiers": c.notifiers, "copies": list(c.copies)}
 
 
 def build_restore(clusters: list[ClusterConfig]):
@@ -648,6 +705,8 @@ def build_dags(clusters: list[ClusterConfig]) -> dict[str, Any]:
         built = [build_weekly_full(cl), build_daily_incremental(cl), build_hourly_wal(cl), *build_restore_tests(cl)]
         if cl.retention:
             built.append(build_retention(cl))
+        if cl.copies:
+            built.append(build_copy(cl))
         for dag in built:
             dag.doc_md = dag_doc(dag, dag.doc_md or "", cluster_facts(cl))
             dags[dag.dag_id] = dag

@@ -123,6 +123,7 @@ class PgRestoreOperator(StopsEngineOnKill, BaseOperator):
         self.timeout_s = timeout_s
 
     def execute(self, context: Context) -> dict:
+        from airflow_pg_incremental.core.copies import restore_with_fallback
         from airflow_pg_incremental.core.errors import PgIncrError
         from airflow_pg_incremental.core.pitr import parse_target, plan_restore, restore_pitr
         from airflow_pg_incremental.core.restore import check_target_dir
@@ -145,8 +146,11 @@ class PgRestoreOperator(StopsEngineOnKill, BaseOperator):
             if not self.destination and not dry:
                 raise _fail("destination directory is required (a dry run needs none)")
             dest = check_target_dir(self.destination) if self.destination else None
-            repo = PgBackupRepositoryHook(cfg["repository"], cfg.get("aws_conn_id")).get_repository()
-            plan = plan_restore(repo, self.cluster, target, backup_id)
+            repos = [PgBackupRepositoryHook(c["repository"], c.get("aws_conn_id")).get_repository(must_exist=False)
+                     for c in [cfg, *cfg.get("copies", [])]]
+            # the first repository that serves (the copies when it is unreachable or damaged)
+            plan = restore_with_fallback(repos, plan_restore, self.cluster, target, backup_id)
+            repo = next(r for r in repos if r.url == plan["repository"])
         except PgIncrError as e:
             self._record(context, ok=False, dry_run=dry, error=f"refused: {e}")
             raise _fail(f"restore refused, nothing was touched: {e}") from None
@@ -157,7 +161,11 @@ class PgRestoreOperator(StopsEngineOnKill, BaseOperator):
                       "exactly what the target needs" if plan["wal_to_is"] == "exact" else
                       "at most: the first commit after the target decides", plan["archive_end_segment"],
                       plan["window_text"])
+        if plan["fell_back"]:
+            self.log.warning("planned from the copy %s: %s", plan["repository"],
+                             "; ".join(f"{f['repository']}: {f['error']}" for f in plan["fell_back"]))
         small = {"cluster": self.cluster, "dry_run": dry, "destination": str(dest) if dest else None,
+                 "repository": plan["repository"], "fell_back": plan["fell_back"],
                  "backup_id": plan["backup_id"],
                  "chain": [b["backup_id"] for b in plan["chain"]], "wal_from": plan["wal_from"],
                  "wal_to": plan["wal_to"], "wal_to_is": plan["wal_to_is"], "window": plan["window_text"],
@@ -171,14 +179,17 @@ class PgRestoreOperator(StopsEngineOnKill, BaseOperator):
 
         procs.register_dir(dest, keep_root=dest.exists())  # a killed restore leaves nothing in it
         try:
-            rep = restore_pitr(repo, self.cluster, target, dest, backup_id=backup_id, timeout_s=self.timeout_s,
-                               os_user=default_os_user())
+            rest = repos[repos.index(repo):]  # from the one that planned, the later copies after it
+            rep = restore_with_fallback(rest, restore_pitr, self.cluster, target, dest, backup_id=backup_id,
+                                        timeout_s=self.timeout_s, os_user=default_os_user())
         except PgIncrError as e:
             self._record(context, ok=False, backup_id=plan["backup_id"], chain=small["chain"], error=str(e))
             raise _fail(f"restore of {self.cluster} failed: {e}") from None
         finally:
             procs.forget_dir(dest)
-        small.update({k: rep.get(k) for k in ("state", "reached_lsn", "stopped_at", "restore_seconds", "timings")})
+        small.update({k: rep.get(k) for k in ("state", "reached_lsn", "stopped_at", "restore_seconds", "timings",
+                                              "repository")})
+        small["fell_back"] = plan["fell_back"] + rep.get("fell_back", [])
         self._record(context, ok=True, backup_id=rep.get("backup_id"), chain=rep.get("chain"),
                      **{k: rep.get(k) for k in ("reached_lsn", "stopped_at", "restore_seconds", "timings")})
         return small

@@ -136,3 +136,64 @@ def test_a_refusal_of_the_request_is_not_retried_on_the_copy(pair, scratch):
     with pytest.raises(ConfigError):
         restore_with_fallback([pair["first"], pair["copy"]], restore_backup, CL, pair["F"]["backup_id"],
                               "relative/dir")
+
+
+@pytest.fixture
+def copy_cluster_cfg(airflow_clusters, pg, s3, workdir):
+    """A cluster it_cp in the DAG configuration: a local repository and a SeaweedFS copy."""
+    from pathlib import Path
+
+    root = workdir / f"af-cp-{uuid.uuid4().hex[:6]}"
+    first = created(LocalRepository(root))
+    prefix = "af-cp-" + uuid.uuid4().hex[:6]
+    copy = created(S3Repository(s3.client(), s3.bucket, prefix))
+    cfg_path = Path(os.environ["PGINCR_CONFIG"])
+    cfg = json.loads(cfg_path.read_text())
+    entry = {"name": "it_cp", "postgres_conn_id": "pgincr_it_pg", "repository": str(root),
+             "slot_name": "pgincr_it_cp", "copies": [{"repository": f"s3://{s3.bucket}/{prefix}",
+                                                       "aws_conn_id": "pgincr_it_s3"}],
+             "retention": {"keep_full_chains": 5, "min_redundancy": 1}}
+    cfg["clusters"] = [c for c in cfg["clusters"] if c["name"] != "it_cp"] + [entry]
+    cfg_path.write_text(json.dumps(cfg))
+    try:
+        yield {"first": first, "copy": copy}
+    finally:
+        cfg["clusters"] = [c for c in cfg["clusters"] if c["name"] != "it_cp"]
+        cfg_path.write_text(json.dumps(cfg))
+        pg.psql("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = 'pgincr_it_cp'")
+
+
+@pytest.mark.slow
+def test_copy_dag_then_on_demand_restore_falls_back_to_the_copy(copy_cluster_cfg, pg, scratch):
+    """Airflow: the weekly DAG backs up into the first repository, the copy DAG brings it into the
+    copy and verifies it there; with the first repository's full damaged, the on-demand restore DAG
+    restores from the copy, exactly, and its XCom says so. Retention runs on each repository."""
+    from tests.integration.test_airflow import _dags, _xcoms
+
+    dags = _dags()
+    copy_dag = dags["pgincr_it_cp_copy"]
+    assert [t.task_id for t in copy_dag.topological_sort()] == ["copy_1", "wal_continuity_copy_1"]
+    assert {"plan_copy_1", "apply_copy_1"} <= {t.task_id for t in dags["pgincr_it_cp_retention"].tasks}
+    assert dags["pgincr_it_cp_weekly_full"].test().state == "success"
+    source = data_fingerprint(pg.superuser())
+    dr = copy_dag.test()
+    assert dr.state == "success"
+    x = _xcoms(copy_dag.dag_id, dr.run_id)
+    full = list_backups(copy_cluster_cfg["first"], "it_cp")[0]
+    assert x[("copy_1", "return_value")]["backups_copied"] == [full["backup_id"]]
+    assert x[("copy_1", "return_value")]["verified"] == [full["backup_id"]]
+    assert x[("wal_continuity_copy_1", "return_value")]["ok"]
+    assert dags["pgincr_it_cp_retention"].test().state == "success"
+    # damage the first repository's full
+    obj = copy_cluster_cfg["first"].root / backup_prefix("it_cp", full["backup_id"]) / "base.tar.zst"
+    data = bytearray(obj.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    obj.write_bytes(bytes(data))
+    dag = dags["pgincr_restore"]
+    dr = dag.test(run_conf={"cluster": "it_cp", "target_type": "backup", "target_value": full["backup_id"],
+                            "action": "promote", "destination": str(scratch / "d"), "dry_run": False})
+    assert dr.state == "success"
+    out = _xcoms(dag.dag_id, dr.run_id)[("restore_it_cp", "return_value")]
+    assert out["repository"] == copy_cluster_cfg["copy"].url and out["fell_back"], out
+    assert "base.tar.zst" in out["fell_back"][0]["error"]
+    assert _fingerprint(scratch / "d", pg) == source
