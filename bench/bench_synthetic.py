@@ -533,10 +533,14 @@ def summarize(rep: dict) -> dict:
     s["synthesize"] = ratio_stats([(r["ours"]["wall_s"], r["raw"]["wall_s"]) for r in syn])
     s["synthesize"]["ours_median_s"] = statistics.median(r["ours"]["wall_s"] for r in syn)
     s["synthesize"]["raw_median_s"] = statistics.median(r["raw"]["wall_s"] for r in syn)
+    # CPU (this process and its waited-for children: tar, zstd, pg_combinebackup, pg_verifybackup) depends
+    # much less on the other users of the machine than the wall time does
+    s["synthesize"]["cpu"] = ratio_stats([(r["ours"]["cpu_s"], r["raw"]["cpu_s"]) for r in syn])
     rs = rep["rounds"]["restore"]
     s["restore"] = ratio_stats([(r["synthetic"]["wall_s"], r["server-full"]["wall_s"]) for r in rs])
     s["restore"]["synthetic_median_s"] = statistics.median(r["synthetic"]["wall_s"] for r in rs)
     s["restore"]["server_full_median_s"] = statistics.median(r["server-full"]["wall_s"] for r in rs)
+    s["restore"]["cpu"] = ratio_stats([(r["synthetic"]["cpu_s"], r["server-full"]["cpu_s"]) for r in rs])
     loads = [d["loadavg_1m"] for d in days + p] + [
         x[k]["meter"]["loadavg_1m_start"] for x in syn + rs for k in x]
     s["loadavg_1m_range"] = [min(loads), max(loads)]
@@ -629,13 +633,18 @@ def print_report(rep: dict) -> None:
               + "  ".join(f"{k} {v:.2f}" for k, v in med.items())
               + f"  stored {syn_rounds[0][side]['stored_bytes'] / MB:.1f} MB of {syn_rounds[0][side]['raw_bytes'] / MB:.0f} MB")
     print(f"  ours / raw per round {', '.join(f'{x:.2f}' for x in sy['per_round'])}; median {sy['median']:.2f}")
+    print(f"  CPU ours / raw per round {', '.join(f'{x:.2f}' for x in sy['cpu']['per_round'])}; median "
+          f"{sy['cpu']['median']:.2f}; other processes' share of the CPU per round (ours, raw): "
+          + ", ".join(f"{r['ours']['meter']['other_cpu_pct']:.0f}/{r['raw']['meter']['other_cpu_pct']:.0f}%"
+                      for r in syn_rounds))
     print(f"Restore (restore_backup, verify on, durable), synthetic full vs server full of the same state "
           f"({len(res_rounds)} interleaved rounds)")
     for side in ("synthetic", "server-full"):
         print(f"  {side:<11} median {statistics.median(r[side]['wall_s'] for r in res_rounds):6.2f} s  "
               f"{res_rounds[0][side]['output_bytes'] / MB:.0f} MB restored")
     print(f"  synthetic / server full per round {', '.join(f'{x:.2f}' for x in rs['per_round'])}; "
-          f"median {rs['median']:.2f}")
+          f"median {rs['median']:.2f}; CPU median {rs['cpu']['median']:.2f} ({rs['cpu']['min']:.2f}-"
+          f"{rs['cpu']['max']:.2f})")
     print()
     for c in s["checks"]:
         if c["pass"] is None:
