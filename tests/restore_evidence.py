@@ -68,3 +68,15 @@ def assert_split(timings: dict, total: float, required: set, allowed: set = PITR
     assert required <= set(timings) <= allowed, timings
     assert all(v >= 0 for v in timings.values()), timings
     assert sum(timings.values()) <= total + 0.005, (timings, total)  # each rounded to the millisecond
+
+
+def restored_fingerprint(target: str | os.PathLike, os_user: str | None, major: int = 18) -> dict:
+    """Start a server on a restored copy, take its data fingerprint, stop it."""
+    from airflow_pg_incremental.core.restore import start_restored
+    from airflow_pg_incremental.sandbox import data_fingerprint
+
+    srv = start_restored(target, major, os_user=os_user)
+    try:
+        return data_fingerprint(srv.local_conninfo())
+    finally:
+        srv.stop()

@@ -21,9 +21,10 @@ from airflow_pg_incremental.core.incremental import take_planned_backup
 from airflow_pg_incremental.core.metadata import backup_prefix, list_backups
 from airflow_pg_incremental.core.pitr import parse_target, restore_pitr
 from airflow_pg_incremental.core.repository import LocalRepository, S3Repository
-from airflow_pg_incremental.core.restore import restore_backup, start_restored
+from airflow_pg_incremental.core.restore import restore_backup
 from airflow_pg_incremental.sandbox import data_fingerprint
 from tests.conftest import created
+from tests.restore_evidence import restored_fingerprint
 
 pytestmark = pytest.mark.integration
 
@@ -56,11 +57,7 @@ def pair(pg, s3, workdir):
 
 
 def _fingerprint(target, pg) -> dict:
-    srv = start_restored(target, 18, os_user=pg.os_user)
-    try:
-        return data_fingerprint(srv.local_conninfo())
-    finally:
-        srv.stop()
+    return restored_fingerprint(target, pg.os_user)
 
 
 def test_copy_brings_everything_then_nothing_more(pair):

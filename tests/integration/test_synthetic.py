@@ -21,11 +21,12 @@ from airflow_pg_incremental.core.incremental import plan_backup, take_planned_ba
 from airflow_pg_incremental.core.metadata import backup_prefix, find_incomplete, list_backups
 from airflow_pg_incremental.core.pitr import parse_target, plan_restore, restore_pitr
 from airflow_pg_incremental.core.repository import LocalRepository, S3Repository
-from airflow_pg_incremental.core.restore import restore_backup, start_restored
+from airflow_pg_incremental.core.restore import restore_backup
 from airflow_pg_incremental.core.synthetic import plan_synthesis, synthesize
 from airflow_pg_incremental.core.verify import verify_backup
 from airflow_pg_incremental.sandbox import SandboxPostgres, data_fingerprint
 from tests.conftest import created
+from tests.restore_evidence import restored_fingerprint
 
 pytestmark = pytest.mark.integration
 
@@ -64,12 +65,8 @@ def syn(request, workdir):
         pg.stop()
 
 
-def _restored_fingerprint(target, pg) -> str:
-    srv = start_restored(target, 18, os_user=pg.os_user)
-    try:
-        return data_fingerprint(srv.local_conninfo())
-    finally:
-        srv.stop()
+def _restored_fingerprint(target, pg) -> dict:
+    return restored_fingerprint(target, pg.os_user)
 
 
 def test_synthetic_metadata(syn):
