@@ -113,7 +113,7 @@ def test_demo_keep_says_how_to_use_what_it_kept():
         assert s.returncode == 0, s.stdout + s.stderr
         try:
             i = subprocess.run(shlex.split(info), capture_output=True, text=True, env=_env())
-            assert i.returncode == 0 and "cluster demo: 2 backup(s)" in i.stdout, i.stdout + i.stderr
+            assert i.returncode == 0 and "cluster demo: 3 backup(s)" in i.stdout and "synthetic" in i.stdout, i.stdout + i.stderr
         finally:
             subprocess.run(shlex.split(stop), capture_output=True)
         assert processes_under(w) == []
