@@ -488,9 +488,16 @@ class Footprint:
         self.created = not target.exists()
         self.siblings = [p for p in (target.parent / f"{target.name}{s}" for s in SIBLING_SUFFIXES)
                          if not os.path.lexists(p)]
+        self.tablespaces: list[tuple[Path, bool]] = []
+
+    def add_tablespaces(self, report: dict) -> None:
+        """The tablespace directories a restore (its report) filled: emptied by discard()."""
+        self.tablespaces += [(Path(t["directory"]), t["created"]) for t in report.get("tablespaces") or []]
 
     def discard(self) -> None:
         _undo(self.target, self.created)
+        for d, created in self.tablespaces:
+            _undo(d, created)
         self.discard_siblings()
 
     def discard_siblings(self) -> None:

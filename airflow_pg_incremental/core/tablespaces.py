@@ -40,7 +40,8 @@ class TablespaceTarget:
     anchor: Path   # the nearest directory that existed before (holds dest's entry)
 
     def report(self) -> dict:
-        return {"oid": self.oid, "name": self.name, "location": self.location, "directory": str(self.dest)}
+        return {"oid": self.oid, "name": self.name, "location": self.location, "directory": str(self.dest),
+                "created": self.created}
 
 
 def plan_tablespaces(meta: dict, mapping: dict | None, in_place: bool, target: Path) -> list[TablespaceTarget]:
