@@ -162,3 +162,23 @@ def test_verify_passes_then_finds_a_flipped_byte(ts, workdir, scratch):
         restore_backup(repo, CL, ts["inc"]["backup_id"], scratch / "d", tablespace_map=_mapping(scratch))
     assert isinstance(e.value, ChecksumMismatch) or tsobj in str(e.value)
     assert not (scratch / "d").exists() and not (scratch / "one").exists() and not (scratch / "two").exists()
+
+
+def test_restore_test_puts_tablespaces_in_its_scratch(ts, scratch):
+    from airflow_pg_incremental.core.restoretest import run_restore_test
+
+    before = {n: sorted(os.listdir(loc)) for n, loc in ts["locations"].items()}
+    rec = run_restore_test(ts["repo"], CL, scratch_parent=str(scratch), os_user=ts["pg"].os_user, amcheck=False)
+    assert rec["ok"], rec
+    assert {n: sorted(os.listdir(loc)) for n, loc in ts["locations"].items()} == before
+    assert os.listdir(scratch) == []  # scratch (tablespaces included) removed
+
+
+def test_cli_restore_with_tablespace_map(ts, scratch):
+    from airflow_pg_incremental.cli import main
+
+    rc = main(["restore", "--repo", str(ts["repo"].root), "--cluster", CL, "--target-dir", str(scratch / "d"),
+               "--tablespace-map", f"ts_one={scratch / 'one'}", "--tablespace-map", f"ts_two={scratch / 'two'}",
+               "--os-user", ts["pg"].os_user])
+    assert rc == 0
+    assert _fingerprint_of(scratch / "d", ts["pg"]) == ts["inc_fp"]
