@@ -316,7 +316,7 @@ def cmd_restore(args) -> int:
         rep = restore_pitr(repo, args.cluster, target, args.target_dir,
                            backup_id=None if args.backup_id == "latest" else args.backup_id, os_user=os_user,
                            port=args.port, verify=not args.no_verify, keep_running=args.start,
-                           checks=args.check, timeout_s=args.timeout, **_keep_failed(args))
+                           checks=args.check, timeout_s=args.timeout, **_keep_failed(args), **_tablespaces(args))
         rep.pop("server", None)
         return rep
 
@@ -357,6 +357,17 @@ def _keep_failed(args) -> dict:
     return {"keep_failed": bool(args.keep_failed)}
 
 
+def _tablespaces(args) -> dict:
+    """--tablespace-map NAME_OR_OID=DIR (repeatable) and --tablespaces-in-place, as restore takes them."""
+    mapping = {}
+    for item in args.tablespace_map or []:
+        key, sep, directory = item.partition("=")
+        if not sep or not key or not directory:
+            raise PgIncrError(f"--tablespace-map {item!r}: give NAME_OR_OID=/new/directory")
+        mapping[key] = directory
+    return {"tablespace_map": mapping or None, "tablespaces_in_place": bool(args.tablespaces_in_place)}
+
+
 def _restore_and_check(args, os_user, repo) -> dict:
     """Restore a backup (no recovery target), then start it for --start / --check. When the
     server does not start or a check cannot run, what the restore wrote is removed (unless
@@ -367,7 +378,8 @@ def _restore_and_check(args, os_user, repo) -> dict:
 
     written = Footprint(Path(args.target_dir))
     rep = restore_backup(repo, args.cluster, args.backup_id, args.target_dir, verify=not args.no_verify,
-                         os_user=os_user, **_keep_failed(args))
+                         os_user=os_user, **_keep_failed(args), **_tablespaces(args))
+    written.add_tablespaces(rep)
     if not (args.start or args.check):
         return rep
     try:
@@ -701,6 +713,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--check", action="append", help="SQL to run on the restored copy (repeatable); server is stopped after")
     sp.add_argument("--port", type=int, help="port of the restored server (default: a free one)")
     sp.add_argument("--os-user", help="OS user to run the server as when root (default postgres/pgincr)")
+    sp.add_argument("--tablespace-map", action="append", metavar="NAME_OR_OID=DIR",
+                    help="where a tablespace of the backup goes (repeatable; an absent or empty directory)")
+    sp.add_argument("--tablespaces-in-place", action="store_true",
+                    help="restore unmapped tablespaces to their original directories (which must be empty or absent)")
     sp.add_argument("--target-time", help="recover to this time (ISO 8601 with a time zone)")
     sp.add_argument("--target-lsn", help="recover to this WAL location, e.g. 0/3000060")
     sp.add_argument("--target-xid", help="recover to this transaction id")

@@ -44,9 +44,11 @@ def server_facts(conn: ConnInfo) -> dict:
                    current_setting('wal_level')""")
         (version_num, checksums, in_recovery, seg_size, can_replicate, superuser, user, summarize,
          wal_level) = cur.fetchone()
-        cur.execute("SELECT spcname, pg_tablespace_location(oid) FROM pg_tablespace "
-                    "WHERE spcname NOT IN ('pg_default', 'pg_global') ORDER BY 1")
-        tablespaces = [{"name": n, "location": loc} for n, loc in cur.fetchall()]
+        # in-place tablespaces (allow_in_place_tablespaces, a relative location) travel in base.tar
+        cur.execute("SELECT oid::bigint, spcname, pg_tablespace_location(oid) FROM pg_tablespace "
+                    "WHERE spcname NOT IN ('pg_default', 'pg_global') "
+                    "AND pg_tablespace_location(oid) LIKE '/%' ORDER BY 1")
+        tablespaces = [{"oid": int(o), "name": n, "location": loc} for o, n, loc in cur.fetchall()]
         facts = {"version_num": version_num, "major": major_from_version_num(version_num),
                  "data_checksums": checksums == "on", "in_recovery": in_recovery,
                  "wal_segment_size": int(seg_size or DEFAULT_SEGMENT_SIZE), "can_replicate": bool(can_replicate),
@@ -77,11 +79,6 @@ def check_source(facts: dict, conn: ConnInfo) -> None:
     if facts["wal_level"] == "minimal":
         raise ServerError("wal_level is 'minimal': base backups need wal_level = replica (or logical); change it and "
                           "restart the server")
-    if facts["tablespaces"]:
-        names = ", ".join(f"{t['name']} ({t['location']})" for t in facts["tablespaces"])
-        raise ConfigError(f"the cluster has tablespaces outside the data directory ({names}); this version backs up "
-                          "only clusters without extra tablespaces. Move them with ALTER TABLE/INDEX ... SET "
-                          "TABLESPACE pg_default, or back this cluster up with another tool. Nothing was written.")
 
 
 def _manifest_facts(manifest: bytes | None, label: bytes | None) -> dict:
@@ -190,10 +187,13 @@ def take_backup(conn: ConnInfo, repo: Repository, cluster: str, *, kind: str = "
     cmd = [pg_basebackup, "-Ft", "-X", "fetch", "-w", "--manifest-checksums=CRC32C",
            "-l", f"pgincr {cluster} {backup_id}", "-c", "fast" if fast_checkpoint else "spread"]
     stage = stage_lock = None
-    if plan.staged:
+    tablespaces = facts["tablespaces"]
+    # -D - carries one archive: with tablespaces pg_basebackup writes one per tablespace into a stage
+    staged = plan.staged or bool(tablespaces)
+    if staged:
         stage, out_dir, stage_lock = backup_stream.make_stage(backup_id, staging_dir)
         procs.register_dir(stage)
-        cmd += ["-D", out_dir, "--no-sync", plan.compress_option()]
+        cmd += ["-D", out_dir, "--no-sync", *([plan.compress_option()] if plan.staged else [])]
     else:
         cmd += ["-D", "-"]
     parent_manifest = None
@@ -202,9 +202,9 @@ def take_backup(conn: ConnInfo, repo: Repository, cluster: str, *, kind: str = "
         cmd.append(f"--incremental={parent_manifest.name}")
     log.info("running: %s", " ".join(cmd))
     app_name = f"pgincr backup {backup_id}"
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL if plan.staged else subprocess.PIPE, stderr=stderr_file,
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL if staged else subprocess.PIPE, stderr=stderr_file,
                             env={**os.environ, **conn.env(), "PGAPPNAME": app_name}, cwd="/",
-                            preexec_fn=backup_stream.die_with_parent if plan.staged else None)
+                            preexec_fn=backup_stream.die_with_parent if staged else None)
     procs.register_child(proc)  # killed by procs.terminate_all (a killed task): the backup then fails
     progress = Progress(f"{kind} backup {backup_id}", facts["size_estimate"], log, progress_interval)
 
@@ -213,13 +213,14 @@ def take_backup(conn: ConnInfo, repo: Repository, cluster: str, *, kind: str = "
 
     pipe = None
     try:
-        base_key = f"{prefix}/base.tar.zst"
-        if plan.staged:
-            base_info, manifest, label = _store_staged(repo, base_key, out_dir, proc, progress, failure, conn,
-                                                       app_name, content_sha256)
+        if staged:
+            infos, manifest, label = _store_staged(repo, prefix, out_dir, proc, progress, failure, conn, app_name,
+                                                   content_sha256, plan, _archive_objects(plan, tablespaces))
         else:
-            pipe, base_info, manifest, label = _store_piped(repo, base_key, proc, progress, failure, plan,
-                                                            content_sha256)
+            pipe, base_info, manifest, label = _store_piped(repo, f"{prefix}/base.tar.zst", proc, progress, failure,
+                                                            plan, content_sha256)
+            infos = {"base.tar.zst": base_info}
+        base_info = infos["base.tar.zst"]
         progress.extra = f"stored {human_bytes(base_info.stored_size)}"
         progress.finish()
         if manifest is None:
@@ -238,9 +239,12 @@ def take_backup(conn: ConnInfo, repo: Repository, cluster: str, *, kind: str = "
             "checkpoint_lsn": mf.get("checkpoint_lsn"), "next_xid": mf.get("next_xid"),
             "system_identifier": mf.get("system_identifier") or facts["system_identifier"],
             "file_count": mf.get("manifest_files"),
-            "raw_bytes": base_info.raw_size if base_info.raw_size is not None else mf.get("manifest_bytes"),
-            "stored_bytes": base_info.stored_size + man_info.stored_size,
-            "objects": [base_info.to_dict(), man_info.to_dict()], "compression": plan.to_dict(),
+            "raw_bytes": _raw_bytes(infos.values(), mf.get("manifest_bytes")),
+            "stored_bytes": sum(i.stored_size for i in infos.values()) + man_info.stored_size,
+            "objects": [base_info.to_dict(), man_info.to_dict(),
+                        *(infos[tablespace_object(t["oid"])].to_dict() for t in tablespaces)],
+            "compression": plan.to_dict(),
+            "tablespaces": [{**t, "object": tablespace_object(t["oid"])} for t in tablespaces],
         })
         if meta["start_lsn"] and meta["timeline"]:
             meta["start_wal_file"] = wal_file_name(meta["timeline"], parse_lsn(meta["start_lsn"]), seg)
@@ -286,6 +290,13 @@ def take_backup(conn: ConnInfo, repo: Repository, cluster: str, *, kind: str = "
     return meta
 
 
+def _raw_bytes(infos, manifest_bytes: int | None) -> int | None:
+    """The bytes of the archives before compression: their sum when every size is known (we
+    compressed them), else the sizes backup_manifest lists (PostgreSQL compressed them)."""
+    sizes = [i.raw_size for i in infos]
+    return sum(sizes) if all(s is not None for s in sizes) else manifest_bytes
+
+
 def _pg_basebackup_failed(conn: ConnInfo, rc: int, stderr_file) -> PgIncrError:
     """The error to raise for a pg_basebackup that exited with `rc`, from what it printed."""
     stderr_file.seek(0)
@@ -328,48 +339,125 @@ def _store_piped(repo: Repository, key: str, proc, progress: Progress, failure, 
     return pipe, reader.info(key), scanner.read_captured("backup_manifest"), scanner.read_captured("backup_label")
 
 
-def _store_staged(repo: Repository, key: str, stage: str, proc, progress: Progress, failure, conn: ConnInfo,
-                  app_name: str, content_sha256: bool):
-    """pg_basebackup compresses (server or client side) into `stage`; base.tar.zst is stored as it
-    grows (backup_stream.StagedFile), unchanged, hashed as it passes; only its first member
-    (backup_label) is decompressed, unless a content SHA-256 is asked for. Returns (ObjectInfo,
-    manifest, label)."""
-    from .codec import HashingReader, ObjectInfo
+def _archive_objects(plan, tablespaces: list[dict]) -> dict[str, str]:
+    """The archives pg_basebackup writes into its -D directory -> the objects they become: one per
+    tablespace (named by its OID) and base for the data directory; '.tar.zst' when it compresses."""
+    ext = ".tar.zst" if plan.staged else ".tar"
+    names = {f"{t['oid']}{ext}": tablespace_object(t["oid"]) for t in tablespaces}
+    names[f"base{ext}"] = "base.tar.zst"
+    return names
 
-    label = backup_stream.LabelReader()
-    content = backup_stream.ContentHasher() if content_sha256 else None
+
+def tablespace_object(oid) -> str:
+    return f"tblspc-{int(oid)}.tar.zst"
+
+
+def _store_staged(repo: Repository, prefix: str, stage: str, proc, progress: Progress, failure, conn: ConnInfo,
+                  app_name: str, content_sha256: bool, plan, archives: dict[str, str]):
+    """pg_basebackup writes its archives into `stage` one after another (each tablespace, then the
+    data directory), then backup_manifest. Each archive is stored into its object (`archives`) as
+    it grows (backup_stream.StagedFile), complete once pg_basebackup closed it: unchanged and hashed
+    as it passes when pg_basebackup compressed it (server or client side), compressed here by
+    python-zstandard otherwise. Returns ({object name: ObjectInfo}, manifest, label)."""
     streamed = _StreamedProbe(conn, app_name)
-
-    def on_chunk(chunk) -> None:
-        label.feed(chunk)
-        if content is not None:
-            content.feed(chunk)
-        progress.extra = f"stored {human_bytes(staged.size)}"
-        progress.update(lambda: streamed.bytes() or progress.done)
-
-    staged = backup_stream.StagedFile(os.path.join(stage, "base.tar.zst"), proc, on_failure=failure,
-                                      on_chunk=on_chunk)
-    stored = HashingReader(staged)
+    stored: dict[str, object] = {}
+    label = None
     try:
-        repo.put(key, stored)
+        while (name := _next_archive(stage, stored, proc, failure)) is not None:
+            if name not in archives:
+                raise BackupFailed(f"pg_basebackup wrote {name}, an archive this backup did not expect (a tablespace "
+                                   "created while the backup ran?); take the backup again")
+            obj = archives[name]
+            info, lab = _store_archive(repo, f"{prefix}/{obj}", os.path.join(stage, name), proc, progress, failure,
+                                       streamed, content_sha256, plan, want_label=obj == "base.tar.zst")
+            stored[name] = info
+            label = lab if lab is not None else label
         rc = proc.wait()
         if rc != 0:
             raise failure(rc)
     finally:
-        staged.close()
         streamed.close()
-    others = sorted(set(os.listdir(stage)) - {"base.tar.zst", "backup_manifest"})
-    if others:  # a tablespace archive (refused before) or pg_wal.tar: nothing may be left behind
-        raise BackupFailed(f"pg_basebackup wrote files this version does not store: {', '.join(others)}")
+    _check_staged_complete(stage, archives, stored)
     try:
         with open(os.path.join(stage, "backup_manifest"), "rb") as f:
             manifest = f.read()
     except FileNotFoundError:
         manifest = None
-    raw_size, raw_sha = (content.size, content.hexdigest()) if content is not None else (None, None)
-    progress.done = _manifest_facts(manifest, None).get("manifest_bytes") or progress.done
-    info = ObjectInfo(key, raw_size, raw_sha, stored.size, stored.hexdigest())
-    return info, manifest, label.label()
+    if plan.staged:
+        progress.done = _manifest_facts(manifest, None).get("manifest_bytes") or progress.done
+    return {archives[n]: i for n, i in stored.items()}, manifest, label
+
+
+def _next_archive(stage: str, stored: dict, proc, failure) -> str | None:
+    """The next archive pg_basebackup began in `stage` (oldest first), or None once it exited."""
+    while True:
+        exited = proc.poll() is not None
+        if exited and proc.returncode != 0:
+            raise failure(proc.returncode)
+        new = []
+        for n in os.listdir(stage):
+            if n not in stored and n != "backup_manifest":
+                try:
+                    new.append((os.stat(os.path.join(stage, n)).st_mtime_ns, n))
+                except FileNotFoundError:
+                    continue
+        if new:
+            return min(new)[1]
+        if exited:
+            return None
+        time.sleep(backup_stream.POLL)
+
+
+def _store_archive(repo: Repository, key: str, path: str, proc, progress: Progress, failure, streamed,
+                   content_sha256: bool, plan, want_label: bool):
+    """Store one staged archive into `key` (see _store_staged). Returns (ObjectInfo, backup_label
+    when `want_label` and found)."""
+    from .codec import HashingReader, ObjectInfo
+
+    compressed = plan.staged
+    label = (backup_stream.LabelReader() if compressed else TarScanner(capture=("backup_label",))) \
+        if want_label else None
+    content = backup_stream.ContentHasher() if content_sha256 and compressed else None
+
+    def on_chunk(chunk) -> None:
+        if label is not None:
+            label.feed(chunk)
+        if content is not None:
+            content.feed(chunk)
+        if compressed:
+            progress.extra = f"stored {human_bytes(staged.size)}"
+            progress.update(lambda: streamed.bytes() or progress.done)
+        else:
+            progress.add(len(chunk))
+
+    staged = backup_stream.StagedFile(path, proc, on_failure=failure, on_chunk=on_chunk,
+                                      finished=lambda: not backup_stream.held_open(proc.pid, staged.descriptor))
+    reader = HashingReader(staged) if compressed else \
+        CompressingReader(staged, level=plan.level, threads=plan.threads, raw_hasher=None if content_sha256 else False)
+    try:
+        repo.put(key, reader)
+    finally:
+        staged.close()
+    if compressed:
+        raw_size, raw_sha = (content.size, content.hexdigest()) if content is not None else (None, None)
+        info = ObjectInfo(key, raw_size, raw_sha, reader.size, reader.hexdigest())
+    else:
+        info = reader.info(key)
+    found = None
+    if label is not None:
+        found = label.label() if compressed else label.read_captured("backup_label")
+    return info, found
+
+
+def _check_staged_complete(stage: str, archives: dict[str, str], stored: dict) -> None:
+    """Every expected archive was stored and nothing else was left behind (pg_wal.tar, ...)."""
+    missing = sorted(set(archives) - set(stored))
+    if missing:
+        raise BackupFailed(f"pg_basebackup did not write {', '.join(missing)} (a tablespace dropped while the backup "
+                           "ran?); take the backup again")
+    others = sorted(set(os.listdir(stage)) - set(archives) - {"backup_manifest"})
+    if others:
+        raise BackupFailed(f"pg_basebackup wrote files this version does not store: {', '.join(others)}")
 
 
 class _StreamedProbe:

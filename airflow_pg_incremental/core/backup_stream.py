@@ -224,11 +224,16 @@ class StagedFile(_ReadInto, io.RawIOBase):
     """read() returns the bytes of `path` as the process `proc` writes them, and end of file once
     `proc` has exited successfully and every byte was read. If `proc` fails, read() raises what
     `on_failure(returncode)` returns. Disk behind the reader is freed; `proc` is paused while more
-    than `max_backlog` bytes wait (see the module docstring). `on_chunk` sees every chunk."""
+    than `max_backlog` bytes wait (see the module docstring). `on_chunk` sees every chunk.
+    `finished`, when given, says the file is complete although `proc` still runs (pg_basebackup
+    began its next archive: it closes one before it opens the next)."""
 
     def __init__(self, path: str, proc: subprocess.Popen, *, on_failure: Callable[[int], BaseException],
-                 on_chunk: Callable[[bytes], None] | None = None, max_backlog: int | None = None):
+                 on_chunk: Callable[[bytes], None] | None = None, max_backlog: int | None = None,
+                 finished: Callable[[], bool] | None = None):
         self.path = path
+        self.finished = finished
+        self._complete = False
         self.proc = proc
         self.on_failure = on_failure
         self.on_chunk = on_chunk
@@ -258,10 +263,18 @@ class StagedFile(_ReadInto, io.RawIOBase):
                 if self.on_chunk:
                     self.on_chunk(data)
                 return data
-            if exited:
+            if exited or self._complete:
                 return b""
+            if self.finished is not None and self.finished():
+                self._complete = True  # read once more: what was written before the next file began
+                continue
             self._resume()  # nothing left to read: let it write
             time.sleep(POLL)
+
+    @property
+    def descriptor(self) -> int | None:
+        """Our descriptor of the staging file (None before it exists)."""
+        return self._fd
 
     def _open(self) -> bool:
         try:  # read-write: punching a hole needs a descriptor open for writing
@@ -307,6 +320,26 @@ class StagedFile(_ReadInto, io.RawIOBase):
             os.close(self._fd)
             self._fd = None
         super().close()
+
+
+def held_open(pid: int, fd: int | None) -> bool:
+    """Whether process `pid` has the file behind our descriptor `fd` open (Linux /proc/PID/fd).
+    True when that cannot be told: the caller then waits for the process to exit."""
+    if fd is None:
+        return True
+    try:
+        me = os.fstat(fd)
+        links = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return True
+    for n in links:
+        try:
+            st = os.stat(f"/proc/{pid}/fd/{n}")
+        except OSError:
+            continue  # closed meanwhile, or not a file
+        if (st.st_dev, st.st_ino) == (me.st_dev, me.st_ino):
+            return True
+    return False
 
 
 class LabelReader:

@@ -31,6 +31,7 @@ from .metadata import list_backups, load_backup, refuse_damaged_newer, require_c
 from .names import _check, validate_cluster
 from .repository import LocalRepository, Repository, S3Repository
 from .durable import make_durable
+from .tablespaces import plan_tablespaces
 from .restore import Footprint, Timings, check_target_dir, restore_backup, scratch_settings
 from .server import PgServer, chown_tree, python_usable_by, repository_readable_by
 from .wal import (
@@ -475,8 +476,9 @@ def restore_pitr(repo: Repository, cluster: str, target: RecoveryTarget, target_
                  backup_id: str | None = None, os_user: str | None = None, port: int | None = None,
                  verify: bool = True, keep_running: bool = False, checks: list[str] | None = None,
                  timeout_s: float = 3600, allow_archive: bool = False, progress_interval: float = 10.0,
-                 keep_failed: bool = False) -> dict:
-    """Restore `cluster` to `target` in `target_dir`; returns the report (and the running server
+                 keep_failed: bool = False, tablespace_map: dict | None = None,
+                 tablespaces_in_place: bool = False) -> dict:
+    """Restore `cluster` to `target` in `target_dir` (tablespaces: see restore_backup); returns the report (and the running server
     under key 'server' when keep_running, for the caller to stop). A failure after the checks
     stops the server and removes everything the restore wrote (the target's contents, or the
     target it created, and the log, pg_hba and socket beside it); the error keeps the server log's
@@ -489,6 +491,7 @@ def restore_pitr(repo: Repository, cluster: str, target: RecoveryTarget, target_
         target_path = check_target_dir(target_dir)
         win = whole_window(repo, cluster, target, archive_window(repo, cluster, meta))
         check_window(target, win)
+        plan_tablespaces(meta, tablespace_map, tablespaces_in_place, target_path)  # refused before anything
         python_usable_by(os_user)
         if isinstance(repo, LocalRepository):
             repository_readable_by(repo.root, os_user)
@@ -498,7 +501,9 @@ def restore_pitr(repo: Repository, cluster: str, target: RecoveryTarget, target_
     srv = None
     try:
         res = restore_backup(repo, cluster, meta["backup_id"], target_path, verify=verify, os_user=os_user,
-                             progress_interval=progress_interval, keep_failed=keep_failed)
+                             progress_interval=progress_interval, keep_failed=keep_failed,
+                             tablespace_map=tablespace_map, tablespaces_in_place=tablespaces_in_place)
+        written.add_tablespaces(res)
         timings.add(res["timings"])
         configure_recovery(target_path, repo, cluster, target, allow_archive=allow_archive, os_user=os_user)
         srv = PgServer(target_path, major=meta["pg_major"], port=port, os_user=os_user, listen="")

@@ -31,6 +31,16 @@ from .names import validate_backup_id, validate_cluster
 from .progress import CountingReader, Progress
 from .repository import Repository
 from .server import PgServer, chown_tree, ensure_traversable
+from .tablespaces import (
+    extract_tablespaces,
+    make_tablespace_dirs,
+    own_tablespace_dirs,
+    plan_tablespaces,
+    point_tablespaces,
+    relocations,
+    staged_tablespace_dirs,
+    tablespace_paths,
+)
 
 log = logging.getLogger(__name__)
 
@@ -273,11 +283,16 @@ OVERLAP_FLUSH = True  # a combined chain is flushed while pg_verifybackup reads 
 
 def restore_backup(repo: Repository, cluster: str, backup_id: str | None, target_dir: str | os.PathLike, *,
                    verify: bool = True, os_user: str | None = None, progress_interval: float = 10.0,
-                   keep_failed: bool = False) -> dict:
+                   keep_failed: bool = False, tablespace_map: dict | None = None,
+                   tablespaces_in_place: bool = False) -> dict:
     """Restore backup `backup_id` ('latest' for the newest) of `cluster` into `target_dir`. Durable
     when it returns (every file and directory entry flushed to disk). On failure what it wrote is
     removed (kept with `keep_failed`, for debugging). The report's `timings` splits the wall time
-    into extract, combine, verify and sync."""
+    into extract, combine, verify and sync.
+
+    A backup of a cluster with tablespaces needs `tablespace_map` ({name or OID: new directory},
+    each absent or empty) or `tablespaces_in_place` (its original directories, absent or empty);
+    without either it is refused before anything is touched (see core.tablespaces)."""
     validate_cluster(cluster)
     if backup_id not in (None, "latest"):
         validate_backup_id(backup_id)  # bad input is refused before any I/O
@@ -297,6 +312,10 @@ def restore_backup(repo: Repository, cluster: str, backup_id: str | None, target
             combine = find_program("pg_combinebackup", major)
         for b in chain:
             _object(b, "base.tar.zst")
+    spaces = plan_tablespaces(meta, tablespace_map, tablespaces_in_place, target)
+    for b in chain:
+        for t in b.get("tablespaces") or []:
+            _object(b, t["object"])
     created = not target.exists()
     anchor = nearest_existing(target)  # holds the entry of what the restore creates
     t0 = time.monotonic()
@@ -306,22 +325,29 @@ def restore_backup(repo: Repository, cluster: str, backup_id: str | None, target
     try:
         target.mkdir(parents=True, exist_ok=True)
         os.chmod(target, 0o700)
+        make_tablespace_dirs(spaces)
         if len(chain) == 1:
             with timings.step("extract"), _write_behind(target):
                 extract_backup(repo, chain[0], target, progress_interval)
+                extract_tablespaces(repo, chain[0], target, {t.oid: t.dest for t in spaces}, progress_interval)
             if verify:
                 with timings.step("verify"):
                     _verify(verifybackup, target, VERIFY_EXTRACTED, f"the restored backup {chain[0]['backup_id']}")
         else:
-            _combine_chain(repo, chain, target, combine, verifybackup, major, progress_interval, timings)
+            _combine_chain(repo, chain, target, combine, verifybackup, major, progress_interval, timings,
+                           spaces=spaces)
         _drop_signal_files(target, meta)
+        point_tablespaces(target, spaces)
         os.chmod(target, 0o700)
         chown_tree(target, os_user)
+        own_tablespace_dirs(spaces, os_user)
         with timings.step("sync"):
-            make_durable(target, anchor)
+            make_durable(target, anchor, *tablespace_paths(spaces))
     except BaseException:
         if not keep_failed:
             _undo(target, created)
+            for t in spaces:
+                _undo(t.dest, t.created)
         raise
     took = time.monotonic() - t0
     split = timings.as_dict()
@@ -330,6 +356,7 @@ def restore_backup(repo: Repository, cluster: str, backup_id: str | None, target
     return {"cluster": cluster, "backup_id": meta["backup_id"], "target_dir": str(target), "pg_major": major,
             "chain": [b["backup_id"] for b in chain],
             "verified": verify, "restore_seconds": round(took, 3), "timings": split, "durable": True,
+            "tablespaces": [t.report() for t in spaces],
             "stop_lsn": meta.get("stop_lsn"),
             "timeline": meta.get("timeline"), "bootstrap_superuser": meta.get("bootstrap_superuser")}
 
@@ -361,10 +388,12 @@ def _verify(verifybackup: str, directory: Path, options: list[str], what: str) -
 
 
 def _combine_chain(repo, chain, target: Path, combine: str, verifybackup: str | None, major: int,
-                   progress_interval: float, timings: Timings, *, flush: bool = True) -> None:
+                   progress_interval: float, timings: Timings, *, flush: bool = True,
+                   spaces: list | None = None) -> None:
     """Stage every backup of the chain beside the target (same filesystem), verify each, then
     pg_combinebackup them oldest -> newest into the target (no fsync of its own: the restore
-    flushes the filesystem once at the end). Staging is removed in every case."""
+    flushes the filesystem once at the end), each tablespace of the newest into its directory of
+    `spaces` (pg_combinebackup -T). Staging is removed in every case."""
     staging = target.parent / f".{target.name}.pgincr-stage"
     if staging.exists():
         shutil.rmtree(staging)
@@ -378,6 +407,7 @@ def _combine_chain(repo, chain, target: Path, combine: str, verifybackup: str | 
             d.mkdir(mode=0o700)
             try:
                 extract_backup(repo, b, d, progress_interval)
+                extract_tablespaces(repo, b, d, staged_tablespace_dirs(staging, b), progress_interval)
             except Exception as e:
                 raise RestoreError(f"backup {b['backup_id']} ({b['kind']}, part {i + 1} of the chain of "
                                    f"{chain[-1]['backup_id']}) cannot be read: {e}") from e
@@ -395,8 +425,9 @@ def _combine_chain(repo, chain, target: Path, combine: str, verifybackup: str | 
                             f"backup {b['backup_id']} of the chain")
         # the target must be empty for pg_combinebackup -o
         target.rmdir()
+        relocate = relocations(staging, chain[-1], spaces or [])
         with timings.step("combine"):
-            mode = _combine(combine, major, target, dirs)
+            mode = _combine(combine, major, target, dirs, relocate, [t.dest for t in spaces or []])
         log.info("combined %d backups (%s) with pg_combinebackup %s in %.1f s", len(chain),
                  " -> ".join(b["backup_id"] for b in chain), " ".join(mode), timings.parts["combine"])
         shutil.rmtree(staging, ignore_errors=True)  # the parts' dirty pages go unwritten
@@ -416,17 +447,21 @@ def _combine_chain(repo, chain, target: Path, combine: str, verifybackup: str | 
             target.mkdir(mode=0o700)
 
 
-def _combine(combine: str, major: int, target: Path, dirs: list[Path]) -> list[str]:
-    """pg_combinebackup the staged parts into `target`: hard links (18+; the staging goes
-    afterwards) or copy_file_range, plain copies when that fails. Returns the mode used."""
+def _combine(combine: str, major: int, target: Path, dirs: list[Path], relocate: list[str] = (),
+             tablespace_dirs: list[Path] = ()) -> list[str]:
+    """pg_combinebackup the staged parts into `target` (`relocate`: its -T options): hard links
+    (18+; the staging goes afterwards) or copy_file_range, plain copies when that fails. Returns
+    the mode used."""
     mode = ["--link"] if major >= 18 else ["--copy-file-range"]
-    r = _run([combine, *mode, "--no-sync", "-o", str(target), *map(str, dirs)])
+    r = _run([combine, *mode, "--no-sync", *relocate, "-o", str(target), *map(str, dirs)])
     if r.returncode != 0:
         log.info("pg_combinebackup %s failed (%s); retrying with plain copies", mode[0], r.stderr.strip()[:200])
         if target.exists():
             shutil.rmtree(target)
+        for d in tablespace_dirs:
+            _undo(d, False)
         mode = ["--copy"]
-        r = _run([combine, "--no-sync", "-o", str(target), *map(str, dirs)])
+        r = _run([combine, "--no-sync", *relocate, "-o", str(target), *map(str, dirs)])
     if r.returncode != 0:
         raise RestoreError(f"pg_combinebackup refused the chain {[d.name for d in dirs]}: "
                            f"{r.stderr.strip() or r.stdout.strip()}")
@@ -453,9 +488,16 @@ class Footprint:
         self.created = not target.exists()
         self.siblings = [p for p in (target.parent / f"{target.name}{s}" for s in SIBLING_SUFFIXES)
                          if not os.path.lexists(p)]
+        self.tablespaces: list[tuple[Path, bool]] = []
+
+    def add_tablespaces(self, report: dict) -> None:
+        """The tablespace directories a restore (its report) filled: emptied by discard()."""
+        self.tablespaces += [(Path(t["directory"]), t["created"]) for t in report.get("tablespaces") or []]
 
     def discard(self) -> None:
         _undo(self.target, self.created)
+        for d, created in self.tablespaces:
+            _undo(d, created)
         self.discard_siblings()
 
     def discard_siblings(self) -> None:

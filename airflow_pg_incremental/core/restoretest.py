@@ -28,6 +28,18 @@ SELECT count(*) FROM (
   ORDER BY c.relpages DESC LIMIT {limit}) s"""
 
 
+def _scratch_tablespaces(repo: Repository, cluster: str, target: RecoveryTarget, scratch: Path) -> dict:
+    """The restore test's tablespaces go into its scratch directory, never to their original places."""
+    from .pitr import choose_backup
+
+    meta = choose_backup(repo, cluster, target, None)
+    spaces = meta.get("tablespaces") or []
+    if not spaces:
+        return {}
+    return {"backup_id": meta["backup_id"],
+            "tablespace_map": {str(t["oid"]): str(scratch / f"tblspc-{int(t['oid'])}") for t in spaces}}
+
+
 def run_restore_test(repo: Repository, cluster: str, target: RecoveryTarget | None = None, *,
                      checks: list[str] | None = None, databases: list[str] | None = None, amcheck: bool = True,
                      amcheck_limit: int = 50, catalog=None, airflow: dict | None = None,
@@ -48,7 +60,7 @@ def run_restore_test(repo: Repository, cluster: str, target: RecoveryTarget | No
     srv = None
     try:
         rep = restore_pitr(repo, cluster, target, scratch / "data", os_user=os_user, keep_running=True,
-                           timeout_s=timeout_s)
+                           timeout_s=timeout_s, **_scratch_tablespaces(repo, cluster, target, scratch))
         srv = rep.pop("server", None)
         rto = time.monotonic() - t0
         results = []

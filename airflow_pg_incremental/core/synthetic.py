@@ -75,6 +75,14 @@ def plan_synthesis(repo: Repository, cluster: str, upto: str | None = "latest") 
             "chain_meta": chain, "skip": None}
 
 
+def _refuse_tablespaces(chain: list[dict]) -> None:
+    with_spaces = [b["backup_id"] for b in chain if b.get("tablespaces")]
+    if with_spaces:
+        raise ConfigError(f"backups {', '.join(with_spaces)} hold tablespaces; this version builds synthetic fulls "
+                          "only of clusters without tablespaces. Take a new full backup instead (pgincr backup "
+                          "--kind full); restores of the chain work as they are. Nothing was written.")
+
+
 def synthesize(repo: Repository, cluster: str, upto: str | None = "latest", *, compression_level: int = 3,
                threads: int | None = None, scratch_dir: str | os.PathLike | None = None, catalog=None,
                airflow: dict | None = None, progress_interval: float = 10.0) -> dict:
@@ -93,6 +101,7 @@ def synthesize(repo: Repository, cluster: str, upto: str | None = "latest", *, c
         return {"cluster": cluster, "kind": "none", "backup_id": None, "stands_for": plan["stands_for"],
                 "reason": plan["skip"]}
     chain, target = plan["chain_meta"], plan["meta"]
+    _refuse_tablespaces(chain)
     major = int(target["pg_major"])
     programs = _programs(major)
     scratch = _scratch(scratch_dir, chain)

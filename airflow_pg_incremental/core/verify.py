@@ -338,36 +338,34 @@ def _objects_and_verifybackup(repo: Repository, meta: dict, verifybackup: str, s
     bid = meta["backup_id"]
     objects = [ObjectInfo.from_dict(o) for o in meta.get("objects") or []]
     base = next((o for o in objects if o.key.rsplit("/", 1)[-1] == BASE_NAME), None)
+    spaces = {t["object"]: int(t["oid"]) for t in meta.get("tablespaces") or []}
     per_object = []
     vb_check = None
-    stage = None
+    root = stage = None
     if base is not None:
         free = shutil.disk_usage(staging_parent).free
-        need = base.raw_size if base.raw_size is not None else int(meta.get("raw_bytes") or 0)
+        need = _staging_need(meta, base, [o for o in objects if _name(o) in spaces])
         if free < need * 1.05:
             vb_check = _check("pg_verifybackup", False,
                               f"backup {bid}: not run: staging needs about {human_bytes(need)}, only "
                               f"{human_bytes(free)} free in {staging_parent}; choose a larger staging directory")
         else:
             stage = Path(tempfile.mkdtemp(prefix=f"pgincr-verify-{bid}-", dir=staging_parent))
+            root = stage.with_name(stage.name + ".tblspc")  # its tablespaces, linked from pg_tblspc
+    failed = None  # (object, its problem, extraction problem) of the first staged object that failed
     try:
         for info in objects:
-            dest = stage if (info is base and stage is not None) else None
-            problem, extract_problem = _read_object(repo, info, dest, f"{bid} {info.key.rsplit('/', 1)[-1]}",
-                                                    progress_interval)
+            dest = stage if info is base else _tablespace_stage(root, spaces.get(_name(info)))
+            problem, extract_problem = _read_object(repo, info, dest, f"{bid} {_name(info)}", progress_interval)
             per_object.append({"key": info.key, "ok": problem is None, **({"error": problem} if problem else {})})
-            if info is base and stage is not None:
-                if problem:
-                    vb_check = _check("pg_verifybackup", None, f"not run: {BASE_NAME} is damaged")
-                elif extract_problem:
-                    vb_check = _check("pg_verifybackup", False,
-                                      f"backup {bid}: not run: {info.key} could not be extracted into {stage} "
-                                      f"(its checksums are fine): {extract_problem}")
-                else:
-                    vb_check = _verify_extracted(repo, meta, verifybackup, stage)
-    finally:
+            if dest is not None and failed is None and (problem or extract_problem):
+                failed = (info, problem, extract_problem)
         if stage is not None:
-            shutil.rmtree(stage, ignore_errors=True)
+            vb_check = _verify_staged(repo, meta, verifybackup, stage, root, failed, spaces)
+    finally:
+        for d in (stage, root):
+            if d is not None:
+                shutil.rmtree(d, ignore_errors=True)
     bad = [o for o in per_object if not o["ok"]]
     if not objects:
         obj_check = _check("objects", False, f"backup {bid}: backup.json lists no objects")
@@ -382,6 +380,42 @@ def _objects_and_verifybackup(repo: Repository, meta: dict, verifybackup: str, s
         obj_check = _check("objects", True, f"{len(objects)} object(s), {human_bytes(stored)} stored: sizes and "
                            "checksums match", objects=per_object)
     return [obj_check] + ([vb_check] if vb_check else [])
+
+
+def _name(info: ObjectInfo) -> str:
+    return info.key.rsplit("/", 1)[-1]
+
+
+def _staging_need(meta: dict, base: ObjectInfo, spaces: list[ObjectInfo]) -> int:
+    sizes = [o.raw_size for o in [base, *spaces]]
+    return sum(sizes) if all(s is not None for s in sizes) else int(meta.get("raw_bytes") or 0)
+
+
+def _tablespace_stage(root: Path | None, oid: int | None) -> Path | None:
+    """Where a tablespace object is extracted beside the staged data directory (None: not staged)."""
+    if root is None or oid is None:
+        return None
+    d = root / str(oid)
+    d.mkdir(mode=0o700, parents=True)
+    return d
+
+
+def _verify_staged(repo: Repository, meta: dict, program: str, stage: Path, root: Path, failed,
+                   spaces: dict) -> dict:
+    """pg_verifybackup on the staged backup once every object was read; not run when one of the
+    staged objects was damaged or could not be extracted (said so)."""
+    from .tablespaces import link_tablespace
+
+    bid = meta["backup_id"]
+    if failed is not None:
+        info, problem, extract_problem = failed
+        if problem:
+            return _check("pg_verifybackup", None, f"not run: {_name(info)} is damaged")
+        return _check("pg_verifybackup", False, f"backup {bid}: not run: {info.key} could not be extracted into "
+                      f"{stage} (its checksums are fine): {extract_problem}")
+    for oid in spaces.values():
+        link_tablespace(stage, oid, root / str(oid))
+    return _verify_extracted(repo, meta, program, stage)
 
 
 def _verify_extracted(repo: Repository, meta: dict, program: str, stage: Path) -> dict:

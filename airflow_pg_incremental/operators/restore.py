@@ -110,8 +110,11 @@ class PgRestoreOperator(StopsEngineOnKill, BaseOperator):
     def __init__(self, *, clusters: dict[str, dict], cluster: str, target_type: str = "latest",
                  target_value: str | None = None, destination: str = "", action: str = "promote",
                  dry_run: Any = True, backup_id: str | None = None, timeout_s: float = 6 * 3600,
+                 tablespace_map: dict | None = None, tablespaces_in_place: bool = False,
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.tablespace_map = tablespace_map  # {tablespace name or OID: directory}
+        self.tablespaces_in_place = tablespaces_in_place
         self.clusters = clusters  # name -> {repository, aws_conn_id}
         self.cluster = cluster
         self.target_type = target_type
@@ -151,6 +154,12 @@ class PgRestoreOperator(StopsEngineOnKill, BaseOperator):
             # the first repository that serves (the copies when it is unreachable or damaged)
             plan = restore_with_fallback(repos, plan_restore, self.cluster, target, backup_id)
             repo = next(r for r in repos if r.url == plan["repository"])
+            if dest is not None:  # tablespaces without a place are refused now, with the ways out
+                from airflow_pg_incremental.core.metadata import resolve_backup
+                from airflow_pg_incremental.core.tablespaces import plan_tablespaces
+
+                plan_tablespaces(resolve_backup(repo, self.cluster, plan["backup_id"]), self.tablespace_map,
+                                 self.tablespaces_in_place, dest)
         except PgIncrError as e:
             self._record(context, ok=False, dry_run=dry, error=f"refused: {e}")
             raise _fail(f"restore refused, nothing was touched: {e}") from None
@@ -181,7 +190,9 @@ class PgRestoreOperator(StopsEngineOnKill, BaseOperator):
         try:
             rest = repos[repos.index(repo):]  # from the one that planned, the later copies after it
             rep = restore_with_fallback(rest, restore_pitr, self.cluster, target, dest, backup_id=backup_id,
-                                        timeout_s=self.timeout_s, os_user=default_os_user())
+                                        timeout_s=self.timeout_s, os_user=default_os_user(),
+                                        tablespace_map=self.tablespace_map,
+                                        tablespaces_in_place=self.tablespaces_in_place)
         except PgIncrError as e:
             self._record(context, ok=False, backup_id=plan["backup_id"], chain=small["chain"], error=str(e))
             raise _fail(f"restore of {self.cluster} failed: {e}") from None

@@ -8,7 +8,7 @@ import pytest
 
 from airflow_pg_incremental.core import binaries
 from airflow_pg_incremental.core.backup import take_full_backup
-from airflow_pg_incremental.core.errors import BinaryNotFound, ConfigError, RepositoryError, ServerError
+from airflow_pg_incremental.core.errors import BinaryNotFound, RepositoryError, ServerError
 from airflow_pg_incremental.core.repository import MARKER_KEY, LocalRepository, S3Repository
 from airflow_pg_incremental.core.server import free_port
 
@@ -70,17 +70,3 @@ def test_binaries_of_needed_major_missing(pg, repo, monkeypatch, tmp_path):
         assert repo.list("") == [MARKER_KEY]  # nothing but the repository's marker
     finally:
         binaries._find.cache_clear()
-
-
-def test_extra_tablespace_refused(pg, repo, workdir):
-    from airflow_pg_incremental.core.server import make_user_dir
-
-    loc = make_user_dir(workdir / "tblspc", pg.os_user)
-    pg.psql(f"CREATE TABLESPACE extra_ts LOCATION '{loc}'")
-    try:
-        with pytest.raises(ConfigError, match="tablespaces outside the data directory") as e:
-            take_full_backup(pg.conninfo(), repo, "x")
-        assert "extra_ts" in str(e.value)
-        assert repo.list("") == [MARKER_KEY]  # nothing but the repository's marker
-    finally:
-        pg.psql("DROP TABLESPACE extra_ts")
