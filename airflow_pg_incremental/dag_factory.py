@@ -566,6 +566,12 @@ def restore_form(names: list[str]) -> dict:
                                         "shutdown": "Shut down (left stopped at the target)"}),
         "dry_run": Param(True, type="boolean", title="Dry run",
                          description="Only show the backup chain, the WAL range and the window it would use"),
+        "tablespaces": Param(
+            None, type=["null", "string"], title="Tablespaces",
+            description_md=("Only for a cluster with tablespaces: where each goes, `name=/dir` pairs separated by "
+                            "commas (a tablespace's name or OID), e.g. `ts_data=/srv/restore/ts_data`; or `in place` "
+                            "to restore them into their original directories (which must be empty). Left empty, a "
+                            "backup with tablespaces is refused before anything is touched, listing them.")),
     }
 
 
@@ -612,7 +618,8 @@ archive_mode=off.""",
                 task_id=f"restore_{c.name}", clusters={c.name: _restore_cfg(c)},
                 cluster=c.name, target_type="{{ params.target_type }}",
                 target_value="{{ params.target_value or '' }}", destination="{{ params.destination or '' }}",
-                action="{{ params.action }}", dry_run="{{ params.dry_run }}", **_restore_routing(c))
+                action="{{ params.action }}", dry_run="{{ params.dry_run }}",
+                tablespaces="{{ params.tablespaces or '' }}", **_restore_routing(c))
     return dag
 
 

@@ -104,17 +104,18 @@ class PgRestoreOperator(StopsEngineOnKill, BaseOperator):
     target, with archive_mode=off: start it with pg_ctl where you need it."""
 
     template_fields: Sequence[str] = ("cluster", "target_type", "target_value", "destination", "action", "dry_run",
-                                      "backup_id")
+                                      "backup_id", "tablespaces")
     ui_color = "#f5e6d3"
 
     def __init__(self, *, clusters: dict[str, dict], cluster: str, target_type: str = "latest",
                  target_value: str | None = None, destination: str = "", action: str = "promote",
                  dry_run: Any = True, backup_id: str | None = None, timeout_s: float = 6 * 3600,
                  tablespace_map: dict | None = None, tablespaces_in_place: bool = False,
-                 **kwargs: Any) -> None:
+                 tablespaces: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.tablespace_map = tablespace_map  # {tablespace name or OID: directory}
         self.tablespaces_in_place = tablespaces_in_place
+        self.tablespaces = tablespaces  # the form's text: "name=/dir, 16390=/dir2" or "in place"
         self.clusters = clusters  # name -> {repository, aws_conn_id}
         self.cluster = cluster
         self.target_type = target_type
@@ -133,6 +134,7 @@ class PgRestoreOperator(StopsEngineOnKill, BaseOperator):
         from airflow_pg_incremental.hooks.repository import PgBackupRepositoryHook
 
         dry = str(self.dry_run).lower() in ("true", "1", "yes", "on")
+        self._parse_tablespaces()
         if self.cluster not in self.clusters:
             raise _fail(f"unknown cluster {self.cluster!r}; configured: {', '.join(sorted(self.clusters))}")
         cfg = self.clusters[self.cluster]
@@ -204,6 +206,22 @@ class PgRestoreOperator(StopsEngineOnKill, BaseOperator):
         self._record(context, ok=True, backup_id=rep.get("backup_id"), chain=rep.get("chain"),
                      **{k: rep.get(k) for k in ("reached_lsn", "stopped_at", "restore_seconds", "timings")})
         return small
+
+    def _parse_tablespaces(self) -> None:
+        """The form's tablespaces field: `in place`, or `name=/dir` pairs separated by commas."""
+        text = (self.tablespaces or "").strip()
+        if not text:
+            return
+        if text.lower().replace("_", " ").replace("-", " ") == "in place":
+            self.tablespaces_in_place = True
+            return
+        mapping = dict(self.tablespace_map or {})
+        for item in (x.strip() for x in text.split(",") if x.strip()):
+            key, sep, directory = item.partition("=")
+            if not sep or not key.strip() or not directory.strip():
+                raise _fail(f"tablespaces: {item!r} is not NAME_OR_OID=/new/directory (or write `in place`)")
+            mapping[key.strip()] = directory.strip()
+        self.tablespace_map = mapping
 
     def _record(self, context: Context, **row) -> None:
         """The restore (or its refusal, or a dry run) in the cluster's catalog, when it has one; a

@@ -182,3 +182,22 @@ def test_cli_restore_with_tablespace_map(ts, scratch):
                "--os-user", ts["pg"].os_user])
     assert rc == 0
     assert _fingerprint_of(scratch / "d", ts["pg"]) == ts["inc_fp"]
+
+
+def test_on_demand_restore_operator_takes_the_forms_tablespaces(ts, scratch):
+    """The restore DAG's form field, as the operator gets it rendered: without it the backup is
+    refused before anything is touched; `name=/dir` pairs restore to the end, matching the source."""
+    from airflow_pg_incremental.operators.restore import PgRestoreOperator
+
+    def op(text, dest):
+        return PgRestoreOperator(task_id="restore_ts", clusters={CL: {"repository": str(ts["repo"].root)}},
+                                 cluster=CL, target_type="latest", destination=str(dest), dry_run="False",
+                                 tablespaces=text)
+
+    with pytest.raises(Exception, match="ts_one"):
+        op("", scratch / "refused").execute({})
+    assert not (scratch / "refused").exists()
+    text = ", ".join(f"{k}={v}" for k, v in _mapping(scratch).items())
+    out = op(text, scratch / "d").execute({})
+    assert out["state"] and out["repository"] == ts["repo"].url
+    assert _fingerprint_of(scratch / "d", ts["pg"]) == ts["end_fp"]
