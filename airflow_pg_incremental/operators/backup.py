@@ -97,7 +97,7 @@ def _backup_metrics(cluster: str, meta: dict) -> None:
 
 class PgBackupPreflightOperator(_PgBackupBase):
     """Checks before a backup: server reachable with the connection's credentials, REPLICATION
-    attribute, wal_level, no extra tablespaces, binaries of the server's major version, repository
+    attribute, wal_level, binaries of the server's major version, repository
     writable, WAL archiving in place (pull: the replication slot, created before the backup, and
     max_slot_wal_keep_size reported; push: archive_command pushes into this repository). Also removes leftovers of interrupted backups older than `cleanup_after_s`. With
     `create_repository`, a location that holds no repository yet gets one (otherwise that is an
