@@ -25,12 +25,15 @@ KINDS = ("incremental", "differential")
 
 def current_chain(backups: list[dict]) -> list[dict]:
     """The newest chain of parents: the newest full backup taken from the server and the backups
-    built on it, oldest first. Synthetic fulls are not parents (see core.synthetic)."""
-    fulls = [b for b in backups if b["kind"] == "full"]
-    if not fulls:
+    built on it, oldest first. Synthetic fulls are not parents (see core.synthetic). Found from the
+    newest backup taken from the server, so it goes on once retention removed the chain's full (and
+    the incrementals) a verified synthetic full absorbed: then it starts with an incremental."""
+    real = [b for b in backups if b["kind"] != "synthetic"]
+    if not real:
         return []
-    root = fulls[-1]
-    return [b for b in backups if b.get("chain_root_id") == root["backup_id"] and b["kind"] != "synthetic"]
+    newest = real[-1]
+    root = newest["backup_id"] if newest["kind"] == "full" else newest.get("chain_root_id")
+    return [b for b in real if b["backup_id"] == root or b.get("chain_root_id") == root]
 
 
 def restore_chain_ids(chain: list[dict], backups: list[dict]) -> list[str]:
@@ -42,7 +45,8 @@ def restore_chain_ids(chain: list[dict], backups: list[dict]) -> list[str]:
     for i in range(len(chain) - 1, -1, -1):
         if chain[i]["backup_id"] in synth:
             return [synth[chain[i]["backup_id"]]["backup_id"]] + [b["backup_id"] for b in chain[i + 1:]]
-    return [b["backup_id"] for b in chain]
+    head = chain[0].get("parent_id") if chain else None  # the chain's start went (retention): its stand-in
+    return ([synth[head]["backup_id"]] if head in synth else []) + [b["backup_id"] for b in chain]
 
 
 def restore_length(chain: list[dict], backups: list[dict]) -> int:
@@ -74,6 +78,10 @@ def decide(kind: str, facts: dict, chain: list[dict], *, max_chain_length: int =
                           "is the incremental between full backups; nothing to do"}
     if not chain:
         return full("no full backup to build on yet")
+    if kind == "differential" and chain[0]["kind"] != "full":
+        return full(f"the chain's full {chain[0].get('chain_root_id')} was removed by retention once a synthetic "
+                    "full absorbed it: a differential is taken against the chain's full (use incremental with "
+                    "synthetic fulls)")
     parent = chain[-1] if kind == "incremental" else chain[0]
     pid = parent["backup_id"]
     if not facts.get("summarize_wal"):

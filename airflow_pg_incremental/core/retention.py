@@ -357,16 +357,21 @@ def _note_unverified(keep: dict[str, list[str]], by_id: dict, ch: _Chains) -> No
                 keep[bid].append(f"absorbed by the synthetic full {sid}, which cannot replace it yet: {why}")
 
 
-def _parent_roles(backups: list[dict], restorable: set[str]) -> list[tuple[str, str]]:
-    """(backup, reason) the next backup taken from the server needs, whatever the policy says."""
+def _parent_roles(backups: list[dict], restorable: set[str], ch: "_Chains") -> list[tuple[str, str]]:
+    """(backup, reason) the next backup taken from the server needs, whatever the policy says. The
+    chain's full stays while the newest backup restores through it; once a verified synthetic full
+    stands for part of the chain, the policy decides about it (incremental forever: otherwise the
+    first full, and all WAL since, would stay for ever)."""
     from .incremental import current_chain
 
     chain = current_chain(backups)
     if not chain:
         return []
-    out = [(chain[-1]["backup_id"], "parent of the next incremental: it is taken against this backup's "
-                                    "backup_manifest (the newest backup of the current parent chain)")]
-    if chain[0]["kind"] == "full" and chain[0] is not chain[-1]:
+    newest = chain[-1]["backup_id"]
+    out = [(newest, "parent of the next incremental: it is taken against this backup's "
+                    "backup_manifest (the newest backup of the current parent chain)")]
+    through_root = chain[0]["backup_id"] in ch.tc.get(newest, [chain[0]["backup_id"]])
+    if chain[0]["kind"] == "full" and chain[0] is not chain[-1] and through_root:
         out.append((chain[0]["backup_id"], "root of the current parent chain: the next incremental's chain is "
                                            "found through it and a differential's parent is it (it goes once a "
                                            "newer full starts a new chain)"))
@@ -490,7 +495,7 @@ def _plan(repo: Repository, cluster: str, policy: RetentionPolicy, now: dt.datet
         else:
             add(bid, reason)
 
-    for bid, why in _parent_roles(backups, {b["backup_id"] for b in restorable}):
+    for bid, why in _parent_roles(backups, {b["backup_id"] for b in restorable}, ch):
         add(bid, why)
     for f in fulls[::-1][:policy.min_redundancy]:
         for m in members[f["backup_id"]]:

@@ -231,9 +231,10 @@ def test_retention_on_s3_with_a_crash_midway(s3):
 @pytest.mark.slow
 def test_retention_lets_what_a_verified_synthetic_full_absorbed_go(pg, workdir, scratch, catalog):
     """F, I1, I2, S (synthetic full of I2, verified), I3, I4 with pgbench and WAL capture between;
-    a window starting after I2: without verification evidence nothing goes, with it I1 and I2 go
-    (F stays: the root of the current parent chain); afterwards every remaining backup and every
-    point of the window restore to the data fingerprint the source had then."""
+    a window starting after I2: without verification evidence nothing goes, with it I1, I2 and F go
+    (incremental forever: the chain's full too, once the verified S stands in for it, and the WAL
+    before S); afterwards every remaining backup and every point of the window restore to the data
+    fingerprint the source had then, and the next incremental still builds on I4."""
     from airflow_pg_incremental.core.synthetic import synthesize
     from airflow_pg_incremental.core.verify import verify_backup
     from airflow_pg_incremental.sandbox import data_fingerprint
@@ -294,18 +295,23 @@ def test_retention_lets_what_a_verified_synthetic_full_absorbed_go(pg, workdir, 
         assert rep["verified"] == [S], rep["failed"]
 
         plan = plan_retention(repo, cluster, policy, now=now, catalog=catalog)
-        assert [k["backup_id"] for k in plan["keep"]] == [F, S, I3, I4]
-        assert plan["delete_backups"] == [I2, I1] and plan["window"]["anchor"] == S
+        assert [k["backup_id"] for k in plan["keep"]] == [S, I3, I4]
+        assert plan["delete_backups"] == [I2, I1, F] and plan["window"]["anchor"] == S
+        assert plan["wal_horizon"]["backup_id"] == S
         res = apply_retention(repo, cluster, plan, catalog=catalog)
-        assert res["applied"]["backups"] == [I2, I1]
-        assert [b["backup_id"] for b in md.list_backups(repo, cluster)] == [F, S, I3, I4]
-        assert sorted(r["backup_id"] for r in catalog.backups(cluster)) == sorted([F, S, I3, I4])
+        assert res["applied"]["backups"] == [I2, I1, F]
+        assert [b["backup_id"] for b in md.list_backups(repo, cluster)] == [S, I3, I4]
+        assert sorted(r["backup_id"] for r in catalog.backups(cluster)) == sorted([S, I3, I4])
         assert check_continuity(repo, cluster, fail_on_gap=False)["ok"]
         again = plan_retention(repo, cluster, policy, now=now, catalog=catalog)
-        assert again["delete_backups"] == [] and [k["backup_id"] for k in again["keep"]] == [F, S, I3, I4]
+        assert again["delete_backups"] == [] and [k["backup_id"] for k in again["keep"]] == [S, I3, I4]
+        # the server never sends a full again: the next incremental builds on I4, restored through S
+        i5 = backup("incremental")
+        assert i5["parent_id"] == I4 and i5["restore_chain"] == [S, I3, I4, i5["backup_id"]]
+        capture()
 
         # every remaining backup restores to its own end, every point of the window exactly
-        cases = [(f"backup {b}", parse_target("immediate"), b, fps[b], b) for b in (F, S, I3, I4)]
+        cases = [(f"backup {b}", parse_target("immediate"), b, fps[b], b) for b in (S, I3, I4, i5["backup_id"])]
         cases += [(label, parse_target("time", t.isoformat()), None, fp, base)
                   for (label, t, fp), base in zip(points, (S, I3, I4))]
         for n, (label, target, bid, fp, base) in enumerate(cases):

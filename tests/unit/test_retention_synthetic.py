@@ -67,10 +67,11 @@ def test_verified_synthetic_anchors_the_window_and_absorbed_backups_go(repo):
     plan = plan_retention(repo, C, WINDOW5, now=NOW, catalog=Verifications(S=True))
     assert plan["window"]["anchor"] == "S"
     k = kept(plan)
-    assert list(k) == ["F", "S", "I3", "I4"]
-    assert plan["delete_backups"] == ["I2", "I1"]
+    # incremental forever: the chain's full goes too once the verified S stands in for it, and with
+    # it every WAL segment before S (else the first full and all WAL since would stay for ever)
+    assert list(k) == ["S", "I3", "I4"]
+    assert plan["delete_backups"] == ["I2", "I1", "F"] and plan["wal_horizon"]["backup_id"] == "S"
     assert any("window: anchor" in r for r in k["S"])
-    assert any("root of the current parent chain" in r for r in k["F"])
     assert any("parent of the next incremental" in r for r in k["I4"])
     assert any(r.startswith("restore chain of I4: the synthetic full") for r in k["S"])
     why = {d["backup_id"]: d["why"] for d in plan["delete_backup_details"]}
@@ -80,7 +81,7 @@ def test_verified_synthetic_anchors_the_window_and_absorbed_backups_go(repo):
     assert "synthetic full S stands for I2: verified" in text and "DELETE  I2" in text
     # applied: every kept backup still resolves to a restore chain, through S
     apply_retention(repo, C, plan, catalog=Verifications(S=True))
-    assert [b["backup_id"] for b in md.list_backups(repo, C)] == ["F", "S", "I3", "I4"]
+    assert [b["backup_id"] for b in md.list_backups(repo, C)] == ["S", "I3", "I4"]
     assert [b["backup_id"] for b in resolve_chain(repo, C, md.load_backup(repo, C, "I4"))] == ["S", "I3", "I4"]
     assert plan_retention(repo, C, WINDOW5, now=NOW, catalog=Verifications(S=True))["delete_backups"] == []
 
@@ -105,7 +106,7 @@ def test_absorbed_backups_stay_until_the_synthetic_is_verified(repo, catalog, ne
 def test_synthetic_counts_as_a_full_chain(repo):
     plan = plan_retention(repo, C, RetentionPolicy(keep_full_chains=1), now=NOW, catalog=Verifications(S=True))
     k = kept(plan)
-    assert list(k) == ["F", "S", "I3", "I4"] and plan["delete_backups"] == ["I2", "I1"]
+    assert list(k) == ["S", "I3", "I4"] and plan["delete_backups"] == ["I2", "I1", "F"]
     assert any("keep_full_chains=1: chain of S (#1 newest)" in r for r in k["I3"])
     two = plan_retention(repo, C, RetentionPolicy(keep_full_chains=2), now=NOW, catalog=Verifications(S=True))
     assert two["delete_backups"] == ["I2"]  # the chain of F is F, I1: I2's point is S's
@@ -141,9 +142,9 @@ def test_the_parent_of_the_next_incremental_stays_though_absorbed(tmp_path):
     cat = Verifications(S=True, S4=True)
     plan = plan_retention(repo, C, RetentionPolicy(keep_full_chains=1), now=NOW, catalog=cat)
     k = kept(plan)
-    assert list(k) == ["F", "I4", "S4"]
+    assert list(k) == ["I4", "S4"]
     assert any("parent of the next incremental" in r for r in k["I4"])
-    assert plan["delete_backups"] == ["I3", "S", "I2", "I1"]
+    assert plan["delete_backups"] == ["I3", "S", "I2", "I1", "F"]
 
 
 def test_a_synthetic_sorting_before_what_it_stands_for_still_anchors(tmp_path):
@@ -160,4 +161,29 @@ def test_a_synthetic_sorting_before_what_it_stands_for_still_anchors(tmp_path):
     assert [b["backup_id"] for b in md.list_backups(repo, C)][:4] == ["F", "I1", "H", "I2"]
     plan = plan_retention(repo, C, WINDOW5, now=NOW, catalog=Verifications(H=True))
     assert plan["window"]["anchor"] == "H"
-    assert list(kept(plan)) == ["F", "H", "I3"] and plan["delete_backups"] == ["I2", "I1"]
+    assert list(kept(plan)) == ["H", "I3"] and plan["delete_backups"] == ["I2", "I1", "F"]
+
+
+def test_the_chains_full_stays_until_a_verified_synthetic_stands_in_for_it(repo):
+    """Unverified S: the root full F stays (the newest backup restores through it)."""
+    plan = plan_retention(repo, C, WINDOW5, now=NOW, catalog=Verifications(S=False))
+    assert "F" in kept(plan) and any("root of the current parent chain" in r for r in kept(plan)["F"])
+
+
+def test_after_the_full_went_the_next_incremental_still_builds_on_the_chain(repo):
+    """F, I1, I2 deleted: the parent chain is I3, I4 (no full at its head); an incremental is taken
+    on I4 and restores through S; a differential, which needs the chain's full, is a full instead."""
+    from airflow_pg_incremental.core.incremental import current_chain, decide, restore_chain_ids
+
+    apply_retention(repo, C, WINDOW5, now=NOW, catalog=Verifications(S=True))
+    backups = md.list_backups(repo, C)
+    assert [b["backup_id"] for b in backups] == ["S", "I3", "I4"]
+    chain = current_chain(backups)
+    assert [b["backup_id"] for b in chain] == ["I3", "I4"] and restore_chain_ids(chain, backups) == ["S", "I3", "I4"]
+    facts = {"major": 18, "summarize_wal": True, "system_identifier": chain[-1].get("system_identifier"),
+             "timeline": chain[-1].get("timeline"), "data_checksums": chain[-1].get("data_checksums")}
+    d = decide("incremental", facts, chain, restore_len=3)
+    assert d["kind"] == "incremental" and d["parent_id"] == "I4"
+    d = decide("differential", facts, chain)
+    assert d["kind"] == "full" and "removed by retention" in d["reason"]
+    assert [b["backup_id"] for b in resolve_chain(repo, C, md.load_backup(repo, C, "I4"))] == ["S", "I3", "I4"]
