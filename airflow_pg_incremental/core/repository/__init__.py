@@ -22,9 +22,15 @@ from .s3 import S3Repository, s3_client_from_env
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 
 
-def open_repository(url: str, *, s3_client=None, origin: str | None = None) -> Repository:
+def open_repository(url: str, *, s3_client=None, origin: str | None = None, keyring=None) -> Repository:
     """'/path', 'file:///path' or 's3://bucket/prefix'. Opening touches nothing; call
-    `identity()` (or `check_writable()`) to make sure a repository is there."""
+    `identity()` (or `check_writable()`) to make sure a repository is there. `keyring`
+    (crypt.Keyring): the key(s) of an encrypted repository; identity() checks it against the marker
+    (an encrypted repository without it, or an unencrypted one with it, is refused)."""
+    return _open_driver(url, s3_client=s3_client, origin=origin).use_keyring(keyring)
+
+
+def _open_driver(url: str, *, s3_client=None, origin: str | None = None) -> Repository:
     if not url:
         raise ConfigError("no repository given: pass a local directory or s3://bucket/prefix")
     if url.startswith("s3://"):

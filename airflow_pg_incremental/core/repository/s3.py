@@ -76,7 +76,7 @@ class S3Repository(Repository):
             return RepositoryError(f"no S3 credentials found while {what}: {self._fix('none')}")
         return RepositoryError(f"S3 failure while {what} in {self.url}: {e}")
 
-    def put(self, key: str, src: BinaryIO, *, overwrite: bool = True) -> int:
+    def _put(self, key: str, src: BinaryIO, *, overwrite: bool = True) -> int:
         from boto3.s3.transfer import TransferConfig
         from botocore.exceptions import BotoCoreError, ClientError
 
@@ -97,7 +97,7 @@ class S3Repository(Repository):
             raise
         return counter.size
 
-    def open(self, key: str) -> BinaryIO:
+    def _open(self, key: str) -> BinaryIO:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
@@ -125,7 +125,7 @@ class S3Repository(Repository):
     def exists(self, key: str) -> bool:
         return self._head(key) is not None
 
-    def size(self, key: str) -> int:
+    def _size(self, key: str) -> int:
         h = self._head(key)
         if h is None:
             raise ObjectNotFound(f"object {key} not found in {self.url}")
@@ -138,7 +138,7 @@ class S3Repository(Repository):
         lm = h["LastModified"]
         return lm if lm.tzinfo else lm.replace(tzinfo=datetime.timezone.utc)
 
-    def put_bytes(self, key: str, data: bytes, *, overwrite: bool = True) -> int:
+    def _put_bytes(self, key: str, data: bytes, *, overwrite: bool = True) -> int:
         """Small objects: one PUT request (no transfer threads); overwrite=False is a conditional
         write (If-None-Match: *), atomic on stores that support it, checked by HEAD before as well."""
         from botocore.exceptions import BotoCoreError, ClientError

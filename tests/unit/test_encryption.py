@@ -1,0 +1,200 @@
+"""Encryption at rest: the object format (round trips, tampering, truncation, reordering, wrong key,
+swapped names) and an encrypted local repository (key checks before anything is written, rotation)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+
+import pytest
+
+from airflow_pg_incremental.core.errors import ChecksumMismatch, ConfigError, RepositoryError
+from airflow_pg_incremental.core.repository import LocalRepository, open_repository
+from airflow_pg_incremental.core.repository import crypt
+from airflow_pg_incremental.core.repository.base import MARKER_KEY
+from airflow_pg_incremental.core.repository.crypt import (CHUNK, HEADER_LEN, TAG, Keyring, decrypt_bytes,
+                                                          encrypt_bytes, keyring_from_env, plain_size)
+
+K1, K2 = os.urandom(32), os.urandom(32)
+RING = Keyring(K1)
+
+
+@pytest.mark.parametrize("n", [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK, 2 * CHUNK + 17])
+def test_round_trip_over_chunk_boundaries(n):
+    data = os.urandom(n)
+    ct = encrypt_bytes(data, RING, "c/wal/x")
+    assert len(ct) == HEADER_LEN + n + TAG * max(1, -(-n // CHUNK))
+    assert plain_size(len(ct)) == n
+    assert decrypt_bytes(ct, RING, "c/wal/x") == data
+
+
+def test_streaming_reads_of_any_size_and_short_source_reads():
+    data = os.urandom(3 * CHUNK + 5)
+
+    class Trickle(io.RawIOBase):  # a source returning short reads (like a pipe)
+        def __init__(self):
+            self.b = io.BytesIO(data)
+
+        def read(self, n=-1):
+            return self.b.read(min(n, 7777) if n and n > 0 else 7777)
+
+    enc = crypt.EncryptingReader(Trickle(), RING, "k")
+    parts = []
+    while True:
+        p = enc.read(12345)
+        if not p:
+            break
+        assert len(p) <= 12345
+        parts.append(p)
+    dec = crypt.DecryptingReader(io.BytesIO(b"".join(parts)), RING, "k")
+    got = []
+    while True:
+        p = dec.read(100_000)
+        if not p:
+            break
+        got.append(p)
+    assert b"".join(got) == data and enc.plain_size == len(data)
+
+
+def _mutated(ct: bytes, pos: int) -> bytes:
+    b = bytearray(ct)
+    b[pos] ^= 0x01
+    return bytes(b)
+
+
+@pytest.mark.parametrize("pos", [0, 9, 20, 30, 60, HEADER_LEN, HEADER_LEN + CHUNK + 3, -1])
+def test_a_flipped_byte_anywhere_is_refused(pos):
+    ct = encrypt_bytes(os.urandom(CHUNK + 100), RING, "k")
+    with pytest.raises(ChecksumMismatch, match="k: damaged or tampered"):
+        decrypt_bytes(_mutated(ct, pos), RING, "k", known_ids=RING.ids)
+
+
+def test_truncation_reordering_and_appending_are_refused():
+    data = os.urandom(3 * CHUNK)
+    ct = encrypt_bytes(data, RING, "k")
+    rec = CHUNK + TAG
+    head, recs = ct[:HEADER_LEN], [ct[HEADER_LEN + i * rec:HEADER_LEN + (i + 1) * rec] for i in range(3)]
+    for bad in (head + recs[0] + recs[1],                     # cut at a chunk boundary
+                ct[:-5],                                      # cut inside the last chunk
+                head + recs[1] + recs[0] + recs[2],           # reordered
+                ct + recs[2],                                 # a chunk appended
+                head,                                         # nothing but the header
+                ct[:40]):                                     # not even a header
+        with pytest.raises(ChecksumMismatch):
+            decrypt_bytes(bad, RING, "k")
+
+
+def test_an_object_under_another_name_or_key_does_not_open():
+    ct = encrypt_bytes(b"segment", RING, "c/wal/00000001/A")
+    with pytest.raises(ChecksumMismatch, match="moved here from another name"):
+        decrypt_bytes(ct, RING, "c/wal/00000001/B")
+    other = Keyring(K2, [os.urandom(32)])
+    with pytest.raises(RepositoryError, match="not given"):
+        decrypt_bytes(ct, other, "c/wal/00000001/A")
+    # an old key still opens what it wrote
+    assert decrypt_bytes(ct, Keyring(K2, [K1]), "c/wal/00000001/A") == b"segment"
+
+
+def test_keys_parse_from_base64_or_hex_and_are_never_echoed():
+    b64, hx = base64.b64encode(K1).decode(), K1.hex()
+    assert crypt.parse_key(b64) == K1 == crypt.parse_key(hx)
+    with pytest.raises(ConfigError) as e:
+        crypt.parse_key("secret-but-too-short")
+    assert "secret-but-too-short" not in str(e.value)
+    assert keyring_from_env({}) is None
+    ring = keyring_from_env({"PGINCR_REPO_KEY": b64, "PGINCR_REPO_OLD_KEYS": f"{K2.hex()}, "})
+    assert ring.current == K1 and ring.get(crypt.key_id(K2)) == K2
+    assert b64 not in repr(ring) and K1.hex() not in repr(ring)
+    assert keyring_from_env(ring.env()).ids == ring.ids
+    with pytest.raises(ConfigError, match="PGINCR_REPO_KEY is not"):
+        keyring_from_env({"PGINCR_REPO_OLD_KEYS": b64})
+
+
+# --- an encrypted local repository -------------------------------------------------------------
+def _encrypted(tmp_path, ring=RING) -> LocalRepository:
+    repo = LocalRepository(tmp_path / "r").use_keyring(ring)
+    repo.create()
+    return repo
+
+
+def test_encrypted_repository_round_trip_and_nothing_in_clear(tmp_path):
+    repo = _encrypted(tmp_path)
+    data = b"VISIBLE-MARKER " * 100_000
+    assert repo.put("c/backups/b1/base.tar.zst", io.BytesIO(data)) == len(data)
+    assert repo.put_bytes("c/backups/b1/backup.json", b'{"x": "VISIBLE-MARKER"}') == 23
+    for key in ("c/backups/b1/base.tar.zst", "c/backups/b1/backup.json"):
+        raw = (tmp_path / "r" / key).read_bytes()
+        assert b"VISIBLE-MARKER" not in raw and raw.startswith(crypt.MAGIC)
+    assert repo.get_bytes("c/backups/b1/base.tar.zst") == data
+    assert repo.size("c/backups/b1/base.tar.zst") == len(data) and repo.size("c/backups/b1/backup.json") == 23
+    marker = json.loads((tmp_path / "r" / MARKER_KEY).read_bytes())
+    assert marker["encryption"]["cipher"] == "aes-256-gcm-stream"
+    assert list(marker["encryption"]["checks"]) == [RING.current_id]
+    assert base64.b64encode(K1).decode() not in json.dumps(marker) and K1.hex() not in json.dumps(marker)
+
+
+def test_missing_wrong_or_unwanted_key_is_refused_before_anything_is_written(tmp_path):
+    _encrypted(tmp_path)
+    url = str(tmp_path / "r")
+    before = sorted(os.listdir(url))
+    for ring, msg in ((None, "encrypted repository .* no key was given"),
+                      (Keyring(K2), "wrong repository key")):
+        repo = open_repository(url, keyring=ring)
+        with pytest.raises(RepositoryError, match=msg):
+            repo.identity()
+        if ring is not None:
+            with pytest.raises(RepositoryError, match=msg):
+                repo.put_bytes("c/wal/x", b"data")
+    assert sorted(os.listdir(url)) == before
+    plain = LocalRepository(tmp_path / "p")
+    plain.create()
+    with pytest.raises(RepositoryError, match="not an encrypted repository, but a repository key was given"):
+        open_repository(str(tmp_path / "p"), keyring=RING).identity()
+    with pytest.raises(RepositoryError, match="not an encrypted repository"):
+        LocalRepository(tmp_path / "p").use_keyring(RING).create()
+
+
+def test_a_tampered_marker_check_is_refused(tmp_path):
+    _encrypted(tmp_path)
+    p = tmp_path / "r" / MARKER_KEY
+    m = json.loads(p.read_bytes())
+    m["repository_id"] = "0" * 32  # the check is bound to the repository id
+    p.write_text(json.dumps(m))
+    with pytest.raises(RepositoryError, match="key check"):
+        open_repository(str(tmp_path / "r"), keyring=RING).identity()
+
+
+def test_tampered_and_swapped_objects_are_refused_like_a_checksum_error(tmp_path):
+    repo = _encrypted(tmp_path)
+    repo.put_bytes("c/wal/a", b"A" * 1000)
+    repo.put_bytes("c/wal/b", b"B" * 1000)
+    root = tmp_path / "r"
+    (root / "c/wal/b").write_bytes((root / "c/wal/a").read_bytes())  # swapped in under another name
+    with pytest.raises(ChecksumMismatch, match="c/wal/b in file://.*damaged or tampered"):
+        repo.get_bytes("c/wal/b")
+    (root / "c/wal/a").write_bytes(_mutated((root / "c/wal/a").read_bytes(), -3))
+    with pytest.raises(ChecksumMismatch):
+        repo.get_bytes("c/wal/a")
+    (root / "c/wal/plain").write_bytes(b"written without encryption")
+    with pytest.raises(ChecksumMismatch, match="not an encrypted pgincr object"):
+        repo.get_bytes("c/wal/plain")
+
+
+def test_rotation_new_objects_under_the_new_key_old_ones_readable(tmp_path):
+    repo = _encrypted(tmp_path)
+    repo.put_bytes("c/wal/old", b"old")
+    url = str(tmp_path / "r")
+    with pytest.raises(RepositoryError, match="none of the keys"):
+        open_repository(url, keyring=Keyring(K2, [os.urandom(32)])).add_key()
+    marker, added = open_repository(url, keyring=Keyring(K2, [K1])).add_key()
+    assert added and sorted(marker["encryption"]["checks"]) == sorted([crypt.key_id(K1), crypt.key_id(K2)])
+    new = open_repository(url, keyring=Keyring(K2, [K1]))
+    new.put_bytes("c/wal/new", b"new")
+    assert (tmp_path / "r/c/wal/new").read_bytes()[9:17].hex() == crypt.key_id(K2)
+    assert new.get_bytes("c/wal/old") == b"old" and new.get_bytes("c/wal/new") == b"new"
+    with pytest.raises(RepositoryError, match="add that older key"):
+        open_repository(url, keyring=Keyring(K2)).get_bytes("c/wal/old")
+    # the old key alone still opens the repository (rotation is not revocation)
+    assert open_repository(url, keyring=RING).get_bytes("c/wal/old") == b"old"
