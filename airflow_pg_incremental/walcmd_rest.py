@@ -78,8 +78,9 @@ def _repo(url: str, *, check: bool = True):
     a mistyped location fails instead of creating a repository there."""
     _enable_site()
     from airflow_pg_incremental.core.repository import open_repository
+    from airflow_pg_incremental.core.repository.crypt import keyring_from_env
 
-    repo = open_repository(url, origin="cli")
+    repo = open_repository(url, origin="cli", keyring=keyring_from_env())  # the key: the env file's
     if check:
         repo.identity()
     return repo

@@ -198,3 +198,53 @@ def test_rotation_new_objects_under_the_new_key_old_ones_readable(tmp_path):
         open_repository(url, keyring=Keyring(K2)).get_bytes("c/wal/old")
     # the old key alone still opens the repository (rotation is not revocation)
     assert open_repository(url, keyring=RING).get_bytes("c/wal/old") == b"old"
+
+
+# --- the CLI ------------------------------------------------------------------------------------
+def test_cli_repo_create_encrypt_and_key_rotation(tmp_path, monkeypatch, capsys):
+    from airflow_pg_incremental.cli import main
+
+    url = str(tmp_path / "r")
+    k1, k2 = crypt.new_key_text(), crypt.new_key_text()
+    monkeypatch.delenv("PGINCR_REPO_KEY", raising=False)
+    monkeypatch.delenv("PGINCR_REPO_OLD_KEYS", raising=False)
+    assert main(["repo-create", "--repo", url, "--encrypt"]) == 2
+    assert "needs the repository key" in capsys.readouterr().err and not os.path.exists(url)
+    monkeypatch.setenv("PGINCR_REPO_KEY", k1)
+    assert main(["repo-create", "--repo", url]) == 2
+    assert "pass --encrypt" in capsys.readouterr().err
+    assert main(["repo-create", "--repo", url, "--encrypt", "--owner", "root", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["encrypted"] and out["key_ids"] == [crypt.key_id(crypt.parse_key(k1))]
+    # rotation: the new key, authorized by the current one
+    monkeypatch.setenv("PGINCR_REPO_KEY", k2)
+    assert main(["repo-key-add", "--repo", url]) == 2
+    assert "none of the keys" in capsys.readouterr().err
+    monkeypatch.setenv("PGINCR_REPO_OLD_KEYS", k1)
+    assert main(["repo-key-add", "--repo", url, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["added"] and len(out["key_ids"]) == 2
+    # archive_command of an encrypted repository needs the key in its env file
+    assert main(["wal-commands", "--repo", url, "--cluster", "c"]) == 2
+    assert "pass --env-file" in capsys.readouterr().err
+    envf = tmp_path / "env"
+    envf.write_text("AWS_REGION=x\n")
+    envf.chmod(0o600)
+    assert main(["wal-commands", "--repo", url, "--cluster", "c", "--env-file", str(envf)]) == 2
+    assert "no PGINCR_REPO_KEY= line" in capsys.readouterr().err
+    envf.write_text(f"PGINCR_REPO_KEY={k2}\nPGINCR_REPO_OLD_KEYS={k1}\n")
+    assert main(["wal-commands", "--repo", url, "--cluster", "c", "--env-file", str(envf)]) == 0
+    printed = capsys.readouterr()
+    assert k1 not in printed.out + printed.err and k2 not in printed.out + printed.err
+    # without the key, the CLI says what to do
+    monkeypatch.delenv("PGINCR_REPO_KEY")
+    monkeypatch.delenv("PGINCR_REPO_OLD_KEYS")
+    assert main(["info", "--repo", url, "--cluster", "c"]) == 2
+    assert "no key was given: set PGINCR_REPO_KEY" in capsys.readouterr().err
+
+
+def test_cli_repo_key_new_prints_a_usable_key(capsys):
+    from airflow_pg_incremental.cli import main
+
+    assert main(["repo-key-new"]) == 0
+    assert len(crypt.parse_key(capsys.readouterr().out.strip())) == 32
