@@ -28,21 +28,26 @@ def _repo(args, must_exist: bool = True):
     url = args.repo or os.environ.get("PGINCR_REPO")
     if not url:
         raise PgIncrError("no repository: pass --repo DIR|s3://bucket/prefix or set PGINCR_REPO")
-    repo = open_repository(url, origin="cli", keyring=_keyring())
+    repo = open_repository(url, origin="cli", **_options())
     if must_exist:
         repo.identity()
     return repo
 
 
-def _keyring(copy: bool = False):
-    """The repository key(s) from $PGINCR_REPO_KEY (+ $PGINCR_REPO_OLD_KEYS); for the destination of
-    `copy`, $PGINCR_COPY_REPO_KEY (+ $PGINCR_COPY_REPO_OLD_KEYS) when set. None: no key."""
-    from .core.repository.crypt import Keyring, keyring_from_env
+def _options(copy: bool = False) -> dict:
+    """open_repository's options from the environment: the repository key(s) from $PGINCR_REPO_KEY
+    (+ $PGINCR_REPO_OLD_KEYS; for the destination of `copy`, $PGINCR_COPY_REPO_KEY and
+    $PGINCR_COPY_REPO_OLD_KEYS when set), S3 server-side encryption from $PGINCR_S3_SSE and
+    $PGINCR_S3_SSE_KMS_KEY_ID."""
+    from .core.repository import env_options
+    from .core.repository.crypt import Keyring
 
+    opts = env_options()
     if copy and os.environ.get("PGINCR_COPY_REPO_KEY", "").strip():
-        return Keyring.from_texts(os.environ["PGINCR_COPY_REPO_KEY"], os.environ.get("PGINCR_COPY_REPO_OLD_KEYS"),
-                                  what="PGINCR_COPY_REPO_KEY", old_what="PGINCR_COPY_REPO_OLD_KEYS")
-    return keyring_from_env()
+        opts["keyring"] = Keyring.from_texts(os.environ["PGINCR_COPY_REPO_KEY"],
+                                             os.environ.get("PGINCR_COPY_REPO_OLD_KEYS"),
+                                             what="PGINCR_COPY_REPO_KEY", old_what="PGINCR_COPY_REPO_OLD_KEYS")
+    return opts
 
 
 def cmd_repo_create(args) -> int:
@@ -363,7 +368,7 @@ def cmd_restore(args) -> int:
         from .core.repository import open_repository
 
         first = _repo(args, must_exist=False)  # unreachable or gone: the copies serve
-        rep = restore_with_fallback([first, *(open_repository(u, origin="cli", keyring=_keyring())
+        rep = restore_with_fallback([first, *(open_repository(u, origin="cli", **_options())
                                               for u in args.fallback_repo)],
                                     restore)
     else:
@@ -383,7 +388,7 @@ def cmd_copy(args) -> int:
     from .core.repository import open_repository
 
     src = _repo(args)
-    rep = copy_cluster(src, open_repository(args.to, origin="cli", keyring=_keyring(copy=True)), args.cluster)
+    rep = copy_cluster(src, open_repository(args.to, origin="cli", **_options(copy=True)), args.cluster)
     _emit(args, rep, [f"copied {args.cluster} from {rep['source']} into {rep['copy']}: {rep['wal_copied']} WAL file(s), "
                       f"{len(rep['backups_copied'])} backup(s), {rep['restore_points_copied']} restore point(s), "
                       f"{human_bytes(rep['bytes'])} in {rep['duration_s']:.1f} s",

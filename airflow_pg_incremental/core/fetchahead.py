@@ -480,10 +480,9 @@ class _ServerGone(Exception):
 
 def run_prefetcher(repo_url: str, cluster: str, spool: str, data_dir: str, **kwargs) -> str:
     """Open the repository once and prefetch until recovery ends; returns why it stopped."""
-    from .repository import open_repository
-    from .repository.crypt import keyring_from_env
+    from .repository import env_options, open_repository
 
-    repo = open_repository(repo_url, origin="cli", keyring=keyring_from_env())
+    repo = open_repository(repo_url, origin="cli", **env_options())
     p = Prefetcher(repo, cluster, spool, data_dir, **kwargs)
     why = p.run()
     s = p.stats
