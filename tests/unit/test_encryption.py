@@ -302,3 +302,44 @@ def test_s3_sse_settings_are_checked():
 
     opts = env_options({"PGINCR_S3_SSE": "aws:kms", "PGINCR_S3_SSE_KMS_KEY_ID": "alias/backups"})
     assert opts == {"keyring": None, "s3_sse": "aws:kms", "s3_sse_kms_key_id": "alias/backups"}
+
+
+# --- Airflow: the key connection, the DAG configuration -------------------------------------------
+def test_hook_keyring_from_a_connection(tmp_path, monkeypatch):
+    from airflow_pg_incremental.hooks.repository import PgBackupRepositoryHook
+
+    k1, k2 = crypt.new_key_text(), crypt.new_key_text()
+    monkeypatch.setenv("AIRFLOW_CONN_PGINCR_UT_KEY", json.dumps({"conn_type": "generic", "password": k2,
+                                                                 "extra": {"old_keys": [k1]}}))
+    LocalRepository(tmp_path / "r").use_keyring(Keyring.from_texts(k1)).create()
+    hook = PgBackupRepositoryHook(str(tmp_path / "r"), None, encryption_key_conn_id="pgincr_ut_key")
+    ring = hook.get_keyring()
+    assert ring.current_id == crypt.key_id(crypt.parse_key(k2)) and len(ring.ids) == 2
+    with pytest.raises(RepositoryError, match="wrong repository key"):  # k2 was never added to the repository
+        hook.get_repository()
+    assert PgBackupRepositoryHook(str(tmp_path / "r"), None).get_keyring() is None
+    monkeypatch.setenv("AIRFLOW_CONN_PGINCR_UT_KEY", json.dumps({"conn_type": "generic"}))
+    with pytest.raises(ConfigError, match="holds no key"):
+        hook.get_keyring()
+
+
+def test_dag_config_encryption_and_sse_settings():
+    from airflow_pg_incremental.dag_factory import parse_config
+
+    base = {"name": "a", "postgres_conn_id": "pg", "repository": "s3://b/p"}
+    (cl,) = parse_config({"clusters": [{**base, "encryption_key_conn_id": "k", "s3_sse": "aws:kms",
+                                        "s3_sse_kms_key_id": "alias/x",
+                                        "copies": [{"repository": "/srv/copy"},
+                                                   {"repository": "s3://c/p", "encryption_key_conn_id": "k2",
+                                                    "s3_sse": "AES256"}]}]})
+    assert cl.engine_kwargs()["encryption_key_conn_id"] == "k" and cl.engine_kwargs()["s3_sse"] == "aws:kms"
+    assert cl.copies[0]["encryption_key_conn_id"] == "k" and "s3_sse" not in cl.copies[0]
+    assert cl.copies[1] == {"repository": "s3://c/p", "aws_conn_id": "aws_default", "encryption_key_conn_id": "k2",
+                            "s3_sse": "AES256"}
+    for bad, msg in (({"s3_sse": "aes"}, "AES256"), ({"s3_sse_kms_key_id": "x"}, "needs s3_sse: aws:kms"),
+                     ({"repository": "/srv/r", "s3_sse": "AES256"}, "s3:// repositories only"),
+                     ({"encryption_key_conn_id": 3}, "must be a string")):
+        with pytest.raises(ConfigError, match=msg):
+            parse_config({"clusters": [{**base, **bad}]})
+    (plain,) = parse_config({"clusters": [base]})
+    assert "encryption_key_conn_id" not in plain.engine_kwargs()
