@@ -182,6 +182,7 @@ class _FillReader(io.RawIOBase):
 
     def __init__(self):
         self._buf = b""
+        self._view = memoryview(b"")
         self._pos = 0
         self._done = False
 
@@ -200,14 +201,18 @@ class _FillReader(io.RawIOBase):
                 if self._done:
                     break
                 self._buf, self._pos = self._next(), 0
+                self._view = memoryview(self._buf)
                 if not self._buf:
                     self._done = True
                     break
-            piece = self._buf[self._pos:self._pos + want] if (self._pos or want < len(self._buf)) else self._buf
+            whole = not self._pos and want >= len(self._buf)
+            piece = self._buf if whole else self._view[self._pos:self._pos + want]  # a view: no copy yet
             self._pos += len(piece)
             want -= len(piece)
             parts.append(piece)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        if len(parts) == 1 and isinstance(parts[0], bytes):
+            return parts[0]
+        return b"".join(parts)  # the one copy
 
     def readinto(self, b) -> int:
         data = self.read(len(b))
