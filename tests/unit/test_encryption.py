@@ -343,3 +343,18 @@ def test_dag_config_encryption_and_sse_settings():
             parse_config({"clusters": [{**base, **bad}]})
     (plain,) = parse_config({"clusters": [base]})
     assert "encryption_key_conn_id" not in plain.engine_kwargs()
+
+
+def test_wal_push_twice_and_different_content_in_an_encrypted_repository(tmp_path):
+    from airflow_pg_incremental.core.errors import ObjectExists
+    from airflow_pg_incremental.core.wal import fetch_bytes, push_bytes
+
+    repo = _encrypted(tmp_path)
+    seg = os.urandom(1000) * 16
+    name = "000000010000000000000003"
+    push_bytes(repo, "c", name, seg)
+    push_bytes(repo, "c", name, seg)  # the same segment again: fine
+    with pytest.raises(ObjectExists, match="DIFFERENT content"):
+        push_bytes(repo, "c", name, seg[::-1])
+    assert fetch_bytes(repo, "c", name) == seg
+    assert seg[:1000] not in (tmp_path / "r/c/wal/00000001" / f"{name}.zst").read_bytes()
