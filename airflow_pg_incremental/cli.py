@@ -237,8 +237,11 @@ def cmd_info(args) -> int:
         require_cluster(repo, args.cluster)
     clusters = [args.cluster] if args.cluster else list_clusters(repo)
     ident = repo.identity()
+    enc = ident.get("encryption")
     out = {"repository": repo.url, "repository_id": ident.get("repository_id"),
-           "repository_created_at": ident.get("created_at"), "clusters": {}}
+           "repository_created_at": ident.get("created_at"),
+           "encryption": {"cipher": enc.get("cipher"), "key_ids": sorted(enc.get("checks") or {}),
+                          "current_key_id": repo.keyring.current_id} if enc else None, "clusters": {}}
     for cl in clusters:
         backups = list_backups(repo, cl)
         out["clusters"][cl] = {
@@ -271,7 +274,10 @@ def cmd_info(args) -> int:
     if args.json:
         _print(out, True)
         return 0
-    print(f"repository {repo.url} (id {out['repository_id']}, created {out['repository_created_at']})")
+    enc = out["encryption"]
+    print(f"repository {repo.url} (id {out['repository_id']}, created {out['repository_created_at']}"
+          + (f"; encrypted, {enc['cipher']}, key id {enc['current_key_id']} of {', '.join(enc['key_ids'])}"
+             if enc else "") + ")")
     for cl, d in out["clusters"].items():
         print(f"\ncluster {cl}: {len(d['backups'])} backup(s)")
         print(f"  {'backup id':<24} {'kind':<12} {'PG':>3} {'start LSN':>12} {'stop LSN':>12} {'TL':>3} "

@@ -236,6 +236,12 @@ def test_cli_repo_create_encrypt_and_key_rotation(tmp_path, monkeypatch, capsys)
     assert main(["wal-commands", "--repo", url, "--cluster", "c", "--env-file", str(envf)]) == 0
     printed = capsys.readouterr()
     assert k1 not in printed.out + printed.err and k2 not in printed.out + printed.err
+    # info says the repository is encrypted, under which key ids (never the keys)
+    assert main(["info", "--repo", url, "--json"]) == 0
+    printed = capsys.readouterr()
+    info = json.loads(printed.out)["encryption"]
+    assert info["current_key_id"] == crypt.key_id(crypt.parse_key(k2)) and len(info["key_ids"]) == 2
+    assert k1 not in printed.out and k2 not in printed.out
     # without the key, the CLI says what to do
     monkeypatch.delenv("PGINCR_REPO_KEY")
     monkeypatch.delenv("PGINCR_REPO_OLD_KEYS")
