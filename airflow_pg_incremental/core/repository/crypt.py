@@ -269,8 +269,9 @@ class DecryptingReader(_FillReader):
             raise self._bad("it is not an encrypted pgincr object (written without encryption, truncated, or "
                             "replaced)")
         if head[len(MAGIC)] != VERSION:
-            raise ChecksumMismatch(f"{self._name}: encrypted with format version {head[len(MAGIC)]}, this version "
-                                   f"reads {VERSION}: upgrade airflow-pg-incremental")
+            raise ChecksumMismatch(f"{self._name}{self._where}: encrypted with format version {head[len(MAGIC)]}, "
+                                   f"this version reads {VERSION}: upgrade airflow-pg-incremental (or the object is "
+                                   "damaged or tampered with)")
         kid = head[len(MAGIC) + 1:len(MAGIC) + 1 + _KEY_ID_LEN].hex()
         key = self._keyring.get(kid)
         if key is None and self._known is not None and kid not in self._known:
