@@ -193,3 +193,40 @@ def test_an_unencrypted_repository_refuses_a_key(workdir):
     plain = created(LocalRepository(workdir / f"plain-{uuid.uuid4().hex[:6]}"))
     with pytest.raises(RepositoryError, match="not an encrypted repository, but a repository key was given"):
         open_repository(str(plain.root), keyring=Keyring(K1)).identity()
+
+
+@pytest.mark.parametrize("ahead", ["0", None])
+def test_archive_command_push_with_the_key_in_its_env_file(tmp_path, workdir, ahead):
+    """walcmd push (archive_command), direct and through the push-ahead pusher: with the key in the
+    env file the segment is stored encrypted; without it nothing is stored and the call fails."""
+    from airflow_pg_incremental.core.wal import fetch_bytes, wal_key
+
+    repo = created(LocalRepository(workdir / f"enc-push-{uuid.uuid4().hex[:6]}").use_keyring(Keyring(K2)))
+    names = {f"0000000100000000000000{i:02X}": os.urandom(64) * (256 * 1024) for i in (0x30, 0x31)}
+    d = tmp_path / "data"
+    (d / "pg_wal" / "archive_status").mkdir(parents=True)
+    for n, data in names.items():
+        (d / "pg_wal" / n).write_bytes(data)
+        (d / "pg_wal" / "archive_status" / f"{n}.ready").touch()
+    env_file = tmp_path / "walcmd.env"
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("PGINCR_REPO")}
+
+    def push(name: str, lines: list[str]) -> subprocess.CompletedProcess:
+        env_file.write_text("\n".join(lines) + "\n")
+        env_file.chmod(0o600)
+        return subprocess.run([sys.executable, "-S", WALCMD, "push", "--repo", str(repo.root), "--cluster", "wp",
+                               "--env-file", str(env_file), *(["--ahead", ahead] if ahead else []),
+                               f"pg_wal/{name}"], cwd=d, env=base_env, capture_output=True, text=True, timeout=120)
+
+    first, second = sorted(names)
+    r = push(first, [])  # no key: refused, nothing stored
+    assert r.returncode != 0 and "no key was given" in r.stderr, r.stderr
+    assert not repo.exists(wal_key("wp", first))
+    r = push(first, [f"PGINCR_REPO_KEY={K2.hex()}"])
+    assert r.returncode == 0, r.stderr
+    r = push(second, [f"PGINCR_REPO_KEY={K2.hex()}"])
+    assert r.returncode == 0, r.stderr
+    for n, data in names.items():
+        raw = repo._open(wal_key("wp", n)).read()
+        assert raw.startswith(b"PGINCENC") and data[:64] not in raw
+        assert fetch_bytes(repo, "wp", n) == data
