@@ -28,21 +28,44 @@ def _repo(args, must_exist: bool = True):
     url = args.repo or os.environ.get("PGINCR_REPO")
     if not url:
         raise PgIncrError("no repository: pass --repo DIR|s3://bucket/prefix or set PGINCR_REPO")
-    repo = open_repository(url, origin="cli")
+    repo = open_repository(url, origin="cli", **_options())
     if must_exist:
         repo.identity()
     return repo
+
+
+def _options(copy: bool = False) -> dict:
+    """open_repository's options from the environment: the repository key(s) from $PGINCR_REPO_KEY
+    (+ $PGINCR_REPO_OLD_KEYS; for the destination of `copy`, $PGINCR_COPY_REPO_KEY and
+    $PGINCR_COPY_REPO_OLD_KEYS when set), S3 server-side encryption from $PGINCR_S3_SSE and
+    $PGINCR_S3_SSE_KMS_KEY_ID."""
+    from .core.repository import env_options
+    from .core.repository.crypt import Keyring
+
+    opts = env_options()
+    if copy and os.environ.get("PGINCR_COPY_REPO_KEY", "").strip():
+        opts["keyring"] = Keyring.from_texts(os.environ["PGINCR_COPY_REPO_KEY"],
+                                             os.environ.get("PGINCR_COPY_REPO_OLD_KEYS"),
+                                             what="PGINCR_COPY_REPO_KEY", old_what="PGINCR_COPY_REPO_OLD_KEYS")
+    return opts
 
 
 def cmd_repo_create(args) -> int:
     from .core.server import repository_owner_default
 
     repo = _repo(args, must_exist=False)
+    if args.encrypt and repo.keyring is None:
+        raise PgIncrError("--encrypt needs the repository key in PGINCR_REPO_KEY (32 random bytes, base64 or hex; "
+                          "`pgincr repo-key-new` makes one: keep it safe, without it nothing can be restored)")
+    if repo.keyring is not None and not args.encrypt:
+        raise PgIncrError("PGINCR_REPO_KEY is set: pass --encrypt to create an encrypted repository, or unset it")
     marker, created = repo.create(owner=args.owner or (repository_owner_default()
                                                       if not str(repo.url).startswith("s3://") else None))
     out = {"repository": repo.url, "created": created, **{k: marker.get(k) for k in
                                                            ("repository_id", "format", "created_at",
-                                                            "adopted_clusters")}}
+                                                            "adopted_clusters")},
+           "encrypted": bool(marker.get("encryption")),
+           "key_ids": sorted((marker.get("encryption") or {}).get("checks") or {})}
     if getattr(repo, "root", None) is not None:
         import pwd
 
@@ -52,11 +75,31 @@ def cmd_repo_create(args) -> int:
     elif created:
         adopted = marker.get("adopted_clusters") or []
         print(f"created repository {repo.url} (id {marker['repository_id']}"
-              + (f", owner {out['owner']}" if out.get("owner") else "") + ")"
+              + (f", owner {out['owner']}" if out.get("owner") else "")
+              + (f", encrypted, key id {out['key_ids'][0]}" if out["encrypted"] else "") + ")"
               + (f"; adopted the existing cluster(s) {', '.join(adopted)}" if adopted else ""))
     else:
         print(f"{repo.url} is a repository already (id {marker.get('repository_id')}, created "
               f"{marker.get('created_at')}): nothing changed")
+    return 0
+
+
+def cmd_repo_key_new(args) -> int:
+    from .core.repository.crypt import new_key_text
+
+    print(new_key_text())
+    return 0
+
+
+def cmd_repo_key_add(args) -> int:
+    repo = _repo(args, must_exist=False)
+    marker, added = repo.add_key()
+    ids = sorted((marker.get("encryption") or {}).get("checks") or {})
+    out = {"repository": repo.url, "added": added, "key_id": repo.keyring.current_id, "key_ids": ids}
+    _emit(args, out, [(f"added key id {out['key_id']} to {repo.url}: new objects are written under it; keep the "
+                       "older key(s) in PGINCR_REPO_OLD_KEYS to read what they wrote" if added else
+                       f"key id {out['key_id']} is a key of {repo.url} already: nothing changed"),
+                      f"  the repository's keys: {', '.join(ids)}"])
     return 0
 
 
@@ -194,8 +237,11 @@ def cmd_info(args) -> int:
         require_cluster(repo, args.cluster)
     clusters = [args.cluster] if args.cluster else list_clusters(repo)
     ident = repo.identity()
+    enc = ident.get("encryption")
     out = {"repository": repo.url, "repository_id": ident.get("repository_id"),
-           "repository_created_at": ident.get("created_at"), "clusters": {}}
+           "repository_created_at": ident.get("created_at"),
+           "encryption": {"cipher": enc.get("cipher"), "key_ids": sorted(enc.get("checks") or {}),
+                          "current_key_id": repo.keyring.current_id} if enc else None, "clusters": {}}
     for cl in clusters:
         backups = list_backups(repo, cl)
         out["clusters"][cl] = {
@@ -228,7 +274,10 @@ def cmd_info(args) -> int:
     if args.json:
         _print(out, True)
         return 0
-    print(f"repository {repo.url} (id {out['repository_id']}, created {out['repository_created_at']})")
+    enc = out["encryption"]
+    print(f"repository {repo.url} (id {out['repository_id']}, created {out['repository_created_at']}"
+          + (f"; encrypted, {enc['cipher']}, key id {enc['current_key_id']} of {', '.join(enc['key_ids'])}"
+             if enc else "") + ")")
     for cl, d in out["clusters"].items():
         print(f"\ncluster {cl}: {len(d['backups'])} backup(s)")
         print(f"  {'backup id':<24} {'kind':<12} {'PG':>3} {'start LSN':>12} {'stop LSN':>12} {'TL':>3} "
@@ -325,7 +374,8 @@ def cmd_restore(args) -> int:
         from .core.repository import open_repository
 
         first = _repo(args, must_exist=False)  # unreachable or gone: the copies serve
-        rep = restore_with_fallback([first, *(open_repository(u, origin="cli") for u in args.fallback_repo)],
+        rep = restore_with_fallback([first, *(open_repository(u, origin="cli", **_options())
+                                              for u in args.fallback_repo)],
                                     restore)
     else:
         rep = restore(_repo(args))
@@ -344,7 +394,7 @@ def cmd_copy(args) -> int:
     from .core.repository import open_repository
 
     src = _repo(args)
-    rep = copy_cluster(src, open_repository(args.to, origin="cli"), args.cluster)
+    rep = copy_cluster(src, open_repository(args.to, origin="cli", **_options(copy=True)), args.cluster)
     _emit(args, rep, [f"copied {args.cluster} from {rep['source']} into {rep['copy']}: {rep['wal_copied']} WAL file(s), "
                       f"{len(rep['backups_copied'])} backup(s), {rep['restore_points_copied']} restore point(s), "
                       f"{human_bytes(rep['bytes'])} in {rep['duration_s']:.1f} s",
@@ -446,7 +496,9 @@ def cmd_wal_commands(args) -> int:
     from .core.names import validate_cluster
 
     validate_cluster(args.cluster)
-    repo = _repo(args).url  # the repository must exist: archive_command refuses to create one
+    repository = _repo(args)  # the repository must exist: archive_command refuses to create one
+    repo = repository.url
+    _env_file_has_key(args.env_file, repository)
     if args.env_file:
         import stat
 
@@ -465,6 +517,24 @@ def cmd_wal_commands(args) -> int:
     print(f"# for restores (pgincr restore writes it by itself):\n"
           f"restore_command = '{base} fetch --repo {repo} --cluster {args.cluster}{env} %f %p'")
     return 0
+
+
+def _env_file_has_key(env_file: str | None, repo) -> None:
+    """An encrypted repository: archive_command and restore_command get its key from the env file."""
+    if repo.keyring is None:
+        return
+    if not env_file:
+        raise PgIncrError(f"{repo.url} is encrypted: archive_command and restore_command need its key; pass "
+                          "--env-file FILE holding the line PGINCR_REPO_KEY=... (mode 0600, owned by the server's OS "
+                          "user)")
+    try:
+        with open(env_file) as f:
+            has = any(line.strip().startswith("PGINCR_REPO_KEY=") for line in f)
+    except OSError:
+        return  # reported below
+    if not has:
+        raise PgIncrError(f"{repo.url} is encrypted but the env file {env_file} has no PGINCR_REPO_KEY= line: add the "
+                          "repository key (and PGINCR_REPO_OLD_KEYS= after a rotation) to it")
 
 
 def cmd_capture(args) -> int:
@@ -669,8 +739,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--owner", help="local repositories, as root: the OS user owning it and everything written "
                                     "into it (default: the user PostgreSQL runs as, postgres/$PGINCR_OS_USER, "
                                     "so that archive_command and restore_command can use it)")
+    sp.add_argument("--encrypt", action="store_true",
+                    help="encrypt everything stored (AES-256-GCM) under the key in $PGINCR_REPO_KEY")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_repo_create)
+
+    sp = sub.add_parser("repo-key-new", help="print a new random repository key (base64) for PGINCR_REPO_KEY")
+    sp.set_defaults(func=cmd_repo_key_new)
+
+    sp = sub.add_parser("repo-key-add", help="key rotation: add $PGINCR_REPO_KEY (new) to an encrypted repository, "
+                                             "authorized by a current key in $PGINCR_REPO_OLD_KEYS")
+    sp.add_argument("--repo", help="absolute directory or s3://bucket/prefix (default $PGINCR_REPO)")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_repo_key_add)
 
     sp = sub.add_parser("backup", help="take a full base backup (password from PGPASSWORD/.pgpass)")
     repo_args(sp)

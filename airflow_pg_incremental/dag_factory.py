@@ -37,7 +37,8 @@ _CLUSTER_KEYS = {"name", "postgres_conn_id", "repository", "aws_conn_id", "catal
                  "rpo_minutes", "max_slot_retained_gb", "wal_wait_minutes", "deferrable", "incremental_kind",
                  "max_chain_length", "notifiers", "restore_test_checks", "restore_test_databases", "retention",
                  "scratch_dir", "create_repository", "restore_queue", "restore_pool", "backup_pool",
-                 "max_backup_age_hours", "full_mode", "primary_conn_id", "copies"}
+                 "max_backup_age_hours", "full_mode", "primary_conn_id", "copies", "encryption_key_conn_id",
+                 "s3_sse", "s3_sse_kms_key_id"}
 
 
 @dataclass
@@ -85,15 +86,26 @@ class ClusterConfig:
     backup_pool: str | None = None    # Airflow pool of backup and capture tasks (e.g. one per repository or
                                       # network link, so a fleet's weekly fulls do not all start at once)
     copies: list = field(default_factory=list)  # [{"repository": ..., "aws_conn_id": ...}]: second repositories
+    encryption_key_conn_id: str | None = None  # encryption at rest: the connection whose password is the
+                                               # repository key (extra {"old_keys": [...]} after a rotation)
+    s3_sse: str | None = None                  # S3 server-side encryption of writes: AES256 | aws:kms
+    s3_sse_kms_key_id: str | None = None       # the KMS key of aws:kms (default: the account's)
 
     @property
     def dag_prefix(self) -> str:
         return f"pgincr_{self.name}"
 
+    def repository_options(self) -> dict:
+        """The repository's encryption key connection and S3 server-side encryption (every task that
+        opens the repository gets them)."""
+        return {k: getattr(self, k) for k in REPOSITORY_OPTION_KEYS if getattr(self, k)}
+
+    def repo_kwargs(self) -> dict:
+        return {"repository": self.repository, "aws_conn_id": self.aws_conn_id, **self.repository_options()}
+
     def engine_kwargs(self) -> dict:
-        return {"cluster": self.name, "postgres_conn_id": self.postgres_conn_id, "repository": self.repository,
-                "aws_conn_id": self.aws_conn_id, "catalog_conn_id": self.catalog_conn_id,
-                "catalog_schema": self.catalog_schema}
+        return {"cluster": self.name, "postgres_conn_id": self.postgres_conn_id, **self.repo_kwargs(),
+                "catalog_conn_id": self.catalog_conn_id, "catalog_schema": self.catalog_schema}
 
     def backup_kwargs(self) -> dict:
         """engine_kwargs of the backup tasks: read from postgres_conn_id, with its primary."""
@@ -129,7 +141,7 @@ def parse_config(raw: dict) -> list[ClusterConfig]:
                 raise ConfigError(f"clusters[{i}]: '{req}' is required")
         for key in ("name", "postgres_conn_id", "repository", "aws_conn_id", "catalog_conn_id", "catalog_schema",
                     "owner", "start_date", "description", "restore_queue", "restore_pool", "backup_pool",
-                    "primary_conn_id"):
+                    "primary_conn_id", "encryption_key_conn_id", "s3_sse", "s3_sse_kms_key_id"):
             if merged.get(key) is not None and not isinstance(merged[key], str):
                 raise ConfigError(f"clusters[{i}].{key} must be a string, got {type(merged[key]).__name__}")
         for key in ("compression_level", "compression_threads", "retries", "retry_delay_minutes",
@@ -182,21 +194,37 @@ def parse_config(raw: dict) -> list[ClusterConfig]:
                               "absolute directory")
         if repo.startswith("s3://") and not merged.get("aws_conn_id"):
             merged["aws_conn_id"] = "aws_default"
-        merged["copies"] = _parse_copies(merged.get("copies"), i, repo)
+        _check_sse(merged, f"clusters[{i}]", repo)
+        merged["copies"] = _parse_copies(merged.get("copies"), i, repo, merged)
         out.append(ClusterConfig(**merged))
     return out
 
 
-def _parse_copies(copies, i: int, repository: str) -> list[dict]:
-    """`copies: [{repository: s3://other-bucket/prefix, aws_conn_id: aws_dr}, ...]`: second repositories."""
+def _check_sse(d: dict, where: str, repository: str) -> None:
+    """s3_sse / s3_sse_kms_key_id: S3 server-side encryption, for s3:// repositories only."""
+    if d.get("s3_sse") not in (None, "AES256", "aws:kms"):
+        raise ConfigError(f"{where}.s3_sse must be AES256 (SSE-S3) or aws:kms (SSE-KMS, with s3_sse_kms_key_id)")
+    if d.get("s3_sse_kms_key_id") and d.get("s3_sse") != "aws:kms":
+        raise ConfigError(f"{where}.s3_sse_kms_key_id needs s3_sse: aws:kms")
+    if d.get("s3_sse") and not repository.startswith("s3://"):
+        raise ConfigError(f"{where}.s3_sse applies to s3:// repositories only ({repository} is local); "
+                          "encryption_key_conn_id encrypts both kinds")
+
+
+REPOSITORY_OPTION_KEYS = ("encryption_key_conn_id", "s3_sse", "s3_sse_kms_key_id")  # = hooks.REPOSITORY_OPTIONS
+_COPY_KEYS = {"repository", "aws_conn_id", *REPOSITORY_OPTION_KEYS}
+
+
+def _parse_copies(copies, i: int, repository: str, cluster: dict | None = None) -> list[dict]:
+    """`copies: [{repository: s3://other-bucket/prefix, aws_conn_id: aws_dr}, ...]`: second repositories;
+    each may name its own encryption_key_conn_id (default: the cluster's) and s3_sse."""
     if copies is None:
         return []
     if not isinstance(copies, list):
         raise ConfigError(f"clusters[{i}].copies must be a list of {{repository: ..., aws_conn_id: ...}}")
     out = []
     for n, c in enumerate(copies):
-        if not isinstance(c, dict) or not isinstance(c.get("repository"), str) or set(c) - {"repository",
-                                                                                           "aws_conn_id"}:
+        if not isinstance(c, dict) or not isinstance(c.get("repository"), str) or set(c) - _COPY_KEYS:
             raise ConfigError(f"clusters[{i}].copies[{n}] must be {{repository: s3://...|/dir, aws_conn_id: ...}}")
         url = c["repository"]
         if not (url.startswith("s3://") or os.path.isabs(url.removeprefix("file://"))):
@@ -205,7 +233,12 @@ def _parse_copies(copies, i: int, repository: str) -> list[dict]:
         if url.rstrip("/") == repository.rstrip("/"):
             raise ConfigError(f"clusters[{i}].copies[{n}] is the cluster's own repository: a copy goes elsewhere")
         aws = c.get("aws_conn_id") or ("aws_default" if url.startswith("s3://") else None)
-        out.append({"repository": url, "aws_conn_id": aws})
+        _check_sse(c, f"clusters[{i}].copies[{n}]", url)
+        key_conn = c["encryption_key_conn_id"] if "encryption_key_conn_id" in c else (cluster or {}).get(
+            "encryption_key_conn_id")
+        opts = {"encryption_key_conn_id": key_conn, "s3_sse": c.get("s3_sse"),
+                "s3_sse_kms_key_id": c.get("s3_sse_kms_key_id")}
+        out.append({"repository": url, "aws_conn_id": aws, **{k: v for k, v in opts.items() if v}})
     return out
 
 
@@ -295,8 +328,8 @@ def _restore_routing(cl: ClusterConfig) -> dict:
 def _verify_task(cl: ClusterConfig, backup_template: str, outlets):
     from airflow_pg_incremental.operators.verify import PgBackupVerifyOperator
 
-    return PgBackupVerifyOperator(task_id="verify", cluster=cl.name, repository=cl.repository,
-                                  aws_conn_id=cl.aws_conn_id, catalog_conn_id=cl.catalog_conn_id,
+    return PgBackupVerifyOperator(task_id="verify", cluster=cl.name, **cl.repo_kwargs(),
+                                  catalog_conn_id=cl.catalog_conn_id,
                                   catalog_schema=cl.catalog_schema, backup_id=backup_template, outlets=outlets)
 
 
@@ -316,8 +349,8 @@ def _wal_tasks(cl: ClusterConfig, segment_template: str, upto_template: str, out
                                           max_slot_retained_bytes=int(cl.max_slot_retained_gb * (1 << 30)),
                                           compression_level=cl.compression_level, **_backup_routing(cl),
                                           **common))
-    tasks.append(WalArchivedSensor(task_id="wal_archived", cluster=cl.name, repository=cl.repository,
-                                   aws_conn_id=cl.aws_conn_id, segment=segment_template, deferrable=cl.deferrable,
+    tasks.append(WalArchivedSensor(task_id="wal_archived", cluster=cl.name, **cl.repo_kwargs(),
+                                   segment=segment_template, deferrable=cl.deferrable,
                                    poke_interval=10, timeout=cl.wal_wait_minutes * 60, outlets=outlets or []))
     for a, b in zip(tasks, tasks[1:]):
         a >> b
@@ -437,19 +470,19 @@ as `rpo_breached`); it runs even when the capture failed.""",
     ) as dag:
         wal = _wal_tasks(cl, segment_template="{{ ti.xcom_pull(task_ids='wal_switch')['segment'] }}",
                          upto_template="{{ ti.xcom_pull(task_ids='wal_switch')['lsn'] }}")
-        cont = PgWalContinuityOperator(task_id="wal_continuity", cluster=cl.name, repository=cl.repository,
-                                       aws_conn_id=cl.aws_conn_id, catalog_conn_id=cl.catalog_conn_id,
+        cont = PgWalContinuityOperator(task_id="wal_continuity", cluster=cl.name, **cl.repo_kwargs(),
+                                       catalog_conn_id=cl.catalog_conn_id,
                                        catalog_schema=cl.catalog_schema)
-        fresh = WalFreshnessSensor(task_id="wal_fresh", cluster=cl.name, repository=cl.repository,
-                                   aws_conn_id=cl.aws_conn_id, max_age_s=cl.rpo_minutes * 60,
+        fresh = WalFreshnessSensor(task_id="wal_fresh", cluster=cl.name, **cl.repo_kwargs(),
+                                   max_age_s=cl.rpo_minutes * 60,
                                    postgres_conn_id=cl.wal_kwargs()["postgres_conn_id"],
                                    deferrable=cl.deferrable, poke_interval=30, timeout=600)
         # the RPO check runs even when the capture failed: that is when it matters most
         fresh.trigger_rule = "all_done"
         from airflow_pg_incremental.operators.verify import PgBackupFreshnessOperator
 
-        backup_age = PgBackupFreshnessOperator(task_id="backup_fresh", cluster=cl.name, repository=cl.repository,
-                                               aws_conn_id=cl.aws_conn_id, max_age_hours=cl.max_backup_age_hours,
+        backup_age = PgBackupFreshnessOperator(task_id="backup_fresh", cluster=cl.name, **cl.repo_kwargs(),
+                                               max_age_hours=cl.max_backup_age_hours,
                                                trigger_rule="all_done")
         wal[-1] >> cont >> fresh >> backup_age
     return dag
@@ -470,8 +503,8 @@ point-in-time recovery for each of them; the `_on_backup` DAG runs on every veri
             ("restore_test", [backups_asset(cl.name)], f"{cl.dag_prefix}_restore_test_on_backup")):
         with _dag(cl, kind, f"Restore test of {cl.name}", ["restore-test"], doc, schedule=schedule,
                   dag_id=dag_id) as dag:
-            PgRestoreTestOperator(task_id="restore_test", cluster=cl.name, repository=cl.repository,
-                                  aws_conn_id=cl.aws_conn_id, catalog_conn_id=cl.catalog_conn_id,
+            PgRestoreTestOperator(task_id="restore_test", cluster=cl.name, **cl.repo_kwargs(),
+                                  catalog_conn_id=cl.catalog_conn_id,
                                   catalog_schema=cl.catalog_schema, checks=list(cl.restore_test_checks),
                                   databases=list(cl.restore_test_databases), scratch_dir=cl.scratch_dir,
                                   **_restore_routing(cl))
@@ -498,10 +531,9 @@ DAG, `pgincr restore --fallback-repo`) fall back to the copies when the reposito
         for n, c in enumerate(cl.copies, start=1):
             copy = PgRepositoryCopyOperator(task_id=f"copy_{n}", copy_repository=c["repository"],
                                             copy_aws_conn_id=c["aws_conn_id"], cluster=cl.name,
-                                            repository=cl.repository, aws_conn_id=cl.aws_conn_id,
-                                            **_backup_routing(cl))
-            cont = PgWalContinuityOperator(task_id=f"wal_continuity_copy_{n}", cluster=cl.name,
-                                           repository=c["repository"], aws_conn_id=c["aws_conn_id"])
+                                            copy_options={k: c.get(k) for k in REPOSITORY_OPTION_KEYS},
+                                            **cl.repo_kwargs(), **_backup_routing(cl))
+            cont = PgWalContinuityOperator(task_id=f"wal_continuity_copy_{n}", cluster=cl.name, **c)
             copy >> cont
     return dag
 
@@ -517,7 +549,7 @@ def build_retention(cl: ClusterConfig):
 Never removes a backup a kept backup depends on, nor WAL needed to make a kept backup consistent or
 to reach any point of the window; a policy that would delete everything or undercut min_redundancy
 is refused.""") as dag:
-        common = {"cluster": cl.name, "repository": cl.repository, "aws_conn_id": cl.aws_conn_id,
+        common = {"cluster": cl.name, **cl.repo_kwargs(),
                   "catalog_conn_id": cl.catalog_conn_id, "catalog_schema": cl.catalog_schema, **policy}
         plan = PgRetentionOperator(task_id="plan", dry_run=True, **common)
         apply = PgRetentionOperator(task_id="apply", dry_run=False, **common)
@@ -525,7 +557,7 @@ is refused.""") as dag:
         # each copy on its own, by the same policy; without the catalog's verifications (they are the
         # first repository's), what a synthetic full absorbed stays in a copy
         for n, c in enumerate(cl.copies, start=1):
-            other = {**common, "repository": c["repository"], "aws_conn_id": c["aws_conn_id"], "catalog_conn_id": None}
+            other = {**common, **c, "catalog_conn_id": None}
             PgRetentionOperator(task_id=f"plan_copy_{n}", dry_run=True, **other) >> PgRetentionOperator(
                 task_id=f"apply_copy_{n}", dry_run=False, **other)
     return dag
@@ -576,7 +608,7 @@ def restore_form(names: list[str]) -> dict:
 
 
 def _restore_cfg(c: ClusterConfig) -> dict:
-    return {"repository": c.repository, "aws_conn_id": c.aws_conn_id, "catalog_conn_id": c.catalog_conn_id,
+    return {**c.repo_kwargs(), "catalog_conn_id": c.catalog_conn_id,
             "catalog_schema": c.catalog_schema, "notifiers": c.notifiers, "copies": list(c.copies)}
 
 

@@ -77,9 +77,9 @@ def _repo(url: str, *, check: bool = True):
     """The repository at `url`; with `check`, its identity marker is read first, so that a push to
     a mistyped location fails instead of creating a repository there."""
     _enable_site()
-    from airflow_pg_incremental.core.repository import open_repository
+    from airflow_pg_incremental.core.repository import env_options, open_repository
 
-    repo = open_repository(url, origin="cli")
+    repo = open_repository(url, origin="cli", **env_options())  # key, S3 SSE: the env file's
     if check:
         repo.identity()
     return repo

@@ -50,6 +50,7 @@ def main() -> int:
     ap.add_argument("--level", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="default: the cores (the engine's default)")
     ap.add_argument("--compression", default="auto", choices=("auto", "server", "client"))
+    ap.add_argument("--encrypt", action="store_true", help="an encrypted repository (key: $PGINCR_REPO_KEY)")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
 
@@ -60,6 +61,10 @@ def main() -> int:
         repo = LocalRepository(a.dir)
     else:
         repo = S3Repository(s3_client_from_env(), a.bucket, a.prefix)
+    if a.encrypt:
+        from airflow_pg_incremental.core.repository.crypt import keyring_from_env
+
+        repo.use_keyring(keyring_from_env())
     repo.create()  # idempotent: the repository exists after the first round
     # drivers a long-lived Airflow worker has loaded already; the "process wall" row of the
     # benchmark still includes them (and interpreter start-up)

@@ -124,6 +124,10 @@ def fetch_direct(repo, cluster: str, name: str, dest: str) -> bool:
     except ObjectNotFound:
         require_cluster(repo, cluster)
         return False
+    except ChecksumMismatch:
+        if repo.keyring is None:
+            repo.identity()  # an encrypted repository read without its key says so (not "damaged")
+        raise
     write_unsynced(dest, data)
     return True
 
@@ -476,9 +480,9 @@ class _ServerGone(Exception):
 
 def run_prefetcher(repo_url: str, cluster: str, spool: str, data_dir: str, **kwargs) -> str:
     """Open the repository once and prefetch until recovery ends; returns why it stopped."""
-    from .repository import open_repository
+    from .repository import env_options, open_repository
 
-    repo = open_repository(repo_url, origin="cli")
+    repo = open_repository(repo_url, origin="cli", **env_options())
     p = Prefetcher(repo, cluster, spool, data_dir, **kwargs)
     why = p.run()
     s = p.stats

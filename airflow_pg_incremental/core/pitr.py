@@ -427,10 +427,15 @@ S3_REACH_ENV = ("AWS_CA_BUNDLE", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CER
 
 
 def repo_env(repo: Repository) -> dict:
-    """Environment the restore_command needs to reach the repository (S3 credentials); passed to
-    the server process only, never written to a file."""
+    """Environment the restore_command needs to reach the repository (S3 credentials, the key of
+    an encrypted repository); passed to the server process only, never written to a file."""
+    keys = repo.keyring.env() if repo.keyring is not None else {}
     if not isinstance(repo, S3Repository):
-        return {}
+        return keys
+    return {**_s3_env(repo), **keys}
+
+
+def _s3_env(repo: S3Repository) -> dict:
     client = repo.client
     env = {k: v for k, v in os.environ.items() if k in S3_REACH_ENV}  # the server's environment is clean
     env.update({"PGINCR_S3_ENDPOINT_URL": client.meta.endpoint_url or "", "AWS_DEFAULT_REGION": client.meta.region_name

@@ -41,13 +41,18 @@ class _PgBackupBase(StopsEngineOnKill, BaseOperator):
     archives the WAL (see core.standby)."""
 
     template_fields: Sequence[str] = ("cluster", "postgres_conn_id", "repository", "aws_conn_id", "catalog_conn_id",
-                                      "primary_conn_id")
+                                      "primary_conn_id", "encryption_key_conn_id")
     ui_color = "#d3e4f5"
 
     def __init__(self, *, cluster: str, postgres_conn_id: str, repository: str, aws_conn_id: str | None = None,
                  catalog_conn_id: str | None = None, catalog_schema: str = "pgincr",
-                 primary_conn_id: str | None = None, **kwargs: Any) -> None:
+                 primary_conn_id: str | None = None, encryption_key_conn_id: str | None = None,
+                 s3_sse: str | None = None, s3_sse_kms_key_id: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        # the repository's encryption key (a connection's password) and S3 server-side encryption
+        self.encryption_key_conn_id = encryption_key_conn_id
+        self.s3_sse = s3_sse
+        self.s3_sse_kms_key_id = s3_sse_kms_key_id
         self.cluster = cluster
         self.postgres_conn_id = postgres_conn_id
         self.primary_conn_id = primary_conn_id
@@ -72,7 +77,12 @@ class _PgBackupBase(StopsEngineOnKill, BaseOperator):
     def _repo(self, must_exist: bool = True):
         from airflow_pg_incremental.hooks.repository import PgBackupRepositoryHook
 
-        return PgBackupRepositoryHook(self.repository, self.aws_conn_id).get_repository(must_exist=must_exist)
+        return PgBackupRepositoryHook(self.repository, self.aws_conn_id, **self._repository_options()
+                                      ).get_repository(must_exist=must_exist)
+
+    def _repository_options(self) -> dict:
+        return {"encryption_key_conn_id": self.encryption_key_conn_id, "s3_sse": self.s3_sse,
+                "s3_sse_kms_key_id": self.s3_sse_kms_key_id}
 
     def _catalog(self):
         if not self.catalog_conn_id:

@@ -24,17 +24,20 @@ class PgRepositoryCopyOperator(_PgBackupBase):
     ui_color = "#d9f5e3"
 
     def __init__(self, *, copy_repository: str, copy_aws_conn_id: str | None = None, verify: bool = True,
-                 postgres_conn_id: str | None = None, **kwargs: Any) -> None:
+                 postgres_conn_id: str | None = None, copy_options: dict | None = None, **kwargs: Any) -> None:
         super().__init__(postgres_conn_id=postgres_conn_id or "", **kwargs)
         self.copy_repository = copy_repository
         self.copy_aws_conn_id = copy_aws_conn_id
+        # the copy's encryption_key_conn_id, s3_sse, s3_sse_kms_key_id (default: the source's)
+        self.copy_options = copy_options
         self.verify = verify
 
     def execute(self, context: Context) -> dict:
         from airflow_pg_incremental.core.copies import copy_cluster
         from airflow_pg_incremental.hooks.repository import PgBackupRepositoryHook
 
-        dst = PgBackupRepositoryHook(self.copy_repository, self.copy_aws_conn_id).get_repository()
+        opts = self._repository_options() if self.copy_options is None else self.copy_options
+        dst = PgBackupRepositoryHook(self.copy_repository, self.copy_aws_conn_id, **opts).get_repository()
         rep = copy_cluster(self._repo(), dst, self.cluster)
         rep["verified"] = self._verify_copied(dst, rep["backups_copied"]) if self.verify else []
         return {k: rep[k] for k in ("cluster", "source", "copy", "wal_copied", "backups_copied", "bytes", "verified",

@@ -131,7 +131,7 @@ class PgRestoreOperator(StopsEngineOnKill, BaseOperator):
         from airflow_pg_incremental.core.errors import PgIncrError
         from airflow_pg_incremental.core.pitr import parse_target, plan_restore, restore_pitr
         from airflow_pg_incremental.core.restore import check_target_dir
-        from airflow_pg_incremental.hooks.repository import PgBackupRepositoryHook
+        from airflow_pg_incremental.hooks.repository import REPOSITORY_OPTIONS, PgBackupRepositoryHook
 
         dry = str(self.dry_run).lower() in ("true", "1", "yes", "on")
         self._parse_tablespaces()
@@ -151,7 +151,9 @@ class PgRestoreOperator(StopsEngineOnKill, BaseOperator):
             if not self.destination and not dry:
                 raise _fail("destination directory is required (a dry run needs none)")
             dest = check_target_dir(self.destination) if self.destination else None
-            repos = [PgBackupRepositoryHook(c["repository"], c.get("aws_conn_id")).get_repository(must_exist=False)
+            repos = [PgBackupRepositoryHook(c["repository"], c.get("aws_conn_id"),
+                                            **{k: c.get(k) for k in REPOSITORY_OPTIONS}
+                                            ).get_repository(must_exist=False)
                      for c in [cfg, *cfg.get("copies", [])]]
             # the first repository that serves (the copies when it is unreachable or damaged)
             plan = restore_with_fallback(repos, plan_restore, self.cluster, target, backup_id)

@@ -161,7 +161,8 @@ def _read_points(cluster) -> None:
     try:
         from airflow_pg_incremental.hooks.repository import PgBackupRepositoryHook
 
-        repo = PgBackupRepositoryHook(cluster.repository, aws_conn_id=cluster.aws_conn_id).get_repository()
+        repo = PgBackupRepositoryHook(cluster.repository, aws_conn_id=cluster.aws_conn_id,
+                                      **cluster.repository_options()).get_repository()
         points = []
         for key in repo.list(f"{cluster.name}/restore_points"):
             if key.endswith(".json"):

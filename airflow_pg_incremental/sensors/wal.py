@@ -98,22 +98,28 @@ def resolve_segment(*, lsn: Any = None, segment: Any = None, timeline: Any = 1,
 
 
 class _WalSensorBase(BaseSensorOperator):
-    template_fields: Sequence[str] = ("cluster", "repository", "aws_conn_id")
+    template_fields: Sequence[str] = ("cluster", "repository", "aws_conn_id", "encryption_key_conn_id")
     ui_color = "#e0ecd9"
 
     def __init__(self, *, cluster: str, repository: str, aws_conn_id: str | None = None, deferrable: bool = False,
-                 poke_interval: float = 30, timeout: float = 1800, mode: str = "poke", **kwargs: Any) -> None:
+                 poke_interval: float = 30, timeout: float = 1800, mode: str = "poke",
+                 encryption_key_conn_id: str | None = None, s3_sse: str | None = None,
+                 s3_sse_kms_key_id: str | None = None, **kwargs: Any) -> None:
         super().__init__(poke_interval=poke_interval, timeout=timeout, mode=mode, **kwargs)
         self.cluster = cluster
         self.repository = repository
         self.aws_conn_id = aws_conn_id
+        self.encryption_key_conn_id = encryption_key_conn_id  # the key of an encrypted repository
+        # (s3_sse, s3_sse_kms_key_id: accepted with the cluster's other repository options; a sensor
+        # only reads, and S3 decrypts server-side-encrypted objects by itself)
         self.deferrable = deferrable
 
     # engine objects at execute time only (no I/O in constructors)
     def _repo(self):
         from airflow_pg_incremental.hooks.repository import PgBackupRepositoryHook
 
-        return PgBackupRepositoryHook(self.repository, self.aws_conn_id).get_repository()
+        return PgBackupRepositoryHook(self.repository, self.aws_conn_id,
+                                      encryption_key_conn_id=self.encryption_key_conn_id).get_repository()
 
     def _timeout_message(self) -> str:
         raise NotImplementedError
@@ -211,6 +217,7 @@ class WalArchivedSensor(_WalSensorBase):
         self.log.info("WAL segment %s of cluster %s is not archived yet: deferring (poll every %gs, up to %gs)",
                       seg, self.cluster, self.poke_interval, self.timeout)
         self._defer_to(WalArchivedTrigger(cluster=self.cluster, repository=self.repository,
+                                          encryption_key_conn_id=self.encryption_key_conn_id,
                                           aws_conn_id=self.aws_conn_id, segment=seg,
                                           poll_interval=self.poke_interval, timeout_s=self.timeout,
                                           deadline=started + self.timeout))
@@ -337,6 +344,7 @@ class WalFreshnessSensor(_WalSensorBase):
             return self._xcom(state)
         self.log.info("deferring: polling every %gs for up to %gs", self.poke_interval, self.timeout)
         self._defer_to(WalFreshnessTrigger(cluster=self.cluster, repository=self.repository,
+                                           encryption_key_conn_id=self.encryption_key_conn_id,
                                            aws_conn_id=self.aws_conn_id, max_age_s=state["max_age_s"],
                                            poll_interval=self.poke_interval, timeout_s=self.timeout,
                                            deadline=started + self.timeout))

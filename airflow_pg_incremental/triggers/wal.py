@@ -89,10 +89,11 @@ def stale_message(cluster: str, repository: str, state: dict) -> str:
             "stalled or failing: check archive_command / pg_stat_archiver on the server.")
 
 
-def _repository(repository: str, aws_conn_id: str | None) -> Repository:
+def _repository(repository: str, aws_conn_id: str | None, encryption_key_conn_id: str | None = None) -> Repository:
     from airflow_pg_incremental.hooks.repository import PgBackupRepositoryHook
 
-    return PgBackupRepositoryHook(repository, aws_conn_id).get_repository()
+    return PgBackupRepositoryHook(repository, aws_conn_id,
+                                  encryption_key_conn_id=encryption_key_conn_id).get_repository()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,11 +101,13 @@ class _RepositoryPollingTrigger(BaseTrigger):
     """Poll `_check()` (blocking, in a thread) until it reports done or the deadline passes."""
 
     def __init__(self, *, cluster: str, repository: str, aws_conn_id: str | None = None,
-                 poll_interval: float = 30.0, timeout_s: float = 1800.0, deadline: float | None = None) -> None:
+                 poll_interval: float = 30.0, timeout_s: float = 1800.0, deadline: float | None = None,
+                 encryption_key_conn_id: str | None = None) -> None:
         super().__init__()
         self.cluster = cluster
         self.repository = repository
         self.aws_conn_id = aws_conn_id
+        self.encryption_key_conn_id = encryption_key_conn_id  # the connection's id, never the key
         self.poll_interval = max(0.05, float(poll_interval))
         self.timeout_s = float(timeout_s)
         # absolute (epoch seconds), fixed when the sensor creates the trigger; serialized with it
@@ -113,14 +116,15 @@ class _RepositoryPollingTrigger(BaseTrigger):
 
     def _common_kwargs(self) -> dict[str, Any]:
         return {"cluster": self.cluster, "repository": self.repository, "aws_conn_id": self.aws_conn_id,
-                "poll_interval": self.poll_interval, "timeout_s": self.timeout_s, "deadline": self.deadline}
+                "poll_interval": self.poll_interval, "timeout_s": self.timeout_s, "deadline": self.deadline,
+                **({"encryption_key_conn_id": self.encryption_key_conn_id} if self.encryption_key_conn_id else {})}
 
     def _get_repo(self) -> Repository:  # blocking: call from the worker thread only
         if self._repo is None:
             from airflow_pg_incremental.core.names import validate_cluster
 
             validate_cluster(self.cluster)  # a bad name is refused before any I/O
-            self._repo = _repository(self.repository, self.aws_conn_id)
+            self._repo = _repository(self.repository, self.aws_conn_id, self.encryption_key_conn_id)
         return self._repo
 
     # subclasses ------------------------------------------------------------------------------

@@ -22,9 +22,30 @@ from .s3 import S3Repository, s3_client_from_env
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 
 
-def open_repository(url: str, *, s3_client=None, origin: str | None = None) -> Repository:
+def open_repository(url: str, *, s3_client=None, origin: str | None = None, keyring=None,
+                    s3_sse: str | None = None, s3_sse_kms_key_id: str | None = None) -> Repository:
     """'/path', 'file:///path' or 's3://bucket/prefix'. Opening touches nothing; call
-    `identity()` (or `check_writable()`) to make sure a repository is there."""
+    `identity()` (or `check_writable()`) to make sure a repository is there. `keyring`
+    (crypt.Keyring): the key(s) of an encrypted repository; identity() checks it against the marker
+    (an encrypted repository without it, or an unencrypted one with it, is refused). `s3_sse`,
+    `s3_sse_kms_key_id`: S3 server-side encryption of what is written (S3 repositories only)."""
+    repo = _open_driver(url, s3_client=s3_client, origin=origin, sse=s3_sse, sse_kms_key_id=s3_sse_kms_key_id)
+    return repo.use_keyring(keyring)
+
+
+def env_options(environ=None) -> dict:
+    """open_repository's options from the environment (CLI, archive_command/restore_command and
+    their --env-file): PGINCR_REPO_KEY (+ PGINCR_REPO_OLD_KEYS), PGINCR_S3_SSE,
+    PGINCR_S3_SSE_KMS_KEY_ID."""
+    from .crypt import keyring_from_env
+
+    env = os.environ if environ is None else environ
+    return {"keyring": keyring_from_env(env), "s3_sse": env.get("PGINCR_S3_SSE") or None,
+            "s3_sse_kms_key_id": env.get("PGINCR_S3_SSE_KMS_KEY_ID") or None}
+
+
+def _open_driver(url: str, *, s3_client=None, origin: str | None = None, sse: str | None = None,
+                 sse_kms_key_id: str | None = None) -> Repository:
     if not url:
         raise ConfigError("no repository given: pass a local directory or s3://bucket/prefix")
     if url.startswith("s3://"):
@@ -32,7 +53,7 @@ def open_repository(url: str, *, s3_client=None, origin: str | None = None) -> R
             raise ConfigError(f"repository URL {url!r} names no bucket: write s3://bucket/prefix")
         rest = url[5:]
         bucket, _, prefix = rest.partition("/")
-        repo = S3Repository(s3_client or s3_client_from_env(), bucket, prefix)
+        repo = S3Repository(s3_client or s3_client_from_env(), bucket, prefix, sse=sse, sse_kms_key_id=sse_kms_key_id)
         repo.origin = origin
         return repo
     m = _SCHEME_RE.match(url)
@@ -45,4 +66,8 @@ def open_repository(url: str, *, s3_client=None, origin: str | None = None) -> R
                           "s3://bucket/prefix")
     if not os.path.isabs(url):
         raise ConfigError(f"local repository path {url!r} must be absolute")
+    if sse or sse_kms_key_id:
+        raise ConfigError(f"S3 server-side encryption (s3_sse) was asked for the local repository {url}: it applies "
+                          "to s3:// repositories only; remove it (client-side encryption, PGINCR_REPO_KEY / "
+                          "encryption_key_conn_id, serves both kinds)")
     return LocalRepository(url)

@@ -38,25 +38,71 @@ def validate_key(key: str) -> str:
 
 
 class Repository(ABC):
-    """Abstract repository. `url` never contains credentials."""
+    """Abstract repository. `url` never contains credentials.
+
+    Encryption at rest sits below this interface: with a `keyring` (an encrypted repository),
+    put() encrypts what callers give and open() returns what they put (authenticated: see crypt),
+    size() is the size they put; so checksums recorded by callers hold either way. Drivers
+    implement the stored-byte primitives `_put`, `_open`, `_size`."""
 
     url: str
     _identity: dict | None = None
+    keyring = None  # crypt.Keyring: the repository key(s); None for an unencrypted repository
 
-    @abstractmethod
+    def use_keyring(self, keyring) -> "Repository":
+        """Give the repository key(s) (None: the repository is expected to be unencrypted); checked
+        against the marker by identity(), before anything else is read or written."""
+        self.keyring = keyring
+        self._identity = None
+        return self
+
+    def _encrypts(self, key: str) -> bool:
+        return self.keyring is not None and key != MARKER_KEY
+
     def put(self, key: str, src: BinaryIO, *, overwrite: bool = True) -> int:
         """Store everything `src.read()` yields under `key`; return the number of bytes stored.
         With overwrite=False an existing object raises ObjectExists (and is left unchanged)."""
+        if not self._encrypts(key):
+            return self._put(key, src, overwrite=overwrite)
+        from .crypt import EncryptingReader
+
+        self.identity()  # a wrong key fails here, before anything is written
+        enc = EncryptingReader(src, self.keyring, validate_key(key))
+        self._put(key, enc, overwrite=overwrite)
+        return enc.plain_size
+
+    def open(self, key: str) -> BinaryIO:
+        """A readable stream of the object's bytes (as put); raises ObjectNotFound."""
+        if not self._encrypts(key):
+            return self._open(key)
+        from .crypt import DecryptingReader
+
+        known = (self.identity().get("encryption") or {}).get("checks") or {}
+        return DecryptingReader(self._open(key), self.keyring, validate_key(key), f" in {self.url}", known_ids=known)
+
+    def size(self, key: str) -> int:
+        n = self._size(key)
+        if not self._encrypts(key):
+            return n
+        from .crypt import plain_size
+
+        p = plain_size(n)
+        return p if p >= 0 else n  # too short to be an object: a mismatch with any recorded size
 
     @abstractmethod
-    def open(self, key: str) -> BinaryIO:
+    def _put(self, key: str, src: BinaryIO, *, overwrite: bool = True) -> int:
+        """Store the bytes `src.read()` yields (stored bytes: encrypted when the repository is)."""
+
+    @abstractmethod
+    def _open(self, key: str) -> BinaryIO:
         """A readable stream of the object's stored bytes; raises ObjectNotFound."""
 
     @abstractmethod
-    def exists(self, key: str) -> bool: ...
+    def _size(self, key: str) -> int:
+        """The number of stored bytes."""
 
     @abstractmethod
-    def size(self, key: str) -> int: ...
+    def exists(self, key: str) -> bool: ...
 
     @abstractmethod
     def modified(self, key: str) -> "datetime.datetime":
@@ -109,8 +155,83 @@ class Repository(ABC):
                 raw = self.get_bytes(MARKER_KEY)
             except ObjectNotFound:
                 raise self._not_a_repository() from None
-            self._identity = _parse_marker(raw, self.url)
+            marker = _parse_marker(raw, self.url)
+            self._check_keyring(marker)
+            self._identity = marker
         return self._identity
+
+    def _check_keyring(self, marker: dict) -> None:
+        """The repository's encryption and the key given agree; else a RepositoryError naming the fix
+        (raised by identity(), before anything else is read or written)."""
+        from .crypt import CIPHER, KEY_ENV, Keyring
+
+        enc = marker.get("encryption")
+        if not enc:
+            if self.keyring is not None:
+                raise RepositoryError(f"{self.url} is not an encrypted repository, but a repository key was given "
+                                      f"({KEY_ENV} / the cluster's encryption_key_conn_id): remove the key, or check "
+                                      "the repository URL; nothing was read or written")
+            return
+        ids = sorted(enc.get("checks") or {})
+        if self.keyring is None:
+            raise RepositoryError(f"{self.url} is an encrypted repository (key id {', '.join(ids)}) and no key was "
+                                  f"given: set {KEY_ENV} (CLI; for archive_command and restore_command in their "
+                                  "--env-file) or encryption_key_conn_id for the cluster (Airflow); nothing was "
+                                  "read or written")
+        if enc.get("cipher") != CIPHER:
+            raise RepositoryError(f"{self.url} is encrypted with {enc.get('cipher')!r}, which this version does not "
+                                  "know: upgrade airflow-pg-incremental")
+        kid = self.keyring.current_id
+        if kid not in ids:
+            raise RepositoryError(f"wrong repository key for {self.url}: the key given has id {kid}, the repository's "
+                                  f"keys are {', '.join(ids)}. Check {KEY_ENV} / the encryption key connection; to "
+                                  f"rotate to a new key, run `pgincr repo-key-add` first; nothing was read or written")
+        if not Keyring.check_ok(self.keyring.current, enc["checks"][kid], str(marker.get("repository_id"))):
+            raise RepositoryError(f"the key check of {self.url}/{MARKER_KEY} fails for key id {kid}: the marker was "
+                                  "damaged or tampered with (or the key is wrong); nothing was read or written")
+
+    def _encryption_entry(self, repository_id: str) -> dict | None:
+        from .crypt import CHUNK, CIPHER
+
+        if self.keyring is None:
+            return None
+        return {"cipher": CIPHER, "chunk_bytes": CHUNK,
+                "checks": {self.keyring.current_id: self.keyring.check_value(repository_id)}}
+
+    def add_key(self) -> tuple[dict, bool]:
+        """Key rotation: add the keyring's current key to the encrypted repository's keys; one of its
+        older keys must be a key of the repository already (the authority to add one). New objects
+        are then written under the new key; the old ones stay readable with the old key given.
+        Returns (marker, added)."""
+        import json
+
+        from .crypt import KEY_ENV, OLD_KEYS_ENV, Keyring
+
+        try:
+            raw = self.get_bytes(MARKER_KEY)
+        except ObjectNotFound:
+            raise self._not_a_repository() from None
+        marker = _parse_marker(raw, self.url)
+        enc = marker.get("encryption")
+        if not enc:
+            raise RepositoryError(f"{self.url} is not an encrypted repository: it has no keys to rotate")
+        if self.keyring is None:
+            raise RepositoryError(f"no keys given: set {KEY_ENV} to the new key and {OLD_KEYS_ENV} to a current one")
+        rid, checks = str(marker.get("repository_id")), enc.get("checks") or {}
+        if self.keyring.current_id in checks:
+            self.use_keyring(self.keyring)
+            return self.identity(), False
+        if not any(kid in checks and Keyring.check_ok(self.keyring.get(kid), checks[kid], rid)
+                   for kid in self.keyring.ids if kid != self.keyring.current_id):
+            raise RepositoryError(f"none of the keys in {OLD_KEYS_ENV} is a key of {self.url} (its keys: "
+                                  f"{', '.join(sorted(checks))}): give a current key there to authorize the new one; "
+                                  "nothing was written")
+        enc = {**enc, "checks": {**checks, self.keyring.current_id: self.keyring.check_value(rid)}}
+        marker = {**marker, "encryption": enc}
+        self._put(MARKER_KEY, io.BytesIO(json.dumps(marker, indent=2, sort_keys=True).encode()), overwrite=True)
+        self._identity = None
+        log.info("added the repository key %s to %s", self.keyring.current_id, self.url)
+        return self.identity(), True
 
     def is_repository(self) -> bool:
         try:
@@ -186,10 +307,14 @@ class Repository(ABC):
                                   "written")
         from ... import __version__
 
-        marker = {"kind": MARKER_KIND, "format": REPOSITORY_FORMAT, "repository_id": uuid.uuid4().hex,
+        rid = uuid.uuid4().hex
+        if legacy and self.keyring is not None:
+            raise RepositoryError(f"{self.url} holds cluster(s) {', '.join(legacy)} written without encryption: an "
+                                  "encrypted repository cannot adopt them; choose an empty location")
+        marker = {"kind": MARKER_KIND, "format": REPOSITORY_FORMAT, "repository_id": rid,
                   "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   "created_by": f"airflow-pg-incremental {__version__}", "adopted_clusters": legacy,
-                  "encryption": None}
+                  "encryption": self._encryption_entry(rid)}
         try:
             self.put_bytes(MARKER_KEY, json.dumps(marker, indent=2, sort_keys=True).encode(), overwrite=False)
         except ObjectExists:  # another process created it meanwhile: that one is the repository
@@ -202,7 +327,16 @@ class Repository(ABC):
 
     # conveniences -----------------------------------------------------------------------
     def put_bytes(self, key: str, data: bytes, *, overwrite: bool = True) -> int:
-        return self.put(key, io.BytesIO(data), overwrite=overwrite)
+        if self._encrypts(key):
+            from .crypt import encrypt_bytes
+
+            self.identity()
+            self._put_bytes(key, encrypt_bytes(data, self.keyring, validate_key(key)), overwrite=overwrite)
+            return len(data)
+        return self._put_bytes(key, data, overwrite=overwrite)
+
+    def _put_bytes(self, key: str, data: bytes, *, overwrite: bool = True) -> int:
+        return self._put(key, io.BytesIO(data), overwrite=overwrite)
 
     def get_bytes(self, key: str) -> bytes:
         with self.open(key) as f:

@@ -77,7 +77,7 @@ class LocalRepository(Repository):
                 except OSError:
                     pass
 
-    def put(self, key: str, src: BinaryIO, *, overwrite: bool = True) -> int:
+    def _put(self, key: str, src: BinaryIO, *, overwrite: bool = True) -> int:
         path = self._path(key)
         tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
         written = 0
@@ -123,7 +123,7 @@ class LocalRepository(Repository):
                 tmp.unlink(missing_ok=True)
         return written
 
-    def open(self, key: str) -> BinaryIO:
+    def _open(self, key: str) -> BinaryIO:
         try:
             return open(self._path(key), "rb")
         except FileNotFoundError:
@@ -134,7 +134,7 @@ class LocalRepository(Repository):
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
-    def size(self, key: str) -> int:
+    def _size(self, key: str) -> int:
         try:
             return self._path(key).stat().st_size
         except FileNotFoundError:

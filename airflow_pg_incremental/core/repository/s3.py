@@ -40,13 +40,17 @@ class S3Repository(Repository):
     def _fix(self, what: str) -> str:
         return self._FIX[what].get(self.origin, self._FIX[what][None])
 
-    def __init__(self, client, bucket: str, prefix: str = ""):
+    def __init__(self, client, bucket: str, prefix: str = "", *, sse: str | None = None,
+                 sse_kms_key_id: str | None = None):
+        """`sse`: S3 server-side encryption of what is written: AES256 (SSE-S3) or aws:kms (SSE-KMS,
+        with `sse_kms_key_id`, else the account's default KMS key); None: the bucket's default."""
         if not bucket or "/" in bucket:
             raise ConfigError(f"invalid bucket name {bucket!r}")
         self.client = client
         self.bucket = bucket
         self.prefix = validate_prefix(prefix)
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self.sse_args = sse_args(sse, sse_kms_key_id)
 
     def _key(self, key: str) -> str:
         key = validate_key(key)
@@ -76,7 +80,7 @@ class S3Repository(Repository):
             return RepositoryError(f"no S3 credentials found while {what}: {self._fix('none')}")
         return RepositoryError(f"S3 failure while {what} in {self.url}: {e}")
 
-    def put(self, key: str, src: BinaryIO, *, overwrite: bool = True) -> int:
+    def _put(self, key: str, src: BinaryIO, *, overwrite: bool = True) -> int:
         from boto3.s3.transfer import TransferConfig
         from botocore.exceptions import BotoCoreError, ClientError
 
@@ -87,7 +91,8 @@ class S3Repository(Repository):
         cfg = TransferConfig(multipart_threshold=self.MULTIPART_CHUNK, multipart_chunksize=self.MULTIPART_CHUNK,
                              max_concurrency=4, use_threads=True)
         try:
-            self.client.upload_fileobj(NonClosing(counter), self.bucket, full, Config=cfg)
+            self.client.upload_fileobj(NonClosing(counter), self.bucket, full, Config=cfg,
+                                       **({"ExtraArgs": dict(self.sse_args)} if self.sse_args else {}))
         except (ClientError, BotoCoreError) as e:
             raise self._err(e, f"writing {key}") from e
         except Exception as e:  # S3 transfer wraps some errors
@@ -97,7 +102,7 @@ class S3Repository(Repository):
             raise
         return counter.size
 
-    def open(self, key: str) -> BinaryIO:
+    def _open(self, key: str) -> BinaryIO:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
@@ -125,7 +130,7 @@ class S3Repository(Repository):
     def exists(self, key: str) -> bool:
         return self._head(key) is not None
 
-    def size(self, key: str) -> int:
+    def _size(self, key: str) -> int:
         h = self._head(key)
         if h is None:
             raise ObjectNotFound(f"object {key} not found in {self.url}")
@@ -138,7 +143,7 @@ class S3Repository(Repository):
         lm = h["LastModified"]
         return lm if lm.tzinfo else lm.replace(tzinfo=datetime.timezone.utc)
 
-    def put_bytes(self, key: str, data: bytes, *, overwrite: bool = True) -> int:
+    def _put_bytes(self, key: str, data: bytes, *, overwrite: bool = True) -> int:
         """Small objects: one PUT request (no transfer threads); overwrite=False is a conditional
         write (If-None-Match: *), atomic on stores that support it, checked by HEAD before as well."""
         from botocore.exceptions import BotoCoreError, ClientError
@@ -146,7 +151,7 @@ class S3Repository(Repository):
         full = self._key(key)
         if not overwrite and self.exists(key):
             raise ObjectExists(f"object {key} exists already in {self.url}")
-        kwargs = {"Bucket": self.bucket, "Key": full, "Body": data}
+        kwargs = {"Bucket": self.bucket, "Key": full, "Body": data, **self.sse_args}
         if not overwrite:
             kwargs["IfNoneMatch"] = "*"
         try:
@@ -281,6 +286,23 @@ class S3Repository(Repository):
         except BotoCoreError as e:
             raise self._err(e, "checking the bucket") from e
         return ""
+
+
+SSE_MODES = ("AES256", "aws:kms")
+
+
+def sse_args(sse: str | None, kms_key_id: str | None = None) -> dict:
+    """The PUT parameters of S3 server-side encryption (also the ExtraArgs of upload_fileobj)."""
+    if not sse:
+        if kms_key_id:
+            raise ConfigError("an S3 SSE-KMS key id was given without s3_sse: aws:kms (PGINCR_S3_SSE=aws:kms)")
+        return {}
+    if sse not in SSE_MODES:
+        raise ConfigError(f"S3 server-side encryption {sse!r} is not one of {', '.join(SSE_MODES)} (s3_sse / "
+                          "PGINCR_S3_SSE)")
+    if kms_key_id and sse != "aws:kms":
+        raise ConfigError("an SSE-KMS key id needs s3_sse: aws:kms, not AES256")
+    return {"ServerSideEncryption": sse, **({"SSEKMSKeyId": kms_key_id} if kms_key_id else {})}
 
 
 class _CountingReader(io.RawIOBase):
