@@ -147,7 +147,9 @@ def list_backups(repo: Repository, cluster: str) -> list[dict]:
             continue
         if meta is not None:
             out.append(meta)
-    out.sort(key=lambda m: (m.get("started_at", ""), m["backup_id"]))
+    # a synthetic full shares the started_at of the backup it stands for: it comes right after it,
+    # whatever the ids (taken in the same second, 20261125T211209Z-S sorts before ...Z.002-I)
+    out.sort(key=lambda m: (m.get("started_at", ""), m.get("kind") == "synthetic", m["backup_id"]))
     return out
 
 
