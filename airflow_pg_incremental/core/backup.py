@@ -225,10 +225,7 @@ def take_backup(conn: ConnInfo, repo: Repository, cluster: str, *, kind: str = "
         progress.finish()
         if manifest is None:
             raise BackupFailed("the backup stream had no backup_manifest; pg_basebackup 13+ is required")
-        man_reader = CompressingReader(io.BytesIO(manifest), level=compression_level)
-        man_key = f"{prefix}/backup_manifest.zst"
-        repo.put(man_key, man_reader)
-        man_info = man_reader.info(man_key)
+        man_info = store_manifest(repo, prefix, manifest, compression_level)
         mf = _manifest_facts(manifest, label)
         mf["next_xid"] = _next_xid(conn)
         finished = utcnow()
@@ -249,20 +246,12 @@ def take_backup(conn: ConnInfo, repo: Repository, cluster: str, *, kind: str = "
         if meta["start_lsn"] and meta["timeline"]:
             meta["start_wal_file"] = wal_file_name(meta["timeline"], parse_lsn(meta["start_lsn"]), seg)
             meta["stop_wal_file"] = wal_file_name_ending(meta["timeline"], parse_lsn(meta["stop_lsn"]), seg)
-        write_meta(repo, meta)  # the backup exists from here on
-        repo.delete(f"{prefix}/{INPROGRESS_NAME}")
+        publish(repo, meta)  # the backup exists from here on
     except BaseException as e:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        _discard(repo, prefix)
-        meta.update({"status": "failed", "finished_at": iso(utcnow()),
-                     "error": conn.redact(str(e))[:2000]})
-        if catalog is not None:
-            try:
-                catalog.record_backup(meta)
-            except Exception as ce:  # the original error matters more
-                log.error("could not record the failure in the catalog: %s", ce)
+        abandon(repo, meta, catalog, conn.redact(str(e)))
         if isinstance(e, PgIncrError):
             raise
         if isinstance(e, Exception):
@@ -521,6 +510,33 @@ def _next_xid(conn: ConnInfo) -> int | None:
     except Exception as e:
         log.debug("could not read the next xid: %s", e)
         return None
+
+
+def store_manifest(repo: Repository, prefix: str, manifest: bytes, level: int):
+    """The backup_manifest beside the archives, as backup_manifest.zst. Returns its ObjectInfo."""
+    reader = CompressingReader(io.BytesIO(manifest), level=level)
+    key = f"{prefix}/backup_manifest.zst"
+    repo.put(key, reader)
+    return reader.info(key)
+
+
+def publish(repo: Repository, meta: dict) -> None:
+    """backup.json, written last: the backup (or synthetic full) exists from here on; then its
+    in-progress marker goes."""
+    write_meta(repo, meta)
+    repo.delete(f"{backup_prefix(meta['cluster'], meta['backup_id'])}/{INPROGRESS_NAME}")
+
+
+def abandon(repo: Repository, meta: dict, catalog, error: str, stamp: str = "finished_at") -> None:
+    """A backup that failed: what it wrote goes (best effort), the catalog row says failed with
+    `error` (already free of secrets), stamped at `stamp`."""
+    _discard(repo, backup_prefix(meta["cluster"], meta["backup_id"]))
+    meta.update({"status": "failed", stamp: iso(utcnow()), "error": error[:2000]})
+    if catalog is not None:
+        try:
+            catalog.record_backup(meta)
+        except Exception as ce:  # the original error matters more
+            log.error("could not record the failure in the catalog: %s", ce)
 
 
 def _discard(repo: Repository, prefix: str) -> None:

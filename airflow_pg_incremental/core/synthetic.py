@@ -31,8 +31,8 @@ from . import procs
 from .binaries import find_program
 from .codec import CompressingReader, PipeReader
 from .errors import BackupFailed, BinaryNotFound, ConfigError, PgIncrError
-from .metadata import INPROGRESS_NAME, backup_prefix, claim_backup_id, iso, require_cluster, resolve_backup, \
-    utcnow, write_meta
+from .backup import abandon, publish, store_manifest
+from .metadata import backup_prefix, claim_backup_id, iso, require_cluster, resolve_backup, utcnow
 from .names import validate_backup_id, validate_cluster
 from .progress import Progress, human_bytes
 from .repository import Repository
@@ -122,25 +122,19 @@ def synthesize(repo: Repository, cluster: str, upto: str | None = "latest", *, c
     try:
         timings = _combine(repo, chain, work / "combined", programs, major, progress_interval)
         t1 = time.monotonic()
+        threads = threads or default_threads()
         base_info, man_info, raw = _store(repo, prefix, work / "combined", programs["tar"], compression_level,
-                                          threads or default_threads(), progress_interval)
+                                          threads, progress_interval)
         timings["store"] = round(time.monotonic() - t1, 3)
         meta.update({"status": "complete", "synthesized_at": iso(utcnow()),
                      "duration_s": round(time.monotonic() - t0, 3), "timings": timings,
                      "raw_bytes": raw, "stored_bytes": base_info.stored_size + man_info.stored_size,
                      "objects": [base_info.to_dict(), man_info.to_dict()],
                      "compression": {"where": "client", "by": "python-zstandard", "level": compression_level,
-                                     "threads": threads or default_threads()}})
-        write_meta(repo, meta)  # the synthetic full exists from here on
-        repo.delete(f"{prefix}/{INPROGRESS_NAME}")
+                                     "threads": threads}})
+        publish(repo, meta)  # the synthetic full exists from here on
     except BaseException as e:
-        _discard(repo, prefix)
-        meta.update({"status": "failed", "synthesized_at": iso(utcnow()), "error": str(e)[:2000]})
-        if catalog is not None:
-            try:
-                catalog.record_backup(meta)
-            except Exception as ce:
-                log.error("could not record the failure in the catalog: %s", ce)
+        abandon(repo, meta, catalog, str(e), stamp="synthesized_at")
         if isinstance(e, Exception) and not isinstance(e, PgIncrError):
             raise BackupFailed(f"synthetic full {backup_id} failed: {e}") from e
         raise
@@ -233,12 +227,7 @@ def _store(repo: Repository, prefix: str, out: Path, tar: str, level: int, threa
         base_info = reader.info(key)
         progress.extra = f"stored {human_bytes(base_info.stored_size)}"
         progress.finish()
-        import io
-
-        man_reader = CompressingReader(io.BytesIO(manifest), level=level)
-        man_key = f"{prefix}/backup_manifest.zst"
-        repo.put(man_key, man_reader)
-        return base_info, man_reader.info(man_key), raw_total
+        return base_info, store_manifest(repo, prefix, manifest, level), raw_total
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -247,12 +236,6 @@ def _store(repo: Repository, prefix: str, out: Path, tar: str, level: int, threa
         pipe.close()
         proc.stdout.close()
         err.close()
-
-
-def _discard(repo: Repository, prefix: str) -> None:
-    from .backup import _discard as discard
-
-    discard(repo, prefix)
 
 
 def synthetic_for(backups: list[dict]) -> dict[str, dict]:
