@@ -197,14 +197,18 @@ def resolve_chain(repo: Repository, cluster: str, meta: dict, *, synthetic: bool
     parents only). A missing link is refused with a message naming it."""
     synth = {}
     if synthetic and meta.get("kind") != "synthetic":
-        from .synthetic import synthetic_for
+        from .synthetic import synthetics
 
-        synth = {k: s for k, s in synthetic_for(list_backups(repo, cluster)).items()
-                 if all(repo.exists(o["key"]) for o in s.get("objects", []))}
+        synth = synthetics(repo, cluster)
+
+    def stand_in(bid: str) -> dict | None:  # checked only for the backups the walk reaches
+        s = synth.get(bid)
+        return s if s is not None and all(repo.exists(o["key"]) for o in s.get("objects", [])) else None
+
     chain = [meta]
     seen = {meta["backup_id"]}
     while True:
-        s = synth.get(chain[0]["backup_id"])
+        s = stand_in(chain[0]["backup_id"])
         if s is not None:
             chain[0] = s
             return chain
@@ -213,7 +217,7 @@ def resolve_chain(repo: Repository, cluster: str, meta: dict, *, synthetic: bool
         pid = chain[0]["parent_id"]
         if pid in seen:
             raise RestoreError(f"backup chain of {meta['backup_id']} loops at {pid}")
-        s = synth.get(pid)
+        s = stand_in(pid)
         if s is not None:  # the parent itself may be gone (retention): its synthetic full stands for it
             chain.insert(0, s)
             return chain

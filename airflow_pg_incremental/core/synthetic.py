@@ -238,6 +238,27 @@ def _store(repo: Repository, prefix: str, out: Path, tar: str, level: int, threa
         err.close()
 
 
+def synthetics(repo: Repository, cluster: str) -> dict[str, dict]:
+    """synthetic_for over the repository, reading only the synthetic fulls' backup.json (the ids
+    pgincr gives them end in -S; an id of another form is read to see): one listing and a read per
+    synthetic full, not one per backup of the cluster. A damaged one is skipped (verify reports it)."""
+    from .errors import ChecksumMismatch
+    from .metadata import _read_meta, backup_id_time, list_backup_ids
+
+    found = []
+    for bid in list_backup_ids(repo, cluster):
+        if bid.endswith("-S") or backup_id_time(bid) is None:
+            try:
+                meta = _read_meta(repo, cluster, bid)
+            except ChecksumMismatch as e:
+                log.error("skipping synthetic full %s: %s", bid, e)
+                continue
+            if meta is not None and meta.get("kind") == "synthetic":
+                found.append(meta)
+    found.sort(key=lambda m: (m.get("started_at", ""), m["backup_id"]))
+    return synthetic_for(found)
+
+
 def synthetic_for(backups: list[dict]) -> dict[str, dict]:
     """{backup id: the newest complete synthetic full standing for it} among `backups`."""
     out: dict[str, dict] = {}

@@ -51,3 +51,30 @@ def test_decide_limits_the_restore_chain_not_the_parent_chain():
     assert decide("incremental", facts, chain, max_chain_length=14, restore_len=3)["kind"] == "incremental"
     d = decide("incremental", facts, chain, max_chain_length=14)
     assert d["kind"] == "full" and "restored together" in d["reason"]
+
+
+def test_resolve_chain_reads_only_the_synthetic_fulls_and_the_walk(tmp_path, monkeypatch):
+    """A restore, PITR plan or verify resolves chains: through the synthetic fulls, without reading
+    every backup.json of the cluster (ten older chains here are never read)."""
+    import os
+
+    from airflow_pg_incremental.core import metadata as md
+    from airflow_pg_incremental.core.incremental import resolve_chain
+    from tests.unit.fakes import DAY, NOW, C, Fake, new_repo
+
+    monkeypatch.setattr(os, "fsync", lambda fd: None)
+    repo = new_repo(tmp_path / "repo")
+    f = Fake(repo)
+    ids = [f"20261101T0{h:01d}0000Z-F" for h in range(10)]  # old fulls, nothing to do with the chain
+    for n, bid in enumerate(ids):
+        f.backup(bid, 5 + n, NOW - (30 - n) * DAY)
+    f.backup("20261120T000000Z-F", 20, NOW - 5 * DAY)
+    f.backup("20261121T000000Z-I", 22, NOW - 4 * DAY, kind="incremental", parent="20261120T000000Z-F")
+    f.synthetic("20261121T000500Z-S", "20261121T000000Z-I")
+    f.backup("20261122T000000Z-I", 24, NOW - 3 * DAY, kind="incremental", parent="20261121T000000Z-I")
+    read = []
+    real = repo.get_bytes
+    monkeypatch.setattr(repo, "get_bytes", lambda key: read.append(key) or real(key))
+    chain = resolve_chain(repo, C, md.load_backup(repo, C, "20261122T000000Z-I"))
+    assert [b["backup_id"] for b in chain] == ["20261121T000500Z-S", "20261122T000000Z-I"]
+    assert not [k for k in read if any(i in k for i in ids)], read
