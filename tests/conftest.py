@@ -88,16 +88,22 @@ def created(repo):
     return repo
 
 
-@pytest.fixture(params=["local", "s3"])
-def repo(request, tmp_path_factory):
-    """A fresh, empty repository of each kind."""
+def fresh_repo(request, name: str = "t"):
+    """A fresh, created repository of the kind `request.param` names ('local' or 's3'), for a
+    fixture parametrized over both; the local one below the session's work directory (traversable
+    by the server's OS user)."""
     from airflow_pg_incremental.core.repository import LocalRepository, S3Repository
 
     if request.param == "local":
-        # below the session's work directory (traversable by the server's OS user)
-        return created(LocalRepository(_WORK / "repos" / uuid.uuid4().hex[:10]))
+        return created(LocalRepository(_WORK / "repos" / f"{name}-{uuid.uuid4().hex[:10]}"))
     s3 = request.getfixturevalue("s3")
-    return created(S3Repository(s3.client(), s3.bucket, "t-" + uuid.uuid4().hex[:10]))
+    return created(S3Repository(s3.client(), s3.bucket, f"{name}-{uuid.uuid4().hex[:10]}"))
+
+
+@pytest.fixture(params=["local", "s3"])
+def repo(request, tmp_path_factory):
+    """A fresh, empty repository of each kind."""
+    return fresh_repo(request)
 
 
 @pytest.fixture

@@ -15,10 +15,10 @@ from airflow_pg_incremental.core.errors import RestoreError
 from airflow_pg_incremental.core.incremental import plan_backup, take_planned_backup
 from airflow_pg_incremental.core.metadata import backup_prefix, list_backups
 from airflow_pg_incremental.core.pitr import parse_target, restore_pitr
-from airflow_pg_incremental.core.repository import LocalRepository, S3Repository
+from airflow_pg_incremental.core.repository import LocalRepository
 from airflow_pg_incremental.core.restore import restore_backup, start_restored
 from airflow_pg_incremental.sandbox import SandboxPostgres, data_fingerprint
-from tests.conftest import created
+from tests.conftest import created, fresh_repo
 from tests.restore_evidence import RESTORE_STEPS, assert_split, cachestat_supported, not_on_disk
 
 pytestmark = pytest.mark.integration
@@ -27,11 +27,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module", params=["local", "s3"])
 def chain(request, workdir):
     pg = SandboxPostgres(workdir / f"chain-{request.param}").start()
-    if request.param == "local":
-        repo = created(LocalRepository(workdir / f"chain-repo-{uuid.uuid4().hex[:6]}"))
-    else:
-        s3 = request.getfixturevalue("s3")
-        repo = created(S3Repository(s3.client(), s3.bucket, "chain-" + uuid.uuid4().hex[:6]))
+    repo = fresh_repo(request, "chain")
     c = {"pg": pg, "repo": repo, "backups": [], "fp": {}, "between": []}
     try:
         pg.pgbench_init(2)

@@ -20,12 +20,12 @@ from airflow_pg_incremental.core.errors import BackupNotFound, ConfigError, Inva
 from airflow_pg_incremental.core.incremental import plan_backup, take_planned_backup
 from airflow_pg_incremental.core.metadata import backup_prefix, find_incomplete, list_backups
 from airflow_pg_incremental.core.pitr import parse_target, plan_restore, restore_pitr
-from airflow_pg_incremental.core.repository import LocalRepository, S3Repository
+from airflow_pg_incremental.core.repository import LocalRepository
 from airflow_pg_incremental.core.restore import restore_backup
 from airflow_pg_incremental.core.synthetic import plan_synthesis, synthesize
 from airflow_pg_incremental.core.verify import verify_backup
 from airflow_pg_incremental.sandbox import SandboxPostgres, data_fingerprint
-from tests.conftest import created
+from tests.conftest import created, fresh_repo
 from tests.restore_evidence import restored_fingerprint
 
 pytestmark = pytest.mark.integration
@@ -36,11 +36,7 @@ CL = "sy"
 @pytest.fixture(scope="module", params=["local", "s3"])
 def syn(request, workdir):
     pg = SandboxPostgres(workdir / f"syn-{request.param}-{uuid.uuid4().hex[:4]}").start()
-    if request.param == "local":
-        repo = created(LocalRepository(workdir / f"syn-repo-{uuid.uuid4().hex[:6]}"))
-    else:
-        s3 = request.getfixturevalue("s3")
-        repo = created(S3Repository(s3.client(), s3.bucket, "syn-" + uuid.uuid4().hex[:6]))
+    repo = fresh_repo(request, "syn")
     c = {"pg": pg, "repo": repo, "fp": {}}
     try:
         pg.pgbench_init(1)

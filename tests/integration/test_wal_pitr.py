@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-import uuid
 
 import pytest
 
@@ -17,9 +16,8 @@ from airflow_pg_incremental.core.capture import capture_wal_pull, switch_wal
 from airflow_pg_incremental.core.errors import ConfigError, RestoreError
 from airflow_pg_incremental.core.pgconn import query
 from airflow_pg_incremental.core.pitr import parse_target, restore_pitr
-from airflow_pg_incremental.core.repository import LocalRepository, S3Repository
 from airflow_pg_incremental.sandbox import SandboxPostgres
-from tests.conftest import created
+from tests.conftest import fresh_repo
 
 pytestmark = pytest.mark.integration
 
@@ -42,11 +40,7 @@ class History:
 @pytest.fixture(scope="module", params=["local", "s3"])
 def history(request, workdir, tmp_path_factory):
     pg = SandboxPostgres(workdir / f"pitr-{request.param}").start()
-    if request.param == "local":
-        repo = created(LocalRepository(workdir / f"pitr-repo-{uuid.uuid4().hex[:6]}"))  # readable by the server's user
-    else:
-        s3 = request.getfixturevalue("s3")
-        repo = created(S3Repository(s3.client(), s3.bucket, "pitr-" + uuid.uuid4().hex[:8]))
+    repo = fresh_repo(request, "pitr")
     h = History(pg, repo, "pitr")
     try:
         capture_wal_pull(pg.conninfo(), repo, "pitr")  # creates the slot
