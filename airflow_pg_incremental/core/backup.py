@@ -16,7 +16,7 @@ import time
 from .. import __version__
 from . import backup_stream, procs, standby
 from .binaries import find_program, major_from_version_num
-from .codec import CompressingReader, PipeReader
+from .codec import CompressingReader, PipeReader, raw_total
 from .errors import BackupFailed, ConfigError, PgIncrError, ServerError
 from .lsn import DEFAULT_SEGMENT_SIZE, parse_lsn, wal_file_name, wal_file_name_ending
 from .metadata import INPROGRESS_NAME, backup_prefix, claim_backup_id, iso, utcnow, write_meta
@@ -236,7 +236,7 @@ def take_backup(conn: ConnInfo, repo: Repository, cluster: str, *, kind: str = "
             "checkpoint_lsn": mf.get("checkpoint_lsn"), "next_xid": mf.get("next_xid"),
             "system_identifier": mf.get("system_identifier") or facts["system_identifier"],
             "file_count": mf.get("manifest_files"),
-            "raw_bytes": _raw_bytes(infos.values(), mf.get("manifest_bytes")),
+            "raw_bytes": raw_total(infos.values(), mf.get("manifest_bytes")),
             "stored_bytes": sum(i.stored_size for i in infos.values()) + man_info.stored_size,
             "objects": [base_info.to_dict(), man_info.to_dict(),
                         *(infos[tablespace_object(t["oid"])].to_dict() for t in tablespaces)],
@@ -277,13 +277,6 @@ def take_backup(conn: ConnInfo, repo: Repository, cluster: str, *, kind: str = "
              backup_id, human_bytes(meta["raw_bytes"]), human_bytes(meta["stored_bytes"]), ratio, meta["start_lsn"],
              meta["stop_lsn"], meta["timeline"], meta["duration_s"])
     return meta
-
-
-def _raw_bytes(infos, manifest_bytes: int | None) -> int | None:
-    """The bytes of the archives before compression: their sum when every size is known (we
-    compressed them), else the sizes backup_manifest lists (PostgreSQL compressed them)."""
-    sizes = [i.raw_size for i in infos]
-    return sum(sizes) if all(s is not None for s in sizes) else manifest_bytes
 
 
 def _pg_basebackup_failed(conn: ConnInfo, rc: int, stderr_file) -> PgIncrError:

@@ -38,6 +38,13 @@ class ObjectInfo:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
+def raw_total(infos, otherwise: int | None) -> int | None:
+    """The objects' bytes before compression: their sum when every size is known (pgincr
+    compressed them), else `otherwise` (PostgreSQL compressed them: the sizes its manifest lists)."""
+    sizes = [i.raw_size for i in infos]
+    return sum(sizes) if all(s is not None for s in sizes) else otherwise
+
+
 class _ReadInto:
     """readinto() in terms of read(), for the raw streams below."""
 

@@ -54,7 +54,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from .binaries import find_program
-from .codec import CHUNK, ObjectInfo, VerifyingReader
+from .codec import CHUNK, ObjectInfo, VerifyingReader, raw_total
 from .errors import (
     ChecksumMismatch,
     ConfigError,
@@ -344,7 +344,7 @@ def _objects_and_verifybackup(repo: Repository, meta: dict, verifybackup: str, s
     root = stage = None
     if base is not None:
         free = shutil.disk_usage(staging_parent).free
-        need = _staging_need(meta, base, [o for o in objects if _name(o) in spaces])
+        need = raw_total([base, *(o for o in objects if _name(o) in spaces)], int(meta.get("raw_bytes") or 0))
         if free < need * 1.05:
             vb_check = _check("pg_verifybackup", False,
                               f"backup {bid}: not run: staging needs about {human_bytes(need)}, only "
@@ -384,11 +384,6 @@ def _objects_and_verifybackup(repo: Repository, meta: dict, verifybackup: str, s
 
 def _name(info: ObjectInfo) -> str:
     return info.key.rsplit("/", 1)[-1]
-
-
-def _staging_need(meta: dict, base: ObjectInfo, spaces: list[ObjectInfo]) -> int:
-    sizes = [o.raw_size for o in [base, *spaces]]
-    return sum(sizes) if all(s is not None for s in sizes) else int(meta.get("raw_bytes") or 0)
 
 
 def _tablespace_stage(root: Path | None, oid: int | None) -> Path | None:
