@@ -492,7 +492,6 @@ def cmd_wal_fetch(args) -> int:
 
 
 def cmd_wal_commands(args) -> int:
-    from . import walcmd
     from .core.names import validate_cluster
 
     validate_cluster(args.cluster)
@@ -512,10 +511,11 @@ def cmd_wal_commands(args) -> int:
             raise PgIncrError(f"env file {args.env_file} holds credentials but group or others can access it (mode "
                               f"{mode:04o}): run `chmod 600 {args.env_file}` (walcmd refuses it otherwise)")
     env = f" --env-file {args.env_file}" if args.env_file else ""
-    base = f"{sys.executable} -S {walcmd.__file__}"
-    print(f"archive_mode = on\narchive_command = '{base} push --repo {repo} --cluster {args.cluster}{env} %p'")
+    from .core.wal import wal_command
+
+    print(f"archive_mode = on\narchive_command = '{wal_command('push', repo, args.cluster, env)}'")
     print(f"# for restores (pgincr restore writes it by itself):\n"
-          f"restore_command = '{base} fetch --repo {repo} --cluster {args.cluster}{env} %f %p'")
+          f"restore_command = '{wal_command('fetch', repo, args.cluster, env)}'")
     return 0
 
 

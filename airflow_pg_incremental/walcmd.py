@@ -6,8 +6,12 @@ script is compiled at every call); the rest (push, the direct fetch, --env-file,
 command line) is in walcmd_rest.py, loaded when needed.
 `pgincr wal-commands --repo R --cluster C` prints the exact lines:
 
-    archive_command = '<venv>/bin/python -S <package>/walcmd.py push --repo R --cluster C %p'
-    restore_command = '<venv>/bin/python -S <package>/walcmd.py fetch --repo R --cluster C %f %p'
+    archive_command = '/bin/sh <package>/walcmd.sh <venv>/bin/python -S <package>/walcmd.py push --repo R --cluster C %p'
+    restore_command = '/bin/sh <package>/walcmd.sh <venv>/bin/python -S <package>/walcmd.py fetch --repo R --cluster C %f %p'
+
+walcmd.sh answers, without starting Python, the calls whose work a resident helper has done
+already (a segment spooled by the prefetcher, a file stored by the pusher: one `stat` and one
+`mv`, ~3 ms); every other call runs the rest of the line, this file, which works alone too.
 
 S3 credentials and endpoint come from the environment (AWS_*, PGINCR_S3_ENDPOINT_URL), or from
 `--env-file FILE` (KEY=VALUE lines, keep it mode 0600): never from the command line.
@@ -28,8 +32,9 @@ fetch: PostgreSQL calls it once per WAL file, serially. During a recovery (run b
 data directory is the working directory), the first call for a segment starts ONE prefetcher
 (forked and detached, holding the flock of pg_wal/pgincr_fetch/) that fetches the next segments
 along the recovery's timeline path with one repository client and a few threads, verifies them and
-spools them; each later call takes its segment from the spool after checking the CRC-32 in its
-name, with the standard library only (see core/fetchahead.py). Anything the spool cannot give is
+spools them; each later call takes its segment from the spool once it is provably the file the
+prefetcher verified (its recorded stat key, else the CRC-32 in its name), with the standard
+library only (see core/fetchahead.py). Anything the spool cannot give is
 fetched directly. Options: --ahead N (segments fetched ahead, default 8; 0 turns fetch-ahead off),
 --parallel N (downloads at once, default 2), --idle-exit S (the prefetcher leaves after S seconds
 without a request, default 30; it also leaves when recovery ends or the server stops).
@@ -161,22 +166,27 @@ def _ready_file(spool: str, name: str) -> str | None:
 
 
 def _take(spool: str, ready: str, name: str, dest: str) -> bool:
-    """Check the spooled file against the CRC-32 in its name, then rename it to %p (same
-    filesystem: atomic). A damaged file is removed and the segment fetched directly: handed to
-    PostgreSQL it would read as the end of WAL and end recovery early, silently. No fsync:
-    PostgreSQL does not need one for a restored file; after a crash it fetches the segment again."""
-    import mmap
-    import zlib
-
+    """Rename the spooled file to %p (same filesystem: atomic) once it is provably the one the
+    prefetcher verified: its stat key is still the one the prefetcher recorded (<name>.ok, what
+    walcmd.sh checks), or else its CRC-32 is the one in its name. A damaged file is removed and the
+    segment fetched directly: handed to PostgreSQL it would read as the end of WAL and end recovery
+    early, silently. No fsync: PostgreSQL does not need one for a restored file; after a crash it
+    fetches the segment again."""
     path = os.path.join(spool, ready)
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return False  # dropped meanwhile
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        size = st.st_size
         ok = (1 << 20) <= size <= (1 << 30) and not size & (size - 1)
-        if ok:
+        if ok and _read_small(os.path.join(spool, name + ".ok")) == f"{ready} {_stat_key(st)}":
+            pass  # unchanged since it was verified
+        elif ok:
+            import mmap
+            import zlib
+
             with mmap.mmap(fd, 0, prot=mmap.PROT_READ, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)) as m:
                 ok = zlib.crc32(m) == int(ready[25:], 16)
     finally:
@@ -195,6 +205,12 @@ def _take(spool: str, ready: str, name: str, dest: str) -> bool:
     except OSError:
         return False
     return True
+
+
+def _stat_key(st: os.stat_result) -> str:
+    """core/fetchahead.stat_key (walcmd.sh compares the same string with `stat`'s)."""
+    return (f"{st.st_ino} {st.st_size} {st.st_mtime_ns // 10**9}.{st.st_mtime_ns % 10**9:09d} "
+            f"{st.st_ctime_ns // 10**9}.{st.st_ctime_ns % 10**9:09d}")
 
 
 def _lock_free(spool: str, start) -> bool:

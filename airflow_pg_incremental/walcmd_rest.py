@@ -100,7 +100,7 @@ def _log(spool: str | None, msg: str) -> None:
 # --- push: the call's side of the spool -------------------------------------------------------
 # The spool (pg_wal/pgincr_spool/, or --spool) is shared by the calls and ONE resident pusher
 # (core/pushahead.py describes it): `lock` (its flock), `pid`, `<name>.stored` (stored, checked
-# against the file's size, inode and mtime), `<name>.failed` (the pusher gave up on it: the error),
+# against the file's inode, size, mtime and ctime), `<name>.failed` (the pusher gave up on it: the error),
 # `walpush.log`. Standard library only: a call whose file was pushed ahead imports nothing else.
 STALL = 30.0  # a call pushes its file itself when the pusher shows no progress for this long
 
@@ -114,15 +114,25 @@ def _failed_path(spool: str, name: str) -> str:
 
 
 def _take_marker(spool: str, path: str, name: str) -> bool:
+    """Whether the pusher stored `path` as it is now (its marker starts with the file's stat key);
+    a marker found is removed (a stale one too: the file is pushed again)."""
     mp = _marker_path(spool, name)
     try:
         with open(mp) as f:
-            size, ino, mtime_ns = (int(x) for x in f.read().split()[:3])
-    except (OSError, ValueError):
+            key = " ".join(f.read().split()[:4])
+    except OSError:
         return False
     st = os.stat(path)
     os.unlink(mp)
-    return size == st.st_size and ino == st.st_ino and mtime_ns == st.st_mtime_ns
+    return key == _walcmd()._stat_key(st)
+
+
+def _walcmd():
+    """walcmd (its fast path's helpers): the package's module, or the script that loaded us."""
+    if __package__:
+        from . import walcmd
+        return walcmd
+    return sys.modules.get("walcmd") or sys.modules["__main__"]
 
 
 def _read_small(path: str) -> str | None:

@@ -20,9 +20,9 @@ The spool (`pg_wal/pgincr_fetch/`), written by the prefetcher, read by the calls
     <segment>.part        being downloaded: never handed out
     <segment>.<crc32 hex> verified, complete: zstd frame checksum, exact segment size, long page
                           header (its own address and a possible timeline); renamed into place only
-                          then. The name carries the CRC-32 of the raw bytes, which the call checks
-                          before it renames the file to %p: a file damaged in the spool is never
-                          handed to PostgreSQL (it would read as the end of WAL and end recovery early)
+                          then. The name carries the CRC-32 of the raw bytes
+    <segment>.ok          "<segment>.<crc32 hex> <inode> <size> <mtime> <ctime>" (stat_key), written
+                          right after that rename: the file as the prefetcher left it
     <segment>.error       why the prefetcher could not fetch it (the call fetches it directly and
                           reports this too if that fails)
 
@@ -35,6 +35,14 @@ the end of the archive (a segment not archived: nothing past it is spooled), del
 than the newest request, and removes itself and the spool when recovery ends (recovery.signal gone,
 postmaster gone, or no request for `idle_exit` seconds). Killed, it leaves only .part files (never
 handed out); the next call starts a new one.
+
+Handing a segment over: a call renames the ready file to %p only while it is provably the file the
+prefetcher verified, for a file damaged in the spool must never reach PostgreSQL (it would read as
+the end of WAL and end recovery early, silently). Either its stat_key is still the one in
+<segment>.ok (any write to the file since changed its ctime, which the kernel sets and nobody can
+set back: walcmd.sh checks this with `stat` and `mv`, without starting Python), or its CRC-32 is
+the one in its name (walcmd.py, when the key is missing or differs). A damaged file is removed and
+the segment fetched directly.
 """
 
 from __future__ import annotations
@@ -58,6 +66,13 @@ TRACE_ENV = "PGINCR_TEST_FETCH_TRACE"  # file to append "<event> <segment>" line
 def content_checksum(data) -> int:
     """CRC-32 of the raw segment: cheap enough (~8 ms for 16 MB) to check at every hand-out."""
     return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def stat_key(st: os.stat_result) -> str:
+    """"<inode> <size> <mtime> <ctime>", times as `stat -c %.9Y` prints them: what walcmd.sh
+    compares with a spooled segment (fetch) or a WAL file (push, pushahead's marker)."""
+    return (f"{st.st_ino} {st.st_size} {st.st_mtime_ns // 10**9}.{st.st_mtime_ns % 10**9:09d} "
+            f"{st.st_ctime_ns // 10**9}.{st.st_ctime_ns % 10**9:09d}")
 
 
 def ready_name(segment: str, checksum: int) -> str:
@@ -209,7 +224,7 @@ class Prefetcher:
         self.closing = False
         self.wake = threading.Event()
         self.stats = {"spooled": 0, "wasted": 0, "errors": 0}
-        self._request_stat = None
+        self._request: str | None = None
         self._last_activity = time.monotonic()  # the last request or finished download
 
     def _p(self, name: str) -> str:
@@ -223,20 +238,18 @@ class Prefetcher:
 
     # requests --------------------------------------------------------------------------------
     def _new_request(self) -> str | None:
-        """The token of a request not seen yet ("<segment> <pid> taken|direct|need"), else None."""
-        try:
-            st = os.stat(self._p("request"))
-        except FileNotFoundError:
-            return None
-        key = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if key == self._request_stat:
-            return None
-        self._request_stat = key
+        """The token of a request not seen yet ("<segment> <pid> taken|direct|need"), else None.
+        Compared by content: walcmd.sh rewrites the file in place (no rename), and two calls
+        within one tick of the file clock leave the same size and mtime (their pids differ)."""
         try:
             with open(self._p("request")) as f:
-                return f.read().strip() or None
+                token = f.read().strip()
         except FileNotFoundError:
             return None
+        if token == self._request or len(token.split()) != 3:
+            return None  # seen, or caught between the truncation and the write of a rewrite
+        self._request = token
+        return token
 
     def _on_request(self, token: str) -> None:
         """A call asked for a segment: follow it (the window moves with the newest request, even
@@ -298,7 +311,7 @@ class Prefetcher:
         self.delivered &= wanted
         for e in self._entries():
             ready = parse_ready_name(e)
-            seg = ready[0] if ready else e[:-6] if e.endswith(".error") else None
+            seg = ready[0] if ready else e.rpartition(".")[0] if e.endswith((".error", ".ok")) else None
             if seg and seg not in wanted:
                 self._unlink(e)
                 self.stats["wasted"] += bool(ready)
@@ -349,6 +362,7 @@ class Prefetcher:
                 return None
             final = ready_name(name, content_checksum(data))
             os.rename(part, self._p(final))
+            self._write(name + ".ok", f"{final} {stat_key(os.stat(self._p(final)))}\n")
             return final, len(data)
         except ObjectNotFound:
             raise

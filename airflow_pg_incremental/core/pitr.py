@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -43,13 +42,10 @@ from .wal import (
     on_timeline_path,
     read_history,
     timeline_path,
+    wal_command,
 )
 
 log = logging.getLogger(__name__)
-
-# the restore_command program (walcmd.py sits beside the package's core/; found by path, not imported:
-# the engine imports nothing from above it)
-WALCMD_PATH = str(Path(__file__).resolve().parent.parent / "walcmd.py")
 
 TARGET_KINDS = ("time", "lsn", "xid", "name", "latest", "immediate")
 ACTIONS = ("promote", "pause", "shutdown")
@@ -417,7 +413,7 @@ def _check_time_reachable(target: RecoveryTarget, win: dict, where: str) -> None
 
 
 def restore_command(repo: Repository, cluster: str) -> str:
-    return f"{sys.executable} -S {WALCMD_PATH} fetch --repo {repo.url} --cluster {cluster} %f %p"
+    return wal_command("fetch", repo.url, cluster)
 
 
 # how our S3 client reaches the endpoint (certificates, proxies, retries): the restore_command needs

@@ -7,15 +7,18 @@ than storing the segment. So the first call that finds no pusher forks ONE (hold
 the spool, so exactly one runs) with the drivers loaded; it stays while PostgreSQL produces WAL:
 it watches pg_wal/archive_status (every POLL seconds: one listdir), stores every .ready file with
 one repository client and a few threads, and leaves a marker for each in the spool. The call for a
-file finds its marker (checked against the file's size, inode and mtime) with the standard library
-only and exits 0. A marker is written only after the object is durably stored (local: fsync and
+file finds its marker (checked against the file's inode, size, mtime and ctime) and exits 0:
+walcmd.sh with `stat` alone, walcmd.py with the standard library only. A marker is written only after the object is durably stored (local: fsync and
 rename; S3: PUT acknowledged), so no file is acknowledged before it is stored.
 
 The spool (pg_wal/pgincr_spool/):
 
     lock            flock held by the pusher while it runs
     pid             its process id
-    <name>.stored   "<size> <inode> <mtime_ns> <sha256|-> <stored|exists>": stored
+    <name>.stored   "<inode> <size> <mtime> <ctime> <sha256|-> <stored|exists>" (fetchahead.stat_key
+                    of the file, then the result): stored. The call leaves it (walcmd.sh cannot
+                    remove it without one more process); the pusher removes the markers of files
+                    PostgreSQL no longer marks ready, every CHECK seconds and when it leaves
     <name>.failed   the pusher gave up on it (GIVE_UP failed attempts): the error. The call for it
                     pushes it itself at once and returns the real result; it removes the note once
                     the file is stored
@@ -32,6 +35,8 @@ from __future__ import annotations
 
 import os
 import time
+
+from .fetchahead import stat_key
 
 POLL = 0.01  # seconds between two looks at archive_status
 CHECK = 0.2  # seconds between two checks of the server and the lock
@@ -107,9 +112,8 @@ class Pusher:
             r = push_file(self.repo, self.cluster, path, name=name, level=self.level, checksum=False)
         except FileNotFoundError:
             return None  # archived and recycled meanwhile
-        st = os.stat(path)
-        # plain text, not JSON: the call reads it with the standard library only
-        _write_note(self._marker(name), f"{st.st_size} {st.st_ino} {st.st_mtime_ns} {r.raw_sha256 or '-'} {r.status}\n")
+        # plain text, not JSON: the call reads it with the shell's `read` or the standard library
+        _write_note(self._marker(name), f"{stat_key(os.stat(path))} {r.raw_sha256 or '-'} {r.status}\n")
         return r
 
     def _collect(self) -> None:
@@ -187,6 +191,7 @@ class Pusher:
                     time.sleep(POLL)
                 if now >= next_check:
                     why, next_check = self.why_stop(), now + CHECK
+                    self.clean_markers()
         finally:
             if self.inflight:  # finish what was started (bounded: a hung store is abandoned)
                 wait(list(self.inflight.values()), timeout=30)
@@ -197,13 +202,14 @@ class Pusher:
 
     def clean_markers(self) -> None:
         """Markers of files that are not ready any more (no call will come for them), and any
-        older than a day."""
-        ready = set(_ready_names(self.pg_wal))
+        older than a day. The spool is listed before archive_status: a marker is written while its
+        file is ready, so a file found not ready afterwards was archived (its call returned 0)."""
         now = time.time()
         try:
             entries = os.listdir(self.spool)
         except OSError:
             return
+        ready = set(_ready_names(self.pg_wal))
         for e in entries:
             name, dot, kind = e.rpartition(".")
             if kind not in ("stored", "failed"):

@@ -17,7 +17,9 @@ import json
 import logging
 import os
 import re
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from .codec import compress_bytes, decompress_bytes
 from .errors import ChecksumMismatch, ConfigError, ObjectExists, ObjectNotFound, PgIncrError
@@ -26,6 +28,19 @@ from .names import validate_cluster
 from .repository import Repository
 
 log = logging.getLogger(__name__)
+
+
+_PACKAGE = Path(__file__).resolve().parent.parent
+WALCMD_PY, WALCMD_SH = str(_PACKAGE / "walcmd.py"), str(_PACKAGE / "walcmd.sh")
+
+
+def wal_command(verb: str, repo_url: str, cluster: str, extra: str = "") -> str:
+    """The archive_command (`push`, ending in %p) or restore_command (`fetch`, ending in %f %p)
+    line: walcmd.sh answers the calls a resident helper already served without starting Python,
+    and runs the rest of the line (walcmd.py under `python -S`) for everything else."""
+    tail = {"push": "%p", "fetch": "%f %p"}[verb]
+    return (f"/bin/sh {WALCMD_SH} {sys.executable} -S {WALCMD_PY} {verb} --repo {repo_url} --cluster {cluster}"
+            f"{extra} {tail}")
 
 
 class WalGap(PgIncrError):

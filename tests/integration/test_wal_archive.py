@@ -30,7 +30,7 @@ from airflow_pg_incremental.sandbox import (
     SeaweedS3,
     data_fingerprint,
 )
-from airflow_pg_incremental.core.wal import WalGap, list_segments, push_bytes, wal_key
+from airflow_pg_incremental.core.wal import WalGap, list_segments, push_bytes, wal_command, wal_key
 from tests.conftest import created
 
 pytestmark = pytest.mark.integration
@@ -222,7 +222,7 @@ def test_push_mode_end_to_end(workdir, scratch):
     repo_dir = make_user_dir(base / "repo", probe.os_user, mode=0o755)
     python_usable_by(probe.os_user)
     repo = created(LocalRepository(repo_dir))
-    cmd = f"{sys.executable} -S {walcmd.__file__} push --repo {repo_dir} --cluster push %p"
+    cmd = wal_command("push", str(repo_dir), "push")  # the line `pgincr wal-commands` prints
     pg = SandboxPostgres(base / "pg", settings={"archive_command": cmd}).start()
     try:
         pg.pgbench_init(1)
