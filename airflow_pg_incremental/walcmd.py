@@ -170,8 +170,8 @@ def _take(spool: str, ready: str, name: str, dest: str) -> bool:
     prefetcher verified: its stat key is still the one the prefetcher recorded (<name>.ok, what
     walcmd.sh checks), or else its CRC-32 is the one in its name. A damaged file is removed and the
     segment fetched directly: handed to PostgreSQL it would read as the end of WAL and end recovery
-    early, silently. No fsync: PostgreSQL does not need one for a restored file; after a crash it
-    fetches the segment again."""
+    early, silently. Nothing to fsync: the prefetcher wrote the file back before spooling it, so
+    PostgreSQL's own fsync of a restored segment finds it clean."""
     path = os.path.join(spool, ready)
     try:
         fd = os.open(path, os.O_RDONLY)

@@ -571,9 +571,12 @@ class Bench:
         return d
 
     def call(self, cmd_t: str, d: Path, name: str, env: dict) -> tuple[float, int]:
-        """One call as PostgreSQL makes it: /bin/sh -c, cwd = the data directory, as its OS user."""
+        """One call as PostgreSQL makes it: /bin/sh -c, cwd = the data directory, as its OS user,
+        after removing the previous call's RECOVERYXLOG (untimed: the server does that itself before
+        each call, RestoreArchivedFile; left in place, the tool would pay for freeing it)."""
         cmd = cmd_t.replace("%f", name).replace("%p", "pg_wal/RECOVERYXLOG").replace("<D>", str(d))
         kw = {"user": self.user, "group": self.user, "extra_groups": []} if self.user and os.geteuid() == 0 else {}
+        (d / "pg_wal" / "RECOVERYXLOG").unlink(missing_ok=True)
         t = time.monotonic()
         r = subprocess.run(cmd, shell=True, cwd=d, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)
         took = time.monotonic() - t

@@ -223,9 +223,11 @@ def resume_point(archived: dict[int, list[str]], history: list[tuple[int, int]],
 
 def capture_wal_pull(conn: ConnInfo, repo: Repository, cluster: str, *, slot: str | None = None,
                      upto_lsn: str | int | None = None, max_retained_bytes: int = 8 << 30, level: int = 3,
-                     timeout_s: float = 3600, catalog=None, staging_parent: str | None = None) -> dict:
+                     timeout_s: float = 3600, catalog=None, staging_parent: str | None = None,
+                     threads: int | None = None) -> dict:
     """Store every complete WAL segment between the archive's end and `upto_lsn` (default: the
-    server's flushed WAL), then advance the slot. Returns segments/bytes captured and the lag."""
+    server's flushed WAL), `threads` segments at a time (default: capture_threads()), then advance
+    the slot. Returns segments/bytes captured and the lag."""
     validate_cluster(cluster)
     slot = slot or default_slot_name(cluster)
     pos = _server_positions(conn)
@@ -268,6 +270,7 @@ def capture_wal_pull(conn: ConnInfo, repo: Repository, cluster: str, *, slot: st
         _enforce_slot_bound(result, health, max_retained_bytes)
         return result
 
+    threads = threads or capture_threads()
     staging = tempfile.mkdtemp(prefix=f"pgincr-recv-{cluster}-", dir=staging_parent)
     t0 = time.monotonic()
     proc = None
@@ -278,38 +281,15 @@ def capture_wal_pull(conn: ConnInfo, repo: Repository, cluster: str, *, slot: st
             f.truncate(seg)
         cmd = [receivewal, "-D", staging, "--no-loop", "--no-password", "--no-sync", f"--endpos={format_lsn(target)}",
                "--status-interval=1", "--verbose"]
-        log.info("capturing WAL %s .. %s (timeline %s) with: %s", format_lsn(start_lsn), format_lsn(target),
-                 start_tli, " ".join(cmd))
+        log.info("capturing WAL %s .. %s (timeline %s), storing %d segment(s) at a time, with: %s",
+                 format_lsn(start_lsn), format_lsn(target), start_tli, threads, " ".join(cmd))
         err_path = os.path.join(staging, ".stderr")
         with open(err_path, "wb") as err:
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, **conn.env()},
                                     cwd=staging)
         procs.register_child(proc)  # killed by procs.terminate_all: the capture then fails
-        uploaded: set[str] = set()
-        last_log = time.monotonic()
-        deadline = time.monotonic() + timeout_s
-        stopped_by_us = False
-        while True:
-            running = proc.poll() is None
-            _upload_ready(repo, cluster, staging, uploaded, result, level, seg=seg)
-            if not running:
-                break
-            if result["last_segment"] and segno_of(result["last_segment"], seg) >= target // seg - 1:
-                # everything below the target is stored; on an idle server pg_receivewal would wait
-                # for WAL beyond --endpos before noticing it is done
-                proc.terminate()
-                proc.wait()
-                stopped_by_us = True
-                _upload_ready(repo, cluster, staging, uploaded, result, level, seg=seg)
-                break
-            if time.monotonic() > deadline:
-                proc.kill()
-                proc.wait()
-                raise WalCaptureError(f"pg_receivewal did not reach {format_lsn(target)} within {timeout_s:.0f}s")
-            if time.monotonic() - last_log > 10:
-                last_log = time.monotonic()
-                log.info("captured %d segment(s), %s so far", result["segments"], human_bytes(result["raw_bytes"]))
-            time.sleep(0.05)
+        stopped_by_us = _receive_and_store(proc, _Uploader(repo, cluster, staging, result, level, seg, threads),
+                                           target, timeout_s)
         msg = conn.redact(open(err_path, "rb").read().decode("utf-8", "replace").strip())
         result["_receivewal_log"] = msg[-2000:]
         if proc.returncode != 0 and not stopped_by_us:
@@ -385,28 +365,111 @@ def _enforce_slot_bound(result: dict, health: dict, max_retained_bytes: int) -> 
            "and set max_slot_wal_keep_size on the server (it is unset: nothing limits what the slot retains)"))
 
 
-def _upload_ready(repo, cluster, staging, uploaded, result, level, seg) -> None:
-    for n in sorted(os.listdir(staging)):
-        if n in uploaded or n.startswith(".") or n.endswith(".partial"):
-            continue
-        p = os.path.join(staging, n)
-        is_segment = len(n) == 24
-        if is_segment and os.path.getsize(p) != seg:
-            continue
-        if not n.endswith(".history") and not is_segment:
-            continue
-        r = push_file(repo, cluster, p, name=n, level=level)
-        uploaded.add(n)
+def _receive_and_store(proc, up: "_Uploader", target: int, timeout_s: float) -> bool:
+    """Store what pg_receivewal completes while it runs, until every segment below `target` is
+    complete (it is then stopped: on an idle server it would wait for WAL beyond --endpos before
+    noticing it is done) or it exits; then wait for the stores. Whether we stopped it."""
+    last_log = time.monotonic()
+    deadline = time.monotonic() + timeout_s
+    stopped_by_us = False
+    try:
+        while True:
+            running = proc.poll() is None
+            up.submit_complete()
+            if not running:
+                break
+            if up.newest_complete is not None and up.newest_complete >= target // up.seg - 1:
+                proc.terminate()
+                proc.wait()
+                stopped_by_us = True
+                up.submit_complete()
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                raise WalCaptureError(f"pg_receivewal did not reach {format_lsn(target)} within {timeout_s:.0f}s")
+            if time.monotonic() - last_log > 10:
+                last_log = time.monotonic()
+                r = up.result
+                log.info("captured %d segment(s), %s so far", r["segments"], human_bytes(r["raw_bytes"]))
+            time.sleep(0.05)
+        up.finish()
+    finally:
+        up.close()
+    return stopped_by_us
+
+
+def capture_threads() -> int:
+    """Segments compressed and stored at once: the cores, at most 4 (zstd and the repository's
+    I/O release the GIL; each store holds a segment and its compressed copy in memory)."""
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+class _Uploader:
+    """Stores the complete files pg_receivewal leaves in `staging` (segments of the full size,
+    timeline history files), `threads` at a time; each store is durable on its own (push_file),
+    the slot moves only after all of them."""
+
+    def __init__(self, repo, cluster, staging, result, level, seg, threads):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.repo, self.cluster, self.staging, self.result, self.level, self.seg = repo, cluster, staging, result, \
+            level, seg
+        self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="pgincr-capture")
+        self.inflight: dict = {}  # name -> future
+        self.seen: set[str] = set()
+        self.newest_complete: int | None = None  # segment number of the newest complete segment
+
+    def submit_complete(self) -> None:
+        self.collect()
+        for n in sorted(os.listdir(self.staging)):
+            if n in self.seen or n.startswith(".") or n.endswith(".partial"):
+                continue
+            p = os.path.join(self.staging, n)
+            is_segment = len(n) == 24
+            if is_segment and os.path.getsize(p) != self.seg:
+                continue
+            if not n.endswith(".history") and not is_segment:
+                continue
+            self.seen.add(n)
+            if is_segment:
+                self.newest_complete = max(self.newest_complete or 0, segno_of(n, self.seg))
+            self.inflight[n] = self.pool.submit(self._store, n, p, is_segment)
+
+    def _store(self, n: str, p: str, is_segment: bool):
+        r = push_file(self.repo, self.cluster, p, name=n, level=self.level)
         if is_segment:
-            result["segments"] += 1
-            result["raw_bytes"] += r.raw_size
-            result["stored_bytes"] += r.stored_size
-            result["first_segment"] = result["first_segment"] or n
-            result["last_segment"] = n
-            result.setdefault("_stored", []).append(r.to_dict() | {"name": n})
-            os.unlink(p)  # keep the staging area small; the name stays in `uploaded`
-        else:
-            result["history_files"] += 1
+            os.unlink(p)  # keep the staging area small; the name stays in `seen`
+        return r
+
+    def collect(self, wait: bool = False) -> None:
+        """Count the finished stores (in name order at the end); the first failure is raised."""
+        for n in sorted(self.inflight):
+            fut = self.inflight[n]
+            if not wait and not fut.done():
+                continue
+            r = fut.result()  # raises the store's error
+            del self.inflight[n]
+            res = self.result
+            if len(n) != 24:
+                res["history_files"] += 1
+                continue
+            res["segments"] += 1
+            res["raw_bytes"] += r.raw_size
+            res["stored_bytes"] += r.stored_size
+            res["first_segment"] = min(res["first_segment"] or n, n)
+            res["last_segment"] = max(res["last_segment"] or n, n)
+            res.setdefault("_stored", []).append(r.to_dict() | {"name": n})
+
+    def finish(self) -> None:
+        self.submit_complete()
+        self.collect(wait=True)
+        self.result.get("_stored", []).sort(key=lambda d: d["name"])
+
+    def close(self) -> None:
+        """Stores not finished are abandoned (a failure or a kill ends the capture; the slot does
+        not move, so the next capture stores them again)."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _finish(conn, slot, advance_to, flush, result, max_retained_bytes, health, interval_rate) -> None:
