@@ -38,6 +38,9 @@ library only (see core/fetchahead.py). Anything the spool cannot give is
 fetched directly. Options: --ahead N (segments fetched ahead, default 8; 0 turns fetch-ahead off),
 --parallel N (downloads at once, default 2), --idle-exit S (the prefetcher leaves after S seconds
 without a request, default 30; it also leaves when recovery ends or the server stops).
+Timeline history files PostgreSQL looks for go through the prefetcher too, and so does a
+segment past the archive's end: it answers "not archived" (<name>.missing) only after checking,
+after the call's request, what the call's own direct fetch would check.
 Exit codes: 0 restored; 1 not in the archive (recovery ends there cleanly), only when the
 repository is reachable, is one, holds the cluster and lacks the file; 126 any other failure
 (repository unreachable, damaged object, bad arguments): recovery stops loudly instead of ending
@@ -67,7 +70,7 @@ def fetch(name: str, dest: str, repo_url: str, cluster: str, *, ahead: int = 8, 
     PostgreSQL runs us during a recovery (a prefetcher is started on the first call); anything
     else, or a segment the spool cannot give, is fetched directly."""
     note = None
-    if ahead > 0 and len(name) == 24 and set(name) <= _HEX:
+    if ahead > 0 and _spoolable(name):
         spool = _fetch_spool(dest)
         if spool:
             opts = {"window": ahead, "parallel": parallel, "idle_exit": idle_exit}
@@ -76,11 +79,26 @@ def fetch(name: str, dest: str, repo_url: str, cluster: str, *, ahead: int = 8, 
                     fd, spool, repo_url, cluster, opts, env_file))
             except Exception as e:  # the spool is a shortcut: its failure leaves the direct fetch
                 taken, note = False, f"{type(e).__name__}: {e}"
+            if taken is MISSING:
+                _trace("missing", name)
+                if len(name) == 24:
+                    sys.stderr.write(f"pgincr wal-fetch: {name} is not in the archive\n")
+                return NOT_FOUND
             if taken:
                 _trace("hit", name)
                 return 0
     _trace("direct", name)
     return _rest().fetch_direct(name, dest, repo_url, cluster, note, env_file)
+
+
+MISSING = "missing"  # _from_spool: the prefetcher found it not archived, in a repository holding the cluster
+
+
+def _spoolable(name: str) -> bool:
+    """A segment, or a timeline history file: what the prefetcher fetches for the calls."""
+    if len(name) == 24:
+        return set(name) <= _HEX
+    return len(name) == 16 and name.endswith(".history") and set(name[:8]) <= _HEX
 
 
 def _fetch_spool(dest: str) -> str | None:
@@ -93,18 +111,19 @@ def _fetch_spool(dest: str) -> str | None:
     return os.path.join(d, FETCH_SPOOL) if os.path.isdir(d) else None
 
 
-def _from_spool(name: str, dest: str, spool: str, start) -> tuple[bool, str | None]:
-    """(True, None) once `name` was taken from the spool into `dest`; else (False, why: the
-    prefetcher's error for it, if any). A spooled segment is taken, and the prefetcher told (the
+def _from_spool(name: str, dest: str, spool: str, start) -> tuple[bool | str, str | None]:
+    """(True, None) once `name` was taken from the spool into `dest`; (MISSING, None) when the
+    prefetcher, asked for it, found it not archived (<name>.missing); else (False, why: the
+    prefetcher's error for it, if any). A spooled file is taken, and the prefetcher told (the
     window moves on; one is started when none runs). Otherwise the prefetcher is asked for it and
     the call waits while it fetches it."""
     _test_hold(spool)
     ready = _ready_file(spool, name)
     if ready:
         taken = _take(spool, ready, name, dest)
-        _request(spool, f"{name} {os.getpid()} {'taken' if taken else 'direct'}", start)
+        _request(spool, f"{name} {_caller()} {'taken' if taken else 'direct'}", start)
         return taken, None if taken else "its spooled copy was damaged"
-    token = f"{name} {os.getpid()} need"
+    token = f"{name} {_caller()} need"
     started = _request(spool, token, start)
     if started is None:
         return False, None
@@ -128,11 +147,19 @@ def _from_spool(name: str, dest: str, spool: str, start) -> tuple[bool, str | No
             ready = _ready_file(spool, name)  # finished between the two looks?
             if ready:
                 return _take(spool, ready, name, dest), None
+            if os.path.exists(os.path.join(spool, name + ".missing")):  # written after our request
+                return MISSING, None
             return False, _read_small(os.path.join(spool, name + ".error"))
         if time.monotonic() > (t0 + 600 if acked else ack_by):
             return False, "the prefetcher did not deliver it in time"
         time.sleep(delay)
         delay = min(delay * 2, 0.004)
+
+
+def _caller() -> str:
+    """Who asks, unique per request: the prefetcher tells requests apart by their text (walcmd.sh
+    rewrites the file in place), and the call waits for its own text in `ack`."""
+    return f"{os.getpid()}.{time.monotonic_ns() % 10**9}"
 
 
 def _request(spool: str, token: str, start) -> bool | None:
@@ -148,17 +175,23 @@ def _request(spool: str, token: str, start) -> bool | None:
 
 
 def _test_hold(spool: str) -> None:
-    """Test hook: while a prefetcher runs, wait as long as the file PGINCR_TEST_FETCH_HOLD exists."""
+    """Test hook: once a prefetcher runs and a segment was asked for, wait as long as the file
+    PGINCR_TEST_FETCH_HOLD exists."""
     hold = os.environ.get("PGINCR_TEST_FETCH_HOLD")
-    if hold and not _lock_free(spool, None):
+    if not hold:
+        return
+    asked = (_read_small(os.path.join(spool, "request")) or "").split(" ")[0]
+    if len(asked) == 24 and not _lock_free(spool, None):
         while os.path.exists(hold):
             time.sleep(0.01)
 
 
 def _ready_file(spool: str, name: str) -> str | None:
+    """`<name>.<crc32 hex>` in the spool (core/fetchahead.parse_ready_name), if there."""
+    n = len(name)
     try:
         for e in os.listdir(spool):
-            if len(e) == 33 and e[24] == "." and e.startswith(name) and set(e[25:]) <= _HEXL:
+            if len(e) == n + 9 and e[n] == "." and e.startswith(name) and set(e[n + 1:]) <= _HEXL:
                 return e
     except OSError:
         pass
@@ -180,7 +213,7 @@ def _take(spool: str, ready: str, name: str, dest: str) -> bool:
     try:
         st = os.fstat(fd)
         size = st.st_size
-        ok = (1 << 20) <= size <= (1 << 30) and not size & (size - 1)
+        ok = len(name) != 24 or (1 << 20) <= size <= (1 << 30) and not size & (size - 1)
         if ok and _read_small(os.path.join(spool, name + ".ok")) == f"{ready} {_stat_key(st)}":
             pass  # unchanged since it was verified
         elif ok:
@@ -188,7 +221,7 @@ def _take(spool: str, ready: str, name: str, dest: str) -> bool:
             import zlib
 
             with mmap.mmap(fd, 0, prot=mmap.PROT_READ, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)) as m:
-                ok = zlib.crc32(m) == int(ready[25:], 16)
+                ok = zlib.crc32(m) == int(ready[-8:], 16)
     finally:
         os.close(fd)
     if not ok:

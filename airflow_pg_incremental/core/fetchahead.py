@@ -12,7 +12,7 @@ The spool (`pg_wal/pgincr_fetch/`), written by the prefetcher, read by the calls
 
     lock                  flock held by the prefetcher while it runs
     pid                   the prefetcher's process id
-    request               "<segment> <caller pid> taken|direct|need": the newest request, written by
+    request               "<segment> <caller> taken|direct|need": the newest request, written by
                           each call after it took its segment from the spool, or found it damaged
                           (it fetches it directly), or when it needs the prefetcher to fetch it
     ack                   the request the prefetcher has acted on (a segment it was asked for is
@@ -25,6 +25,13 @@ The spool (`pg_wal/pgincr_fetch/`), written by the prefetcher, read by the calls
                           right after that rename: the file as the prefetcher left it
     <segment>.error       why the prefetcher could not fetch it (the call fetches it directly and
                           reports this too if that fails)
+    <segment>.missing     not archived: the repository answered "no such object" and holds the
+                          cluster (require_cluster), checked after the call's request; the call exits
+                          1 on it, as its own direct fetch would, without paying for one
+    <TTTTTTTT>.history.<crc32>, .missing
+                          a timeline history file asked for (PostgreSQL looks for the next timeline's
+                          at the start and the end of a recovery), fetched or found missing the same
+                          way; not part of the window
 
 What comes next: PostgreSQL asks, for segment S, for the newest timeline of its expected history
 whose begin segment is <= S (XLogFileReadAnyTLI), falling back to older ones. The plan mirrors that
@@ -80,11 +87,18 @@ def ready_name(segment: str, checksum: int) -> str:
 
 
 def parse_ready_name(filename: str) -> tuple[str, int] | None:
-    """(segment, checksum) of a ready spool file, None for any other file (.part, .error, ...)."""
-    seg, dot, crc = filename.partition(".")
-    if len(seg) != 24 or len(crc) != 8 or not set(seg) <= _HEX_UPPER or not set(crc) <= _HEX_LOWER:
+    """(WAL file name, checksum) of a ready spool file (a segment or a timeline history file),
+    None for any other file (.part, .error, .ok, .missing ...)."""
+    name, dot, crc = filename.rpartition(".")
+    if len(crc) != 8 or not set(crc) <= _HEX_LOWER:
         return None
-    return seg, int(crc, 16)
+    if not (len(name) == 24 and set(name) <= _HEX_UPPER or is_history_name(name)):
+        return None
+    return name, int(crc, 16)
+
+
+def is_history_name(name: str) -> bool:
+    return len(name) == 16 and name.endswith(".history") and set(name[:8]) <= _HEX_UPPER
 
 
 _HEX_UPPER, _HEX_LOWER = set("0123456789ABCDEF"), set("0123456789abcdef")
@@ -123,6 +137,13 @@ def fetch_segment(repo, cluster: str, name: str, segment_size: int | None = None
     data = fetch_bytes(repo, cluster, name, segment_size)
     check_segment(name, data, segment_size)
     return data
+
+
+def fetch_history(repo, cluster: str, name: str) -> bytes:
+    """A timeline history file (ObjectNotFound when it is not archived)."""
+    from .wal import fetch_bytes
+
+    return fetch_bytes(repo, cluster, name)
 
 
 def fetch_direct(repo, cluster: str, name: str, dest: str) -> bool:
@@ -260,6 +281,11 @@ class Prefetcher:
         name, _pid, what = (token.split() + ["", "need"])[:3]
         self._last_activity = time.monotonic()
         self.failed.clear()  # a new request: what failed before is tried again
+        if is_history_name(name):  # outside the window: fetched when needed, nothing planned
+            if what == "need":
+                self._fetch_now(name)
+            self._write("ack", token)
+            return
         self.newest = name
         if self.seg is not None:  # else its size tells the segment size; the plan waits for it
             segno = segno_of(name, self.seg)
@@ -270,10 +296,21 @@ class Prefetcher:
             self._drop_stale()
         if what == "need":
             self.stats["asked_early"] += 1
-            self.delivered.discard(name)
-            if name not in self.inflight and not self._spooled(name):
-                self._start(name)
+            self._fetch_now(name)
         self._write("ack", token)
+
+    def _fetch_now(self, name: str) -> None:
+        """A call waits for `name`: unless spooled, or being fetched (its result comes after the
+        request), its notes from an earlier fetch go and it is fetched again, so that what the
+        call reads after the acknowledgement is about its request."""
+        self._collect()  # a fetch of it that has finished counts as an earlier one
+        self.delivered.discard(name)
+        if name in self.inflight:
+            return
+        for note in (".missing", ".error"):
+            self._unlink(name + note)
+        if not self._spooled(name):
+            self._start(name)
 
     def _replan(self, name: str) -> None:
         try:
@@ -300,12 +337,12 @@ class Prefetcher:
 
     def _wanted(self) -> set[str]:
         if self.seg is None or self.newest is None or self.begins is None:
-            return set(self.inflight)
+            return set(self.inflight) | ({self.newest} if self.newest else set())
         base = segno_of(self.newest, self.seg)
-        names = [self.newest] + plan_names(self.begins, base, self.window, self.seg)
+        names = plan_names(self.begins, base, self.window, self.seg)
         if self.end is not None:
             names = [n for n in names if segno_of(n, self.seg) < self.end]
-        return set(names)
+        return {self.newest, *names}  # what the newest request is told stays, even past the end
 
     def _drop_stale(self) -> None:
         """Remove spooled segments (and error notes) nobody will ask for: older than the newest
@@ -314,8 +351,8 @@ class Prefetcher:
         self.delivered &= wanted
         for e in self._entries():
             ready = parse_ready_name(e)
-            seg = ready[0] if ready else e.rpartition(".")[0] if e.endswith((".error", ".ok")) else None
-            if seg and seg not in wanted:
+            seg = ready[0] if ready else e.rpartition(".")[0] if e.endswith((".error", ".ok", ".missing")) else None
+            if seg and seg not in wanted and not is_history_name(seg):
                 self._unlink(e)
                 self.stats["wasted"] += bool(ready)
 
@@ -357,7 +394,8 @@ class Prefetcher:
             delay = float(os.environ.get(TEST_DELAY_ENV) or 0)
             if delay:
                 time.sleep(delay)
-            data = fetch_segment(self.repo, self.cluster, name, self.seg)
+            data = fetch_history(self.repo, self.cluster, name) if is_history_name(name) else \
+                fetch_segment(self.repo, self.cluster, name, self.seg)
             with open(fd, "wb", closefd=True) as f:
                 fd = -1
                 f.write(data)
@@ -374,6 +412,7 @@ class Prefetcher:
             self._write(name + ".ok", f"{final} {stat_key(os.stat(self._p(final)))}\n")
             return final, len(data)
         except ObjectNotFound:
+            self._note_missing(name)
             raise
         except Exception as e:
             self._error_note(name, e)  # before the .part goes: a waiting call reads it then
@@ -383,6 +422,22 @@ class Prefetcher:
                 os.close(fd)
             if os.path.exists(part):
                 self._unlink(name + ".part")
+
+    def _note_missing(self, name: str) -> None:
+        """`name` is not archived: say so (<name>.missing) once the repository is known to be one and
+        to hold the cluster, the same proof the call's own direct fetch needs before its exit 1.
+        Anything else is an error note (the call then fetches directly and reports it)."""
+        from .metadata import require_cluster
+
+        try:
+            require_cluster(self.repo, self.cluster)
+        except Exception as e:
+            self._error_note(name, e)
+            raise
+        try:
+            self._write(name + ".missing", f"{name} is not in the archive of {self.cluster}\n")
+        except (OSError, _ServerGone):
+            pass
 
     def _collect(self) -> None:
         """Act on finished downloads: a missing segment is the end of the archive (nothing past it
@@ -395,7 +450,7 @@ class Prefetcher:
             try:
                 done = fut.result()
             except ObjectNotFound:
-                if self.seg is not None:
+                if self.seg is not None and not is_history_name(name):
                     segno = segno_of(name, self.seg)
                     self.end = segno if self.end is None else min(self.end, segno)
                 self.failed.add(name)
@@ -410,7 +465,7 @@ class Prefetcher:
                 self.delivered.add(name)
                 self.stats["spooled"] += 1
                 trace("spooled", name)
-                if self.seg is None:  # the first segment: now the plan can be made
+                if self.seg is None and not is_history_name(name):  # the first segment: now the plan can be made
                     self.seg = done[1]
                     self._replan(self.newest)
         self._drop_stale()
@@ -476,9 +531,9 @@ class Prefetcher:
         """What a killed predecessor left: its downloads (.part) and notes go; its ready files are
         sound (checked whole when spooled, and again by the call) and tell the segment size."""
         for e in self._entries():
-            if e.endswith((".part", ".error", ".tmp")) or e == "ack":
+            if e.endswith((".part", ".error", ".missing", ".tmp")) or e == "ack":
                 self._unlink(e)
-            elif parse_ready_name(e) and self.seg is None:
+            elif parse_ready_name(e) and not is_history_name(parse_ready_name(e)[0]) and self.seg is None:
                 size = os.stat(self._p(e)).st_size
                 self.seg = size if (1 << 20) <= size <= (1 << 30) and not size & (size - 1) else None
 

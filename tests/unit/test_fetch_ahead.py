@@ -141,11 +141,12 @@ class Recovery:
         (self.dd / "recovery.signal").touch()
         self.spool = str(self.dd / "pg_wal" / fa.SPOOL_DIR)
         self.repo, self.opts, self.threads, self.stopped = repo, opts, [], []
+        self.cluster = C
 
     def start(self, lock_fd):
         def run():
             try:
-                p = fa.Prefetcher(self.repo, C, self.spool, str(self.dd), **self.opts)
+                p = fa.Prefetcher(self.repo, self.cluster, self.spool, str(self.dd), **self.opts)
                 self.stopped.append(p.run())
             finally:
                 os.close(lock_fd)
@@ -158,7 +159,7 @@ class Recovery:
         dest = self.dd / "pg_wal" / "RECOVERYXLOG"
         dest.unlink(missing_ok=True)
         got = walcmd._from_spool(name, str(dest), self.spool, self.start)
-        if got[0]:
+        if got[0] is True and len(name) == 24:
             assert dest.read_bytes() == segment(int(name[:8], 16), int(name[16:], 16))
         return got
 
@@ -195,8 +196,9 @@ def test_prefetcher_follows_the_timeline_switch_and_stops_at_the_end(tmp_path):
         assert all(s > n[8:] for s in (x[8:] for x in rec.spooled())), (n, rec.spooled())
         assert len(rec.spooled()) <= 3
     assert len(rec.threads) == 1  # one prefetcher for the whole recovery
-    # the end of the archive: nothing past it is spooled; the call falls back to the direct fetch
-    assert rec.ask(segment_name(2, 10, MB)) == (False, None)
+    # the end of the archive: nothing past it is spooled; asked for it, the prefetcher says it is
+    # not archived (the repository holds the cluster), and the call exits 1 on that
+    assert rec.ask(segment_name(2, 10, MB)) == (walcmd.MISSING, None)
     assert rec.spooled() == []
     (rec.dd / "recovery.signal").unlink()  # recovery ended: the prefetcher removes itself and its spool
     rec.threads[0].join(5)
@@ -212,6 +214,38 @@ def test_a_request_off_the_plan_is_fetched_and_replanned(tmp_path):
     for s in range(3, 10):  # recovery_target_timeline = 1: timeline 1 past the switch
         assert rec.ask(segment_name(1, s, MB)) == (True, None), s
     rec.wait_spooled([segment_name(1, 10, MB), segment_name(1, 11, MB)])
+
+
+def test_history_files_and_not_archived_answers_come_from_the_prefetcher(tmp_path):
+    """PostgreSQL asks for the next timeline's history file at the start and the end of a
+    recovery, and for the segment past the archive's end: the prefetcher answers both (one GET
+    with its open repository) instead of a direct fetch per call."""
+    repo = new_repo(tmp_path / "repo")
+    archive(repo, 1, range(1, 4))
+    history = b"1\t0/600000\tno recovery target specified\n"
+    push_bytes(repo, C, "00000002.history", history)
+    rec = Recovery(tmp_path, repo, window=2)
+    assert rec.ask("00000003.history") == (walcmd.MISSING, None)  # the first call: starts the prefetcher
+    assert rec.ask("00000002.history") == (True, None)
+    assert (rec.dd / "pg_wal" / "RECOVERYXLOG").read_bytes() == history
+    for s in (1, 2, 3):
+        assert rec.ask(segment_name(1, s, MB)) == (True, None)
+    assert rec.ask(segment_name(1, 4, MB)) == (walcmd.MISSING, None)
+    # archived since: a new request fetches again (a .missing note from before the request is gone)
+    archive(repo, 1, [4])
+    assert rec.ask(segment_name(1, 4, MB)) == (True, None)
+    assert len(rec.threads) == 1
+
+
+def test_not_archived_is_said_only_of_a_repository_holding_the_cluster(tmp_path):
+    """The prefetcher of a misspelled cluster finds nothing: that is an error for the call (which
+    then fetches directly and exits 126), never 'not archived'."""
+    repo = new_repo(tmp_path / "repo")
+    archive(repo, 1, range(1, 4))
+    rec = Recovery(tmp_path, repo, window=2)
+    rec.cluster = "nosuch"
+    taken, note = rec.ask(segment_name(1, 1, MB))
+    assert taken is False and "ClusterNotFound" in note and "nosuch" in note
 
 
 def test_a_prefetch_error_is_reported_never_read_as_not_archived(tmp_path):
