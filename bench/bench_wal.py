@@ -13,8 +13,8 @@ archiver that calls the archive command the way PostgreSQL does: once per file, 
 cwd = a data directory and %p = pg_wal/<name>, renaming archive_status/<name>.ready to .done after
 exit 0; the data directory has a postmaster.pid naming the benchmark (the "server"), removed after
 the last call (our resident pusher leaves then; its CPU is counted, see below). Sides:
-  * ours              <python> -S walcmd.py push --repo DIR --cluster bench --level L %p
-                      (the resident pusher: --parallel 2, --idle-exit 30)
+  * ours              /bin/sh walcmd.sh <python> -S walcmd.py push --repo DIR --cluster bench --level L %p
+                      (what `pgincr wal-commands` prints; the resident pusher: --parallel 2, --idle-exit 30)
   * pgBackRest async  pgbackrest --stanza=bench --archive-async --process-max=2 --spool-path=S
                       archive-push %p   (zst level L; the reference)
   * pgBackRest sync   the same with archive-async=n (secondary line; --no-sync drops it)
@@ -58,7 +58,7 @@ from airflow_pg_incremental.core.lsn import format_lsn, parse_lsn, segno_of
 from airflow_pg_incremental.core.repository import LocalRepository, S3Repository
 from airflow_pg_incremental.sandbox import SandboxPostgres, SeaweedS3
 from airflow_pg_incremental.core.server import as_user, chown_tree, make_user_dir
-from airflow_pg_incremental.core.wal import fetch_bytes, list_segments
+from airflow_pg_incremental.core.wal import fetch_bytes, list_segments, wal_command
 
 PKG = Path(airflow_pg_incremental.__file__).resolve().parent
 WALCMD = PKG / "walcmd.py"
@@ -387,10 +387,8 @@ class Bench:
             cmd = (f"{self.pgbr} --config={self.pgbr_cfg} --stanza=bench --pg1-path={d} --repo1-path={repo} "
                    f"{asyn}archive-push %p")
             return " ".join(as_user([cmd], self.pgbr_user)) if self.pgbr_user else cmd
-        cmd = f"{sys.executable} -S {WALCMD} push --repo {repo} --cluster {CLUSTER} --level {self.a.level}"
-        if side == "ours-sync":
-            cmd += " --ahead 0"
-        return cmd + " %p"
+        extra = f" --level {self.a.level}" + (" --ahead 0" if side == "ours-sync" else "")
+        return wal_command("push", repo, CLUSTER, extra)  # the line `pgincr wal-commands` prints
 
     def run_side(self, side: str, mode: str = "burst") -> dict:
         self.run_no += 1
