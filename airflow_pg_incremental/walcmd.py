@@ -6,8 +6,8 @@ script is compiled at every call); the rest (push, the direct fetch, --env-file,
 command line) is in walcmd_rest.py, loaded when needed.
 `pgincr wal-commands --repo R --cluster C` prints the exact lines:
 
-    archive_command = '/bin/sh <package>/walcmd.sh <venv>/bin/python -S <package>/walcmd.py push --repo R --cluster C %p'
-    restore_command = '/bin/sh <package>/walcmd.sh <venv>/bin/python -S <package>/walcmd.py fetch --repo R --cluster C %f %p'
+    archive_command = 'exec /bin/sh <package>/walcmd.sh <venv>/bin/python -S <package>/walcmd.py push --repo R --cluster C %p'
+    restore_command = 'exec /bin/sh <package>/walcmd.sh <venv>/bin/python -S <package>/walcmd.py fetch --repo R --cluster C %f %p'
 
 walcmd.sh answers, without starting Python, the calls whose work a resident helper has done
 already (a segment spooled by the prefetcher, a file stored by the pusher: one `stat` and one

@@ -1,8 +1,8 @@
 # pgincr's archive_command / restore_command: the calls the resident helpers already answered,
 # served without starting Python (see walcmd.py). PostgreSQL runs it as
 #
-#   /bin/sh <package>/walcmd.sh <python> -S <package>/walcmd.py fetch [options] %f %p
-#   /bin/sh <package>/walcmd.sh <python> -S <package>/walcmd.py push [options] %p
+#   exec /bin/sh <package>/walcmd.sh <python> -S <package>/walcmd.py fetch [options] %f %p
+#   exec /bin/sh <package>/walcmd.sh <python> -S <package>/walcmd.py push [options] %p
 #
 # fetch: when the prefetcher has spooled %f (pg_wal/pgincr_fetch/<segment>.<crc32>) and recorded
 #   the file as it left it (<segment>.ok: "<ready name> <inode> <size> <mtime> <ctime>", written
@@ -11,7 +11,8 @@
 #   prefetcher told ("<segment> <pid> taken" in `request`).
 # push: when the pusher stored %p already (pg_wal/pgincr_spool/<name>.stored: "<inode> <size>
 #   <mtime> <ctime> ...", written only once the object is durably stored) and %p is still that file
-#   (the marker stays: the pusher removes it once PostgreSQL marked the file done).
+#   (the marker stays: the pusher removes it once PostgreSQL marked the file done). While the pusher
+#   is storing it (<name>.busy locked), the call waits on that lock with `flock` first.
 #
 # Anything else (a miss, a mismatch, the first call of a recovery, --spool, a test hook, `stat`
 # missing) runs the Python command as given (exec: the same process, so PostgreSQL sees its exit
@@ -40,6 +41,11 @@ push_hit() {  # $1 %p
     [ ${#n} -eq 24 ] || return 1
     case $n in *[!0-9A-F]*) return 1 ;; esac
     case $1 in */*) s=${1%/*}/pgincr_spool ;; *) s=pgincr_spool ;; esac
+    if [ ! -f "$s/$n.stored" ]; then
+        # being stored: wait on the pusher's lock of it (released once the marker is written, or
+        # when the pusher fails or dies), at most 30 s; then look again
+        [ -f "$s/$n.busy" ] && flock -s -w 30 "$s/$n.busy" true 2>/dev/null || return 1
+    fi
     { read -r ino size mtime ctime rest < "$s/$n.stored"; } 2>/dev/null || return 1
     [ "$ino $size $mtime $ctime" = "$(stat_key "$1")" ] || return 1
     return 0

@@ -19,6 +19,7 @@ The spool (pg_wal/pgincr_spool/):
                     of the file, then the result): stored. The call leaves it (walcmd.sh cannot
                     remove it without one more process); the pusher removes the markers of files
                     PostgreSQL no longer marks ready, every CHECK seconds and when it leaves
+    <name>.busy     locked (flock) while the pusher stores the file: a call waits on it
     <name>.failed   the pusher gave up on it (GIVE_UP failed attempts): the error. The call for it
                     pushes it itself at once and returns the real result; it removes the note once
                     the file is stored
@@ -105,16 +106,26 @@ class Pusher:
         return os.path.join(self.spool, name + ".stored")
 
     def _push_one(self, name: str):
+        """Store one file and leave its marker, holding <name>.busy locked meanwhile: a call that
+        comes for it waits on that lock (walcmd.sh: `flock`, no process polling), then finds the
+        marker, or finds none (a failure, the pusher killed) and carries on in walcmd.py."""
+        import fcntl
+
         from .wal import push_file
 
         path = os.path.join(self.pg_wal, name)
+        busy = os.open(os.path.join(self.spool, name + ".busy"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            r = push_file(self.repo, self.cluster, path, name=name, level=self.level, checksum=False)
-        except FileNotFoundError:
-            return None  # archived and recycled meanwhile
-        # plain text, not JSON: the call reads it with the shell's `read` or the standard library
-        _write_note(self._marker(name), f"{stat_key(os.stat(path))} {r.raw_sha256 or '-'} {r.status}\n")
-        return r
+            fcntl.flock(busy, fcntl.LOCK_EX)
+            try:
+                r = push_file(self.repo, self.cluster, path, name=name, level=self.level, checksum=False)
+            except FileNotFoundError:
+                return None  # archived and recycled meanwhile
+            # plain text, not JSON: the call reads it with the shell's `read` or the standard library
+            _write_note(self._marker(name), f"{stat_key(os.stat(path))} {r.raw_sha256 or '-'} {r.status}\n")
+            return r
+        finally:
+            os.close(busy)  # the lock goes with it
 
     def _collect(self) -> None:
         for name, fut in list(self.inflight.items()):
@@ -212,7 +223,7 @@ class Pusher:
         ready = set(_ready_names(self.pg_wal))
         for e in entries:
             name, dot, kind = e.rpartition(".")
-            if kind not in ("stored", "failed"):
+            if kind not in ("stored", "failed", "busy") or not name:
                 continue
             p = os.path.join(self.spool, e)
             try:

@@ -39,8 +39,9 @@ def wal_command(verb: str, repo_url: str, cluster: str, extra: str = "") -> str:
     line: walcmd.sh answers the calls a resident helper already served without starting Python,
     and runs the rest of the line (walcmd.py under `python -S`) for everything else."""
     tail = {"push": "%p", "fetch": "%f %p"}[verb]
-    return (f"/bin/sh {WALCMD_SH} {sys.executable} -S {WALCMD_PY} {verb} --repo {repo_url} --cluster {cluster}"
-            f"{extra} {tail}")
+    # exec: the shell PostgreSQL starts becomes walcmd.sh instead of forking it (one process less a call)
+    return (f"exec /bin/sh {WALCMD_SH} {sys.executable} -S {WALCMD_PY} {verb} --repo {repo_url} --cluster "
+            f"{cluster}{extra} {tail}")
 
 
 class WalGap(PgIncrError):

@@ -124,7 +124,36 @@ def test_a_file_the_pusher_stored_is_acknowledged_and_anything_else_goes_to_pyth
 
 def test_the_lines_users_get_run_it_and_python_with_its_arguments():
     line = wal_command("fetch", "/r", "c", " --env-file /e")
-    assert line == (f"/bin/sh {WALCMD_SH} {sys.executable} -S {Path(WALCMD_SH).with_suffix('.py')} fetch --repo /r "
+    assert line == (f"exec /bin/sh {WALCMD_SH} {sys.executable} -S {Path(WALCMD_SH).with_suffix('.py')} fetch --repo /r "
                     "--cluster c --env-file /e %f %p")
     assert wal_command("push", "/r", "c").endswith(" push --repo /r --cluster c %p")
     assert Path(WALCMD_SH).is_file()
+
+
+def test_a_call_for_a_file_being_stored_waits_on_its_lock_then_reads_the_marker(pushed):
+    """The pusher holds <name>.busy while it stores the file: the call waits on it (flock), and
+    answers from the marker written meanwhile; a lock released without a marker (a failure, the
+    pusher killed) sends the call to Python."""
+    import fcntl
+    import threading
+    import time
+
+    d, pg_wal = pushed
+    spool = pg_wal / "pgincr_spool"
+    marker = (spool / f"{SEG}.stored").read_text()
+    for outcome in ("stored", "failed"):
+        (spool / f"{SEG}.stored").unlink()
+        busy = os.open(spool / f"{SEG}.busy", os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(busy, fcntl.LOCK_EX)
+        got = {}
+        t = threading.Thread(target=lambda: got.update(r=run(d, "push", f"pg_wal/{SEG}"), at=time.monotonic()))
+        t.start()
+        time.sleep(0.5)
+        assert t.is_alive()  # waiting on the lock, not answering
+        if outcome == "stored":
+            (spool / f"{SEG}.stored").write_text(marker)
+        released = time.monotonic()
+        os.close(busy)
+        t.join(10)
+        assert got["at"] - released < 1.0
+        assert got["r"] == ((0, "") if outcome == "stored" else (7, f"FALLBACK push pg_wal/{SEG}\n"))
