@@ -36,7 +36,7 @@ spools them; each later call takes its segment from the spool once it is provabl
 prefetcher verified (its recorded stat key, else the CRC-32 in its name), with the standard
 library only (see core/fetchahead.py). Anything the spool cannot give is
 fetched directly. Options: --ahead N (segments fetched ahead, default 8; 0 turns fetch-ahead off),
---parallel N (downloads at once, default 2), --idle-exit S (the prefetcher leaves after S seconds
+--parallel N (downloads at once, default 3), --idle-exit S (the prefetcher leaves after S seconds
 without a request, default 30; it also leaves when recovery ends or the server stops).
 Timeline history files PostgreSQL looks for go through the prefetcher too, and so does a
 segment past the archive's end: it answers "not archived" (<name>.missing) only after checking,
@@ -64,7 +64,7 @@ _HEXL = set("0123456789abcdef")
 FETCH_SPOOL = "pgincr_fetch"
 
 
-def fetch(name: str, dest: str, repo_url: str, cluster: str, *, ahead: int = 8, parallel: int = 2,
+def fetch(name: str, dest: str, repo_url: str, cluster: str, *, ahead: int = 8, parallel: int = 3,
           idle_exit: float = 30.0, env_file: str | None = None) -> int:
     """Restore WAL file `name` to `dest` (%f, %p). A segment comes from the fetch-ahead spool when
     PostgreSQL runs us during a recovery (a prefetcher is started on the first call); anything
@@ -329,7 +329,7 @@ def _fast_fetch(fa: dict) -> int | None:
     repo = fa.get("repo") or os.environ.get("PGINCR_REPO")
     cluster = fa.get("cluster") or os.environ.get("PGINCR_CLUSTER")
     try:
-        opts = {"ahead": int(fa.get("ahead", 8)), "parallel": int(fa.get("parallel", 2)),
+        opts = {"ahead": int(fa.get("ahead", 8)), "parallel": int(fa.get("parallel", 3)),
                 "idle_exit": float(fa.get("idle_exit", 30))}
     except ValueError:
         return None

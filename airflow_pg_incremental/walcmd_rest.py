@@ -407,7 +407,7 @@ def main(argv: list[str], fa: dict | None, fetch) -> int:
             sp.add_argument("name", help="%%f")
             sp.add_argument("dest", help="%%p")
             sp.add_argument("--ahead", type=int, default=8, help="segments to fetch ahead (0: no fetch-ahead)")
-            sp.add_argument("--parallel", type=int, default=2, help="parallel downloads of the prefetcher")
+            sp.add_argument("--parallel", type=int, default=3, help="parallel downloads of the prefetcher")
             sp.add_argument("--idle-exit", type=float, default=30.0,
                             help="seconds without a request after which the prefetcher stops")
     try:

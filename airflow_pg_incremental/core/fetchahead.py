@@ -233,7 +233,7 @@ class Prefetcher:
     POLL = 0.003  # how often the newest request is looked at (a stat)
     CHECK = 0.2  # how often the postmaster and recovery.signal are
 
-    def __init__(self, repo, cluster: str, spool: str, data_dir: str, *, window: int = 8, parallel: int = 2,
+    def __init__(self, repo, cluster: str, spool: str, data_dir: str, *, window: int = 8, parallel: int = 3,
                  idle_exit: float = 30.0):
         self.repo, self.cluster, self.spool, self.data_dir = repo, cluster, spool, data_dir
         self.window, self.parallel, self.idle_exit = max(1, window), max(1, parallel), idle_exit

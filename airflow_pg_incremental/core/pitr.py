@@ -193,9 +193,11 @@ def _before(meta: dict, target: RecoveryTarget, repo: Repository, cluster: str) 
     return True
 
 
-def archive_window(repo: Repository, cluster: str, meta: dict) -> dict:
+def archive_window(repo: Repository, cluster: str, meta: dict, *, read_end: bool = True) -> dict:
     """What this backup can reach: continuous WAL from its start segment on, with the time of the
-    last commit in the archive (read with pg_waldump) when it can be determined."""
+    last commit in the archive (read with pg_waldump) when it can be determined. Without
+    `read_end`, that last read is left to the caller: win["_read_end"] holds its arguments
+    (see read_archive_end)."""
     seg = meta.get("wal_segment_size") or 16 * 1024 * 1024
     # a backup taken with -X fetch carries its own WAL from start to stop: the archive is needed
     # from its stop on (without that WAL, from its start)
@@ -234,7 +236,11 @@ def archive_window(repo: Repository, cluster: str, meta: dict) -> dict:
         later = [n for n in segs.get(end_tli, []) if n > nxt]
         if later:
             win["gap_after"] = nxt  # missing, while newer segments exist
-        win.update(archive_end(repo, cluster, meta["pg_major"], cont["end_segment"], seg, start // seg))
+        end_args = (repo, cluster, meta["pg_major"], cont["end_segment"], seg, start // seg)
+        if read_end:
+            win.update(archive_end(*end_args))
+        else:
+            win["_read_end"] = end_args
     elif segs.get(tli):
         win["gap_after"] = segment_name(tli, start // seg, seg)
     return win
@@ -278,6 +284,25 @@ def _waldump(waldump: str, directory: str, first: str, last: str) -> str:
     r = subprocess.run([waldump, "-p", directory, first, last], capture_output=True, text=True,
                        env=server_environment({"TZ": "UTC", "LC_ALL": "C"}))
     return r.stdout  # exit 1 at the end of valid WAL ("invalid record length") is its normal end here
+
+
+def read_archive_end(win: dict):
+    """Start reading the archive's end (archive_end: a few segments through pg_waldump) for a
+    window made with read_end=False, beside whatever the caller does next; the returned function
+    waits for it and puts it into `win`."""
+    args = win.pop("_read_end", None)
+    if args is None:
+        return lambda: None
+    import threading
+
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.update(archive_end(*args)), name="pgincr-archive-end", daemon=True)
+    t.start()
+
+    def done() -> None:
+        t.join()
+        win.update(out)
+    return done
 
 
 def archive_end(repo: Repository, cluster: str, major: int, last_segment: str, seg: int,
@@ -490,7 +515,10 @@ def restore_pitr(repo: Repository, cluster: str, target: RecoveryTarget, target_
     with timings.step("plan"):
         meta = choose_backup(repo, cluster, target, backup_id)
         target_path = check_target_dir(target_dir)
-        win = whole_window(repo, cluster, target, archive_window(repo, cluster, meta))
+        # the archive's last commit time and record serve the checks of time, xid and LSN targets;
+        # for the others they only go into the report: read beside the restore
+        early = target.kind not in ("latest", "immediate")
+        win = whole_window(repo, cluster, target, archive_window(repo, cluster, meta, read_end=early))
         check_window(target, win)
         plan_tablespaces(meta, tablespace_map, tablespaces_in_place, target_path)  # refused before anything
         python_usable_by(os_user)
@@ -500,6 +528,7 @@ def restore_pitr(repo: Repository, cluster: str, target: RecoveryTarget, target_
              cluster, target.kind, target.value or "", target.action, meta["backup_id"], win["end_lsn"])
     written = Footprint(target_path)
     srv = None
+    end_read = read_archive_end(win)
     try:
         res = restore_backup(repo, cluster, meta["backup_id"], target_path, verify=verify, os_user=os_user,
                              progress_interval=progress_interval, keep_failed=keep_failed,
@@ -516,6 +545,7 @@ def restore_pitr(repo: Repository, cluster: str, target: RecoveryTarget, target_
     except BaseException as e:
         _after_failure(e, srv, written, keep_failed)
         raise
+    end_read()
     report.update({"cluster": cluster, "backup_id": meta["backup_id"], "chain": res.get("chain"),
                    "target": target.to_dict(),
                    "target_dir": str(target_path), "window": win, "pg_major": meta["pg_major"],
