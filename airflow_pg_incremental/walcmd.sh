@@ -20,7 +20,8 @@
 # directly. So this file only ever answers "done"; it never says "not archived" nor fails.
 
 stat_key() {  # the file's "<inode> <size> <mtime> <ctime>", as fetchahead/pushahead.stat_key write it
-    stat -c '%i %s %.9Y %.9Z' -- "$1" 2>/dev/null
+    # called only as $(stat_key F): exec makes stat the command substitution's process (no fork)
+    exec stat -c '%i %s %.9Y %.9Z' -- "$1" 2>/dev/null
 }
 
 fetch_hit() {  # $1 %f, $2 %p
