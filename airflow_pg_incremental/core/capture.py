@@ -400,9 +400,12 @@ def _receive_and_store(proc, up: "_Uploader", target: int, timeout_s: float) -> 
 
 
 def capture_threads() -> int:
-    """Segments compressed and stored at once: the cores, at most 4 (zstd and the repository's
-    I/O release the GIL; each store holds a segment and its compressed copy in memory)."""
-    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    """Segments compressed and stored at once: the cores (backup_stream.default_threads), at most
+    4 (zstd and the repository's I/O release the GIL; each store holds a segment and its
+    compressed copy in memory)."""
+    from .backup_stream import default_threads
+
+    return min(4, default_threads())
 
 
 class _Uploader:
