@@ -193,15 +193,18 @@ def _before(meta: dict, target: RecoveryTarget, repo: Repository, cluster: str) 
     return True
 
 
+def _archive_from(meta: dict) -> tuple[int, int]:
+    """(segment size, the LSN the archive is needed from) for this backup: a backup taken with
+    -X fetch carries its own WAL from start to stop, so from its stop on (else from its start)."""
+    seg = meta.get("wal_segment_size") or 16 * 1024 * 1024
+    return seg, parse_lsn(meta["stop_lsn"] if meta.get("wal_included", True) else meta["start_lsn"])
+
+
 def archive_window(repo: Repository, cluster: str, meta: dict, *, read_end: bool = True) -> dict:
     """What this backup can reach: continuous WAL from its start segment on, with the time of the
     last commit in the archive (read with pg_waldump) when it can be determined. Without
-    `read_end`, that last read is left to the caller: win["_read_end"] holds its arguments
-    (see read_archive_end)."""
-    seg = meta.get("wal_segment_size") or 16 * 1024 * 1024
-    # a backup taken with -X fetch carries its own WAL from start to stop: the archive is needed
-    # from its stop on (without that WAL, from its start)
-    start = parse_lsn(meta["stop_lsn"] if meta.get("wal_included", True) else meta["start_lsn"])
+    `read_end`, that last read is left to the caller (read_archive_end)."""
+    seg, start = _archive_from(meta)
     tli = meta.get("timeline") or 1
     segs = list_segments(repo, cluster)
     newest_tli = max(segs) if segs else tli
@@ -236,11 +239,8 @@ def archive_window(repo: Repository, cluster: str, meta: dict, *, read_end: bool
         later = [n for n in segs.get(end_tli, []) if n > nxt]
         if later:
             win["gap_after"] = nxt  # missing, while newer segments exist
-        end_args = (repo, cluster, meta["pg_major"], cont["end_segment"], seg, start // seg)
         if read_end:
-            win.update(archive_end(*end_args))
-        else:
-            win["_read_end"] = end_args
+            win.update(archive_end(repo, cluster, meta["pg_major"], cont["end_segment"], seg, start // seg))
     elif segs.get(tli):
         win["gap_after"] = segment_name(tli, start // seg, seg)
     return win
@@ -286,17 +286,19 @@ def _waldump(waldump: str, directory: str, first: str, last: str) -> str:
     return r.stdout  # exit 1 at the end of valid WAL ("invalid record length") is its normal end here
 
 
-def read_archive_end(win: dict):
-    """Start reading the archive's end (archive_end: a few segments through pg_waldump) for a
-    window made with read_end=False, beside whatever the caller does next; the returned function
-    waits for it and puts it into `win`."""
-    args = win.pop("_read_end", None)
-    if args is None:
+def read_archive_end(repo: Repository, cluster: str, meta: dict, win: dict):
+    """Start reading the archive's end (archive_end: a few segments through pg_waldump) for
+    `win`, made by archive_window(..., read_end=False) for `meta`, beside whatever the caller does
+    next; the returned function waits for it and puts it into `win`."""
+    if not win["end_segment"]:
         return lambda: None
     import threading
 
+    seg, start = _archive_from(meta)
     out: dict = {}
-    t = threading.Thread(target=lambda: out.update(archive_end(*args)), name="pgincr-archive-end", daemon=True)
+    t = threading.Thread(target=lambda: out.update(archive_end(repo, cluster, meta["pg_major"], win["end_segment"],
+                                                               seg, start // seg)),
+                         name="pgincr-archive-end", daemon=True)
     t.start()
 
     def done() -> None:
@@ -528,7 +530,7 @@ def restore_pitr(repo: Repository, cluster: str, target: RecoveryTarget, target_
              cluster, target.kind, target.value or "", target.action, meta["backup_id"], win["end_lsn"])
     written = Footprint(target_path)
     srv = None
-    end_read = read_archive_end(win)
+    end_read = read_archive_end(repo, cluster, meta, win) if not early else (lambda: None)
     try:
         res = restore_backup(repo, cluster, meta["backup_id"], target_path, verify=verify, os_user=os_user,
                              progress_interval=progress_interval, keep_failed=keep_failed,
