@@ -534,7 +534,7 @@ class Prefetcher:
         for e in self._entries():
             if e.endswith((".part", ".error", ".missing", ".tmp")) or e == "ack":
                 self._unlink(e)
-            elif parse_ready_name(e) and not is_history_name(parse_ready_name(e)[0]) and self.seg is None:
+            elif (ready := parse_ready_name(e)) and not is_history_name(ready[0]) and self.seg is None:
                 size = os.stat(self._p(e)).st_size
                 self.seg = size if (1 << 20) <= size <= (1 << 30) and not size & (size - 1) else None
 
