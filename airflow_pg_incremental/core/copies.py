@@ -124,7 +124,7 @@ def _copy_object(src: Repository, dst: Repository, info: ObjectInfo, backup_id: 
     if dst.exists(info.key) and dst.size(info.key) == info.stored_size:
         return 0  # a copy that stopped after this object: it was checked then
     progress = Progress(f"copy {backup_id} {info.key.rsplit('/', 1)[-1]}", info.stored_size, log, interval)
-    with src.open(info.key) as stored:
+    with src.open(info.key, size=info.stored_size) as stored:
         reader = HashingReader(stored, on_chunk=lambda c: progress.add(len(c)))
         dst.put(info.key, reader)
     if reader.size != info.stored_size or reader.hexdigest() != info.stored_sha256:

@@ -126,7 +126,7 @@ def extract_object(repo: Repository, info: ObjectInfo, dest: Path, what: str, in
                              "--no-same-owner", "--delay-directory-restore"], stdin=subprocess.PIPE, stderr=err)
     _grow_pipe(proc.stdin.fileno(), TAR_RECORD)
     try:
-        with repo.open(info.key) as stored:
+        with repo.open(info.key, size=info.stored_size) as stored:
             reader = VerifyingReader(stored, info)
             ahead = _ReadAhead(reader.read, TAR_RECORD)
             try:
@@ -209,7 +209,7 @@ class _ReadAhead:
 
 def _extract_with_tarfile(repo: Repository, info: ObjectInfo, dest: Path, what: str, interval: float) -> None:
     progress = Progress(f"restore {what}", info.raw_size, log, interval)
-    with repo.open(info.key) as stored:
+    with repo.open(info.key, size=info.stored_size) as stored:
         reader = VerifyingReader(stored, info)
         try:
             with tarfile.open(fileobj=CountingReader(reader, progress), mode="r|", bufsize=1 << 20) as tf:

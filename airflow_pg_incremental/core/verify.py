@@ -307,7 +307,7 @@ def _read_object(repo: Repository, info: ObjectInfo, dest: Path | None, what: st
     progress = Progress(f"verify {what}", info.raw_size, log, progress_interval)
     extract_error = None
     try:
-        with repo.open(info.key) as stored:
+        with repo.open(info.key, size=info.stored_size) as stored:
             reader = VerifyingReader(stored, info)
             counting = CountingReader(reader, progress)
             if dest is not None:

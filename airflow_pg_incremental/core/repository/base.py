@@ -71,14 +71,17 @@ class Repository(ABC):
         self._put(key, enc, overwrite=overwrite)
         return enc.plain_size
 
-    def open(self, key: str) -> BinaryIO:
-        """A readable stream of the object's bytes (as put); raises ObjectNotFound."""
+    def open(self, key: str, *, size: int | None = None) -> BinaryIO:
+        """A readable stream of the object's bytes (as put); raises ObjectNotFound. `size`: the
+        stored size the caller expects (a backup's metadata records it); a driver may read a large
+        object by several requests at once (S3: ranged GETs side by side)."""
         if not self._encrypts(key):
-            return self._open(key)
+            return self._open(key) if size is None else self._open_sized(key, size)
         from .crypt import DecryptingReader
 
         known = (self.identity().get("encryption") or {}).get("checks") or {}
-        return DecryptingReader(self._open(key), self.keyring, validate_key(key), f" in {self.url}", known_ids=known)
+        stored = self._open(key) if size is None else self._open_sized(key, size)
+        return DecryptingReader(stored, self.keyring, validate_key(key), f" in {self.url}", known_ids=known)
 
     def size(self, key: str) -> int:
         n = self._size(key)
@@ -96,6 +99,10 @@ class Repository(ABC):
     @abstractmethod
     def _open(self, key: str) -> BinaryIO:
         """A readable stream of the object's stored bytes; raises ObjectNotFound."""
+
+    def _open_sized(self, key: str, size: int) -> BinaryIO:
+        """_open for an object the caller expects to hold about `size` bytes."""
+        return self._open(key)
 
     @abstractmethod
     def _size(self, key: str) -> int:

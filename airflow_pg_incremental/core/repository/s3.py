@@ -22,6 +22,8 @@ class S3Repository(Repository):
     """S3 or any S3-compatible store. `client` is a boto3 S3 client (e.g. from Airflow's S3Hook)."""
 
     MULTIPART_CHUNK = 16 * 1024 * 1024
+    READ_PART = 8 * 1024 * 1024  # bytes per ranged GET of a large object
+    READ_ATTEMPTS = 3  # per part, for a connection that breaks mid-body (botocore retries the request itself)
     # how the user configured it: "cli" (environment, --env-file) or "airflow" (an aws connection);
     # error messages name the fix in that language
     origin: str | None = None
@@ -41,11 +43,14 @@ class S3Repository(Repository):
         return self._FIX[what].get(self.origin, self._FIX[what][None])
 
     def __init__(self, client, bucket: str, prefix: str = "", *, sse: str | None = None,
-                 sse_kms_key_id: str | None = None):
+                 sse_kms_key_id: str | None = None, read_streams: int | None = None):
         """`sse`: S3 server-side encryption of what is written: AES256 (SSE-S3) or aws:kms (SSE-KMS,
-        with `sse_kms_key_id`, else the account's default KMS key); None: the bucket's default."""
+        with `sse_kms_key_id`, else the account's default KMS key); None: the bucket's default.
+        `read_streams`: ranged GETs in flight when a large object is read (default
+        PGINCR_S3_READ_STREAMS, else 4; 1 reads it as one stream)."""
         if not bucket or "/" in bucket:
             raise ConfigError(f"invalid bucket name {bucket!r}")
+        self.read_streams = read_streams_setting(read_streams)
         self.client = client
         self.bucket = bucket
         self.prefix = validate_prefix(prefix)
@@ -103,17 +108,31 @@ class S3Repository(Repository):
         return counter.size
 
     def _open(self, key: str) -> BinaryIO:
+        return _StreamingBody(self._get(key)["Body"])
+
+    def _open_sized(self, key: str, size: int) -> BinaryIO:
+        """A large object (a backup's tar) is read by `read_streams` ranged GETs in flight side by
+        side: one S3 connection rarely carries more than ~100 MB/s, and a failed part is asked
+        again rather than failing the whole read. Small objects (WAL segments, metadata) are one GET."""
+        if self.read_streams < 2 or size <= 2 * self.READ_PART:
+            return self._open(key)
+        return _RangedBody(self, key, self.READ_PART, self.read_streams)
+
+    def _get(self, key: str, **kwargs) -> dict:
+        """get_object, its errors named (a missing object is ObjectNotFound)."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key), **kwargs)
         except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            code = e.response.get("Error", {}).get("Code")
+            if code in ("NoSuchKey", "404"):
                 raise ObjectNotFound(f"object {key} not found in {self.url}") from None
+            if code == "InvalidRange":  # a range past the end: the object is shorter than asked
+                raise _InvalidRange(f"{key} in {self.url} is shorter than {kwargs.get('Range')}") from e
             raise self._err(e, f"reading {key}") from e
         except BotoCoreError as e:
             raise self._err(e, f"reading {key}") from e
-        return _StreamingBody(resp["Body"])
 
     def _head(self, key: str):
         from botocore.exceptions import BotoCoreError, ClientError
@@ -289,6 +308,21 @@ class S3Repository(Repository):
 
 
 SSE_MODES = ("AES256", "aws:kms")
+MAX_READ_STREAMS = 32
+
+
+def read_streams_setting(value: int | str | None = None) -> int:
+    """`value`, else PGINCR_S3_READ_STREAMS, else 4: ranged GETs in flight per large object."""
+    if value is None:
+        value = os.environ.get("PGINCR_S3_READ_STREAMS") or 4
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if not 1 <= n <= MAX_READ_STREAMS:
+        raise ConfigError(f"S3 read streams {value!r} (PGINCR_S3_READ_STREAMS) must be a whole number from 1 to "
+                          f"{MAX_READ_STREAMS}")
+    return n
 
 
 def sse_args(sse: str | None, kms_key_id: str | None = None) -> dict:
@@ -360,3 +394,147 @@ def s3_client_from_env(endpoint_url: str | None = None):
         config=Config(retries={"max_attempts": attempts, "mode": "standard"}, s3={"addressing_style": "path"},
                       connect_timeout=5, read_timeout=60),
     )
+
+
+class _RangedBody(io.RawIOBase):
+    """One object read as ranged GETs of `part` bytes, `streams` of them in flight side by side,
+    handed on in order. Memory: at most streams + 1 parts. The first GET (bytes 0..part-1) gives the
+    object's size and ETag; every later part must come from the same object version (its ETag), or
+    the read fails: an object replaced mid-read is never spliced. A part whose body breaks off is
+    asked again (READ_ATTEMPTS); errors surface in read(), in order, named as by the driver."""
+
+    def __init__(self, repo: S3Repository, key: str, part: int, streams: int):
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._repo, self._key, self._part = repo, key, part
+        self._closed_evt = threading.Event()
+        self._buf, self._pos = b"", 0
+        self._single: BinaryIO | None = None
+        try:
+            first = repo._get(key, Range=f"bytes=0-{part - 1}")
+        except _InvalidRange:  # an empty object: its checks will say it is not what was stored
+            self._single = repo._open(key)
+            return
+        total = _content_range_total(first.get("ContentRange"))
+        if total is None:  # the server ignored Range (200, whole object): one stream after all
+            self._single = _StreamingBody(first["Body"])
+            return
+        self.size, self._etag, self._streams = total, first.get("ETag"), streams
+        self._nparts = max(1, -(-total // part))
+        self._pool = ThreadPoolExecutor(max_workers=streams, thread_name_prefix="pgincr-s3-read")
+        self._ahead: list = [self._pool.submit(self._first, first)]
+        self._next = 1
+        self._fill()
+
+    # -- workers ---------------------------------------------------------------------------------
+    def _range(self, index: int) -> tuple[int, int]:
+        start = index * self._part
+        return start, min(self.size, start + self._part) - 1
+
+    def _fetch(self, index: int) -> bytes:
+        import time
+
+        start, end = self._range(index)
+        for attempt in range(1, self._repo.READ_ATTEMPTS + 1):
+            if self._closed_evt.is_set():
+                return b""
+            resp = self._repo._get(self._key, Range=f"bytes={start}-{end}")
+            try:
+                return self._body(index, resp)
+            except _BrokenPart as e:
+                if attempt == self._repo.READ_ATTEMPTS:
+                    raise RepositoryError(f"S3 failure while reading {self._key} (bytes {start}-{end}) in "
+                                          f"{self._repo.url}: {e} ({attempt} attempts); "
+                                          f"{self._repo._fix('endpoint')}") from e.__cause__
+                log.info("reading %s bytes %d-%d again (attempt %d): %s", self._key, start, end, attempt + 1, e)
+                time.sleep(0.2 * attempt)
+        raise AssertionError("unreachable")
+
+    def _first(self, resp: dict) -> bytes:
+        try:
+            return self._body(0, resp)
+        except _BrokenPart as e:
+            log.info("reading %s bytes 0-%d again: %s", self._key, self._range(0)[1], e)
+            return self._fetch(0)
+
+    def _body(self, index: int, resp: dict) -> bytes:
+        start, end = self._range(index)
+        etag = resp.get("ETag")
+        if etag != self._etag or _content_range_total(resp.get("ContentRange")) != self.size:
+            resp["Body"].close()
+            raise RepositoryError(f"{self._key} in {self._repo.url} changed while it was read (ETag {self._etag} "
+                                  f"became {etag}): something rewrote it; a stored object is never rewritten, so "
+                                  "find what writes into this repository, then read it again")
+        try:
+            data = resp["Body"].read()
+        except Exception as e:  # a connection reset, a timeout, an incomplete body
+            raise _BrokenPart(f"{type(e).__name__}: {e}") from e
+        if len(data) != end - start + 1:
+            raise _BrokenPart(f"{len(data)} bytes instead of {end - start + 1}")
+        return data
+
+    def _fill(self) -> None:
+        while self._next < self._nparts and len(self._ahead) < self._streams:
+            self._ahead.append(self._pool.submit(self._fetch, self._next))
+            self._next += 1
+
+    # -- the stream ------------------------------------------------------------------------------
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        if self._single is not None:
+            return self._single.read(n)
+        if n is None or n < 0:
+            out = [self._buf[self._pos:]]
+            self._buf, self._pos = b"", 0
+            while self._ahead:
+                out.append(self._take())
+            return b"".join(out)
+        while self._pos >= len(self._buf):
+            if not self._ahead:
+                return b""
+            self._buf, self._pos = self._take(), 0
+        data = self._buf[self._pos:self._pos + n]
+        self._pos += len(data)
+        return data
+
+    def _take(self) -> bytes:
+        future = self._ahead.pop(0)
+        data = future.result()  # the part's error, in order
+        self._fill()
+        return data
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._closed_evt.set()
+            if self._single is not None:
+                self._single.close()
+            else:
+                for f in self._ahead:
+                    f.cancel()
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._ahead = []
+        super().close()
+
+
+class _InvalidRange(RepositoryError):
+    """A ranged GET past the object's end (HTTP 416)."""
+
+
+class _BrokenPart(Exception):
+    """A part's body broke off or came short: worth asking for again."""
+
+
+def _content_range_total(value: str | None) -> int | None:
+    """The object's size from a Content-Range header ('bytes 0-8388607/123456789'), or None."""
+    if not value or "/" not in value:
+        return None
+    total = value.rsplit("/", 1)[1]
+    return int(total) if total.isdigit() else None
