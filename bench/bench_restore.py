@@ -95,9 +95,16 @@ class TlsSeaweedS3(SeaweedS3):
         super().start(timeout)
         return self
 
+    front_port: int | None = None  # the throttling proxy's port (--s3-conn-mbps), else None
+
+    @property
+    def serve_port(self) -> int:
+        """Where both tools connect: the proxy when there is one, else SeaweedFS's HTTPS port."""
+        return self.front_port or self.https_port
+
     @property
     def https_url(self) -> str:
-        return f"https://127.0.0.1:{self.https_port}"
+        return f"https://127.0.0.1:{self.serve_port}"
 
     def https_env(self) -> dict:
         """What our CLI and walcmd need: the HTTPS endpoint and the self-signed certificate as the
@@ -223,7 +230,7 @@ class Bench:
             return f"repo{n}-path={self.w / 'pgbr' / 'repo'}\n"
         s3 = self.s3
         return (f"repo{n}-type=s3\nrepo{n}-path=/pgbr\nrepo{n}-s3-bucket={s3.bucket}\n"
-                f"repo{n}-s3-endpoint=127.0.0.1\nrepo{n}-storage-port={s3.https_port}\nrepo{n}-s3-uri-style=path\n"
+                f"repo{n}-s3-endpoint=127.0.0.1\nrepo{n}-storage-port={s3.serve_port}\nrepo{n}-s3-uri-style=path\n"
                 f"repo{n}-s3-region=us-east-1\nrepo{n}-s3-key={s3.access_key}\nrepo{n}-s3-key-secret={s3.secret_key}\n"
                 f"repo{n}-storage-verify-tls=n\n")
 
@@ -253,7 +260,8 @@ class Bench:
             self.pgbr_cfg[loc] = b / f"restore-{loc}.conf"
             self.pgbr_cfg[loc].write_text(
                 "[global]\n" + self.pgbr_repo_lines(loc, 1)
-                + f"process-max=2\narchive-async=y\narchive-get-queue-max={self.a.pgbr_queue_max}\n"
+                + f"process-max={self.a.pgbr_process_max}\narchive-async=y\n"
+                + f"archive-get-queue-max={self.a.pgbr_queue_max}\n"
                 + self.pgbr_common(loc) + stanza)
         for f in self.pgbr_cfg.values():
             os.chmod(f, 0o640)
@@ -280,6 +288,8 @@ class Bench:
             t = time.monotonic()
             self.s3 = TlsSeaweedS3(self.w / "seaweed")
             self.s3.start()
+            if a.s3_conn_mbps:
+                self.start_proxy(a.s3_conn_mbps)
             self.log(f"SeaweedFS started: HTTP {self.s3.endpoint_url}, HTTPS {self.s3.https_url} (self-signed "
                      f"certificate) ({time.monotonic() - t:.1f} s)")
         self.src = SandboxPostgres(self.w / "pg15", major=15, env=self.s3.https_env() if self.s3 else {})
@@ -731,10 +741,13 @@ class Bench:
             "config": {"scale": a.scale, "segments": a.segments, "repeat": a.repeat, "calls": a.calls,
                        "cache": a.cache, "level": a.level, "locations": self.locations,
                        "ours_verify": not a.ours_no_verify, "pgbr_queue_max": a.pgbr_queue_max,
-                       "pgbackrest_restore": "process-max=2 archive-async=y archive-get-queue-max=%s spool-path "
-                                             "(restore --type=default; plain: --type=immediate)" % a.pgbr_queue_max,
+                       "pgbackrest_restore": "process-max=%d archive-async=y archive-get-queue-max=%s spool-path "
+                                             "(restore --type=default; plain: --type=immediate)"
+                                             % (a.pgbr_process_max, a.pgbr_queue_max),
                        "pgbackrest_s3": "repo1-type=s3 repo1-s3-uri-style=path repo1-storage-verify-tls=n (HTTPS)",
-                       "ours_s3": "PGINCR_S3_ENDPOINT_URL=https://... AWS_CA_BUNDLE=<self-signed certificate>"},
+                       "ours_s3": "PGINCR_S3_ENDPOINT_URL=https://... AWS_CA_BUNDLE=<self-signed certificate>",
+                       "s3_conn_mbps": a.s3_conn_mbps,
+                       "ours_s3_read_streams": int(os.environ.get("PGINCR_S3_READ_STREAMS") or 4)},
             "environment": {"cpus": os.cpu_count(), "python": platform.python_version(),
                             "platform": platform.platform(), "pgbackrest": self.info.get("pgbackrest"),
                             "install": self.install_note, "code": _git_state(), "filesystem": run_cmd(
@@ -750,8 +763,27 @@ class Bench:
             raise RuntimeError("a restored server's data differs from the source's (see DATA CHECK FAILED above)")
         return report
 
+    def start_proxy(self, mbps: float) -> None:
+        """bench/throttle_proxy.py in front of SeaweedFS's HTTPS port: every connection of either
+        tool downloads at most `mbps` MB/s, as from AWS S3 (see that file)."""
+        port = free_port()
+        self.proxy = subprocess.Popen([sys.executable, str(Path(__file__).with_name("throttle_proxy.py")),
+                                       "--listen", str(port), "--to", f"127.0.0.1:{self.s3.https_port}",
+                                       "--mbps", str(mbps)], stdout=subprocess.PIPE, text=True)
+        line = self.proxy.stdout.readline().strip()
+        if line != f"ready {port}":
+            raise RuntimeError(f"the throttling proxy did not start: {line!r}")
+        self.s3.front_port = port
+        self.log(f"S3 connections capped at {mbps:g} MB/s each (bench/throttle_proxy.py on port {port})")
+
+    def stop_proxy(self) -> None:
+        if getattr(self, "proxy", None) is not None and self.proxy.poll() is None:
+            self.proxy.terminate()
+            self.proxy.wait(10)
+
     def stoppers(self):
         out = [("stop a restored server", s.stop) for s in self.servers]
+        out.append(("stop the throttling proxy", self.stop_proxy))
         if self.src is not None:
             out.append(("stop the source PostgreSQL", self.src.stop))
         if self.s3 is not None:
@@ -843,6 +875,9 @@ def print_report(rep: dict) -> None:
     print(f"ours: pgincr restore{'' if cfg['ours_verify'] else ' --no-verify'} (verify "
           f"{'on: pg_verifybackup of the restored copy' if cfg['ours_verify'] else 'off'}); "
           f"pgBackRest: {cfg['pgbackrest_restore']}")
+    if cfg.get("s3_conn_mbps"):
+        print(f"S3: every connection of either tool capped at {cfg['s3_conn_mbps']:g} MB/s (bench/throttle_proxy.py); "
+              f"ours reads a backup by {cfg['ours_s3_read_streams']} ranged GETs side by side")
     print()
     head = (f"{'wall seconds (median of rounds)':<44}{'ours':>9}{'pgBR':>9}   {'ours/pgBR per round':<26}"
             f"{'median':>7}{'min-max':>12}{'target':>8}")
@@ -921,7 +956,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--level", type=int, default=3, help="zstd level of both tools' backups and WAL (default 3)")
     ap.add_argument("--pgbr-queue-max", default="1GiB",
                     help="pgBackRest archive-get-queue-max (default 1GiB = 64 segments ahead)")
+    ap.add_argument("--pgbr-process-max", type=int, default=2,
+                    help="pgBackRest process-max of its restore and archive-get (default 2, the cores; give it "
+                         "ours' S3 read streams, 4, when S3 connections are capped)")
     ap.add_argument("--no-s3", action="store_true", help="local repositories only (no SeaweedFS)")
+    ap.add_argument("--s3-conn-mbps", type=float, default=0,
+                    help="cap every S3 connection of both tools at this many MB/s (bench/throttle_proxy.py), as "
+                         "from AWS S3 where one connection carries ~85-100 MB/s (default: no cap; loopback)")
     ap.add_argument("--ours-no-verify", action="store_true",
                     help="pass --no-verify to pgincr restore (skip pg_verifybackup of the restored copy; the stored "
                          "checksums are checked either way, as pgBackRest checks its own)")
