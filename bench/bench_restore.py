@@ -43,6 +43,7 @@ from pathlib import Path
 
 import psutil
 from _common import page_cache, ratio_summary, run_bench, syncfs
+from bench_full import Bench as FullBench
 from bench_incr import Bench as IncrBench
 from bench_incr import Meter, _git_state, clean_env, dir_size, run_cmd
 from bench_wal import become_subreaper, percentile
@@ -169,18 +170,20 @@ def restore_command_of(data_dir: Path) -> str | None:
     return found[-1].replace("''", "'") if found else None
 
 
-FINGERPRINT_SQL = " UNION ALL ".join(
-    f"SELECT '{t}', count(*), coalesce(sum(hashtext(x::text)::bigint), 0) FROM {t} x"
-    for t in ("pgbench_accounts", "pgbench_branches", "pgbench_tellers", "pgbench_history"))
+TABLES = ("pgbench_accounts", "pgbench_branches", "pgbench_tellers", "pgbench_history")
 
 
-def fingerprint(srv) -> list[str]:
-    """Row count and an order-independent hash sum of every pgbench table."""
-    return sorted(srv.psql(FINGERPRINT_SQL).strip().splitlines())
+def fingerprint(srv, tables=TABLES) -> list[str]:
+    """Row count and an order-independent hash sum of every pgbench table (and bench_mixed)."""
+    sql = " UNION ALL ".join(f"SELECT '{t}', count(*), coalesce(sum(hashtext(x::text)::bigint), 0) FROM {t} x"
+                             for t in tables)
+    return sorted(srv.psql(sql).strip().splitlines())
 
 
 # =============================================================================================
 class Bench:
+    tables = TABLES
+
     def __init__(self, args, workdir: Path):
         self.a = args
         self.w = workdir
@@ -223,7 +226,9 @@ class Bench:
         return S3Repository(self.s3.https_client(), self.s3.bucket, "ours")
 
     def s3_env(self, loc: str) -> dict:
-        return self.s3.https_env() if loc == "s3" else {}
+        if loc != "s3":
+            return {}
+        return {**self.s3.https_env(), "PGINCR_S3_READ_STREAMS": str(self.a.ours_s3_read_streams)}
 
     def pgbr_repo_lines(self, loc: str, n: int) -> str:
         if loc == "local":
@@ -310,6 +315,10 @@ class Bench:
                  f"stanza created; pgbench -i -s {a.scale} ...")
         t = time.monotonic()
         self.src.pgbench_init(a.scale)
+        if a.mixed_mb:
+            self.pg = self.src  # FullBench.load_mixed's server
+            FullBench.load_mixed(self, a.mixed_mb)
+            self.tables = TABLES + ("bench_mixed",)
         self.src.psql("CHECKPOINT")
         IncrBench.wait_archived(self, self.src)
         db = int(self.src.psql("SELECT pg_database_size('postgres')").strip())
@@ -362,7 +371,7 @@ class Bench:
             self.src.pgbench_run(2500, clients=2)
             rounds += 1
         end = self.lsn()
-        self.source_fp = fingerprint(self.src.server)
+        self.source_fp = fingerprint(self.src.server, self.tables)
         self.src.psql("SELECT pg_switch_wal()")
         IncrBench.wait_archived(self, self.src)
         tl = 1
@@ -477,7 +486,7 @@ class Bench:
 
     def data_check(self, srv: PgServer) -> dict:
         t = time.monotonic()
-        fp = fingerprint(srv)
+        fp = fingerprint(srv, self.tables)
         return {"data_ok": fp == self.source_fp, "data_check_s": time.monotonic() - t,
                 **({} if fp == self.source_fp else {"fingerprint": fp})}
 
@@ -746,8 +755,8 @@ class Bench:
                                              % (a.pgbr_process_max, a.pgbr_queue_max),
                        "pgbackrest_s3": "repo1-type=s3 repo1-s3-uri-style=path repo1-storage-verify-tls=n (HTTPS)",
                        "ours_s3": "PGINCR_S3_ENDPOINT_URL=https://... AWS_CA_BUNDLE=<self-signed certificate>",
-                       "s3_conn_mbps": a.s3_conn_mbps,
-                       "ours_s3_read_streams": int(os.environ.get("PGINCR_S3_READ_STREAMS") or 4)},
+                       "s3_conn_mbps": a.s3_conn_mbps, "mixed_mb": a.mixed_mb,
+                       "ours_s3_read_streams": a.ours_s3_read_streams},
             "environment": {"cpus": os.cpu_count(), "python": platform.python_version(),
                             "platform": platform.platform(), "pgbackrest": self.info.get("pgbackrest"),
                             "install": self.install_note, "code": _git_state(), "filesystem": run_cmd(
@@ -953,9 +962,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", choices=("warm", "cold"), default="warm",
                     help="page-cache state of both tools' repositories before each measured step: warm = read once, "
                          "cold = posix_fadvise(DONTNEED) on every file (default warm)")
+    ap.add_argument("--mixed-mb", type=int, default=0,
+                    help="also load a less compressible table (bench_full's mixed: md5 text, jsonb; ~3x at zstd-3) "
+                         "of this many MB before the backups, so that reading the backup weighs (default 0)")
     ap.add_argument("--level", type=int, default=3, help="zstd level of both tools' backups and WAL (default 3)")
     ap.add_argument("--pgbr-queue-max", default="1GiB",
                     help="pgBackRest archive-get-queue-max (default 1GiB = 64 segments ahead)")
+    ap.add_argument("--ours-s3-read-streams", type=int, default=4,
+                    help="ours' ranged GETs side by side per backup object read from S3 (PGINCR_S3_READ_STREAMS; "
+                         "default 4, the engine's default; 1 = one stream)")
     ap.add_argument("--pgbr-process-max", type=int, default=2,
                     help="pgBackRest process-max of its restore and archive-get (default 2, the cores; give it "
                          "ours' S3 read streams, 4, when S3 connections are capped)")
