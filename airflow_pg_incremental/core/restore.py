@@ -32,7 +32,7 @@ from .progress import CountingReader, Progress
 from .repository import Repository
 from .server import PgServer, chown_tree, ensure_traversable
 from .tablespaces import (
-    extract_tablespaces,
+    extract_with_tablespaces,
     make_tablespace_dirs,
     own_tablespace_dirs,
     plan_tablespaces,
@@ -328,8 +328,7 @@ def restore_backup(repo: Repository, cluster: str, backup_id: str | None, target
         make_tablespace_dirs(spaces)
         if len(chain) == 1:
             with timings.step("extract"), _write_behind(target):
-                extract_backup(repo, chain[0], target, progress_interval)
-                extract_tablespaces(repo, chain[0], target, {t.oid: t.dest for t in spaces}, progress_interval)
+                extract_with_tablespaces(repo, chain[0], target, {t.oid: t.dest for t in spaces}, progress_interval)
             if verify:
                 with timings.step("verify"):
                     _verify(verifybackup, target, VERIFY_EXTRACTED, f"the restored backup {chain[0]['backup_id']}")
@@ -406,8 +405,7 @@ def _combine_chain(repo, chain, target: Path, combine: str, verifybackup: str | 
             d = staging / b["backup_id"]
             d.mkdir(mode=0o700)
             try:
-                extract_backup(repo, b, d, progress_interval)
-                extract_tablespaces(repo, b, d, staged_tablespace_dirs(staging, b), progress_interval)
+                extract_with_tablespaces(repo, b, d, staged_tablespace_dirs(staging, b), progress_interval)
             except Exception as e:
                 raise RestoreError(f"backup {b['backup_id']} ({b['kind']}, part {i + 1} of the chain of "
                                    f"{chain[-1]['backup_id']}) cannot be read: {e}") from e

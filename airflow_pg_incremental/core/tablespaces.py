@@ -113,18 +113,31 @@ def make_tablespace_dirs(plan: list[TablespaceTarget]) -> None:
         os.chmod(t.dest, 0o700)
 
 
-def extract_tablespaces(repo, meta: dict, data_dir: Path, dirs: dict[int, Path], interval: float = 10.0) -> None:
-    """Extract each tablespace object of backup `meta` into dirs[oid] and link
-    data_dir/pg_tblspc/<oid> to it."""
-    from .restore import _object, extract_object
+def extract_with_tablespaces(repo, meta: dict, data_dir: Path, dirs: dict[int, Path], interval: float = 10.0) -> None:
+    """Extract backup `meta` into data_dir and each of its tablespace objects into dirs[oid], side
+    by side (each is its own stream: decompression and GNU tar per object), then link
+    data_dir/pg_tblspc/<oid> to each. Every extraction is waited for; the first error is raised."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    for t in meta.get("tablespaces") or []:
-        oid = int(t["oid"])
-        dest = dirs[oid]
+    from .restore import _object, extract_backup, extract_object
+
+    spaces = meta.get("tablespaces") or []
+    if not spaces:
+        return extract_backup(repo, meta, data_dir, interval)
+
+    def space(t):
+        dest = dirs[int(t["oid"])]
         dest.mkdir(mode=0o700, parents=True, exist_ok=True)
         extract_object(repo, _object(meta, t["object"]), dest, f"{meta['backup_id']} tablespace {t['name']}",
                        interval)
-        link_tablespace(data_dir, oid, dest)
+
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="pgincr-extract") as pool:
+        futures = [pool.submit(extract_backup, repo, meta, data_dir, interval)]
+        futures += [pool.submit(space, t) for t in spaces]
+        for f in futures:
+            f.result()
+    for t in spaces:
+        link_tablespace(data_dir, int(t["oid"]), dirs[int(t["oid"])])
 
 
 def link_tablespace(data_dir: Path, oid: int, dest: Path) -> None:
