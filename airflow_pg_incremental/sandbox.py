@@ -172,6 +172,25 @@ def make_random_table(conn: ConnInfo, rows: int = 2000, table: str = "random_byt
                     f"generate_series(1, 200) b GROUP BY g", (rows,))
 
 
+def _wait_ports_free(ports: list[int], timeout: float = 30.0) -> None:
+    """Until nothing listens on any of `ports` on 127.0.0.1 any more (weed mini refuses to start on a
+    port in use)."""
+    import socket
+
+    deadline = time.time() + timeout
+    for port in ports:
+        while True:
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Go's listeners: TIME_WAIT is no obstacle
+                try:
+                    s.bind(("127.0.0.1", port))
+                    break
+                except OSError:
+                    if time.time() > deadline:
+                        return  # weed mini says which one
+            time.sleep(0.2)
+
+
 class SeaweedS3:
     """`weed mini` on loopback with SigV4 credentials and one bucket."""
 
@@ -197,6 +216,8 @@ class SeaweedS3:
                                           "filer.port", "filer.port.grpc", "s3.port", "s3.port.grpc",
                                           "s3.port.iceberg", "s3.port.lance", "admin.port", "admin.port.grpc",
                                           "webdav.port")}
+        if getattr(self, "_ports", None):  # a restart: the stopped server's ports may take a moment to free
+            _wait_ports_free([v for v in ports.values() if isinstance(v, int)])
         self._ports = ports  # a restart (stop + start) comes back on the same ports
         self.port = ports["s3.port"]
         args = [weed, "mini", f"-dir={self.workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",

@@ -152,7 +152,9 @@ class VerifyingReader(_ReadInto, io.RawIOBase):
             data = self.raw.read(CHUNK if n is None or n < 0 else n)
         except zstandard.ZstdError as e:
             name = self.expected.key
-            raise ChecksumMismatch(f"{name}: stored data is corrupt (zstd: {e}); the object cannot be used") from e
+            raise ChecksumMismatch(f"{name}: the data read is corrupt (zstd: {e}): the stored object is damaged, or "
+                                   "it was damaged on its way here (a storage or network fault); `pgincr verify` "
+                                   "reads it again and tells which") from e
         if not data:
             self._check()
         return data

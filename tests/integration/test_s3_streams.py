@@ -12,10 +12,11 @@ import pytest
 from airflow_pg_incremental.core.backup import take_full_backup
 from airflow_pg_incremental.core.errors import PgIncrError
 from airflow_pg_incremental.core.repository import S3Repository
-from airflow_pg_incremental.core.restore import restore_backup, start_restored
+from airflow_pg_incremental.core.restore import restore_backup
 from airflow_pg_incremental.core.verify import verify_backup
 from airflow_pg_incremental.sandbox import SeaweedS3, data_fingerprint
 from tests.conftest import created
+from tests.restore_evidence import restored_fingerprint
 
 pytestmark = pytest.mark.integration
 
@@ -80,11 +81,7 @@ def test_full_restores_exactly_through_ranged_reads_side_by_side(pg, s3, scratch
     assert res["verified"] is True
     assert client.ranged >= stored // PART
     assert client.max_in_flight >= 2, "the parts were read one after another"
-    srv = start_restored(scratch / "d", 18, os_user=pg.os_user)
-    try:
-        assert data_fingerprint(srv.local_conninfo()) == before
-    finally:
-        srv.stop()
+    assert restored_fingerprint(scratch / "d", pg.os_user) == before
 
     read_before = client.ranged
     rep = verify_backup(repo, "st", meta["backup_id"], check_wal=False)
@@ -100,17 +97,15 @@ def test_s3_outage_mid_restore_is_loud_and_a_retry_is_exact(pg, workdir, scratch
         before = data_fingerprint(pg.superuser())
         meta = take_full_backup(pg.conninfo(), repo, "so")
         client.on_ranged = lambda n: n == 4 and s3.stop()
-        with pytest.raises(PgIncrError, match="unreachable|S3 failure"):
+        # SeaweedFS stopping mid-transfer ends a part's body early (asked again, then unreachable) or,
+        # now and then, sends the right number of wrong bytes: the zstd check refuses those
+        with pytest.raises(PgIncrError, match="unreachable|S3 failure|corrupt"):
             restore_backup(repo, "so", meta["backup_id"], scratch / "d", os_user=pg.os_user)
         assert not (scratch / "d").exists(), "a failed restore leaves nothing behind"
 
         client.on_ranged = None
         s3.start()
         restore_backup(repo, "so", meta["backup_id"], scratch / "d", os_user=pg.os_user)
-        srv = start_restored(scratch / "d", 18, os_user=pg.os_user)
-        try:
-            assert data_fingerprint(srv.local_conninfo()) == before
-        finally:
-            srv.stop()
+        assert restored_fingerprint(scratch / "d", pg.os_user) == before
     finally:
         s3.stop()
