@@ -75,12 +75,14 @@ class Repository(ABC):
         """A readable stream of the object's bytes (as put); raises ObjectNotFound. `size`: the
         stored size the caller expects (a backup's metadata records it); a driver may read a large
         object by several requests at once (S3: ranged GETs side by side)."""
-        if not self._encrypts(key):
-            return self._open(key) if size is None else self._open_sized(key, size)
+        encrypted = self._encrypts(key)
+        # the key is checked against the marker before the object is opened (nothing left open)
+        known = ((self.identity().get("encryption") or {}).get("checks") or {}) if encrypted else None
+        stored = self._open(key) if size is None else self._open_sized(key, size)
+        if not encrypted:
+            return stored
         from .crypt import DecryptingReader
 
-        known = (self.identity().get("encryption") or {}).get("checks") or {}
-        stored = self._open(key) if size is None else self._open_sized(key, size)
         return DecryptingReader(stored, self.keyring, validate_key(key), f" in {self.url}", known_ids=known)
 
     def size(self, key: str) -> int:

@@ -10,7 +10,7 @@ import os
 import uuid
 from typing import BinaryIO, Iterator
 
-from ..codec import NonClosing
+from ..codec import HashingReader, NonClosing, _ReadInto
 from ..errors import ConfigError, ObjectExists, ObjectNotFound, RepositoryError
 from ..names import validate_prefix
 
@@ -92,7 +92,7 @@ class S3Repository(Repository):
         full = self._key(key)
         if not overwrite and self.exists(key):
             raise ObjectExists(f"object {key} exists already in {self.url}")
-        counter = _CountingReader(src)
+        counter = HashingReader(src, hash=False)  # counts what passes
         cfg = TransferConfig(multipart_threshold=self.MULTIPART_CHUNK, multipart_chunksize=self.MULTIPART_CHUNK,
                              max_concurrency=4, use_threads=True)
         try:
@@ -339,39 +339,12 @@ def sse_args(sse: str | None, kms_key_id: str | None = None) -> dict:
     return {"ServerSideEncryption": sse, **({"SSEKMSKeyId": kms_key_id} if kms_key_id else {})}
 
 
-class _CountingReader(io.RawIOBase):
-    def __init__(self, src):
-        self._src = src
-        self.size = 0
-
-    def readable(self):
-        return True
-
-    def read(self, n=-1):
-        data = self._src.read(n)
-        self.size += len(data)
-        return data
-
-    def readinto(self, b):
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
-
-
-class _StreamingBody(io.RawIOBase):
+class _StreamingBody(_ReadInto, io.RawIOBase):
     def __init__(self, body):
         self._body = body
 
-    def readable(self):
-        return True
-
     def read(self, n=-1):
         return self._body.read(None if n is None or n < 0 else n)
-
-    def readinto(self, b):
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
 
     def close(self):
         try:
@@ -396,7 +369,7 @@ def s3_client_from_env(endpoint_url: str | None = None):
     )
 
 
-class _RangedBody(io.RawIOBase):
+class _RangedBody(_ReadInto, io.RawIOBase):
     """One object read as ranged GETs of `part` bytes, `streams` of them in flight side by side,
     handed on in order. Memory: at most streams + 1 parts. The first GET (bytes 0..part-1) gives the
     object's size and ETag; every later part must come from the same object version (its ETag), or
@@ -480,9 +453,6 @@ class _RangedBody(io.RawIOBase):
             self._next += 1
 
     # -- the stream ------------------------------------------------------------------------------
-    def readable(self) -> bool:
-        return True
-
     def read(self, n: int = -1) -> bytes:
         if self._single is not None:
             return self._single.read(n)
@@ -505,11 +475,6 @@ class _RangedBody(io.RawIOBase):
         data = future.result()  # the part's error, in order
         self._fill()
         return data
-
-    def readinto(self, b) -> int:
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
 
     def close(self) -> None:
         if not self.closed:
