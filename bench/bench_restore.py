@@ -977,7 +977,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-s3", action="store_true", help="local repositories only (no SeaweedFS)")
     ap.add_argument("--s3-conn-mbps", type=float, default=0,
                     help="cap every S3 connection of both tools at this many MB/s (bench/throttle_proxy.py), as "
-                         "from AWS S3 where one connection carries ~85-100 MB/s (default: no cap; loopback)")
+                         "a model of AWS S3, where one connection is the limit (default: no cap; loopback)")
     ap.add_argument("--ours-no-verify", action="store_true",
                     help="pass --no-verify to pgincr restore (skip pg_verifybackup of the restored copy; the stored "
                          "checksums are checked either way, as pgBackRest checks its own)")

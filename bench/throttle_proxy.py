@@ -2,10 +2,10 @@
 
 On loopback one HTTPS connection to SeaweedFS carries ~1 GB/s, so how many connections a tool
 keeps open does not matter there. Against AWS S3 a single connection tops out far lower (AWS's
-performance guidance: byte-range fetches of 8-16 MB side by side, each connection ~85-100 MB/s),
-so it does. This proxy sits between both tools and SeaweedFS's HTTPS port and paces every
-connection's server -> client bytes to --mbps MB/s (a token bucket, 64 KiB slices); the other
-direction passes unpaced. TLS passes through untouched (the certificate names 127.0.0.1).
+performance guidance advises byte-range fetches of 8-16 MB in parallel), so it does; the cap is a
+chosen model, not a figure measured against AWS. This proxy sits between both tools and
+SeaweedFS's HTTPS port and paces every connection's server -> client bytes to --mbps MB/s (a
+token bucket, 64 KiB slices); the other direction passes unpaced. TLS passes through untouched (the certificate names 127.0.0.1).
 
     python bench/throttle_proxy.py --listen 41000 --to 127.0.0.1:40000 --mbps 50
 
