@@ -370,6 +370,11 @@ def _store_staged(repo: Repository, prefix: str, stage: str, proc, progress: Pro
     return {archives[n]: i for n, i in stored.items()}, manifest, label
 
 
+# pg_basebackup writes the manifest as backup_manifest.tmp and renames it when it is whole: neither
+# name is an archive
+MANIFEST_FILES = ("backup_manifest", "backup_manifest.tmp")
+
+
 def _next_archive(stage: str, stored: dict, proc, failure) -> str | None:
     """The next archive pg_basebackup began in `stage` (oldest first), or None once it exited."""
     while True:
@@ -378,7 +383,7 @@ def _next_archive(stage: str, stored: dict, proc, failure) -> str | None:
             raise failure(proc.returncode)
         new = []
         for n in os.listdir(stage):
-            if n not in stored and n != "backup_manifest":
+            if n not in stored and n not in MANIFEST_FILES:
                 try:
                     new.append((os.stat(os.path.join(stage, n)).st_mtime_ns, n))
                 except FileNotFoundError:

@@ -96,3 +96,27 @@ def test_plan_follows_what_server_and_client_can_do(monkeypatch):
     assert p.threads == 0 and p.compress_option() == "--compress=server-zstd:level=3"
     assert plan("auto", True, True, threads=2).compress_option() == "--compress=server-zstd:level=3,workers=2"
     assert 1 <= plan("auto", True, True).threads <= 8
+
+
+class _Exited:
+    returncode = 0
+
+    def poll(self):
+        return 0
+
+
+def test_the_manifest_being_written_is_no_archive(tmp_path):
+    """pg_basebackup writes backup_manifest.tmp, then renames it: seen between the two (CI caught
+    it once), it was taken for an unexpected archive and failed a sound backup."""
+    from airflow_pg_incremental.core.backup import _next_archive
+
+    (tmp_path / "base.tar.zst").write_bytes(b"x")
+    (tmp_path / "backup_manifest.tmp").write_bytes(b"{")
+    stored: dict = {}
+    assert _next_archive(str(tmp_path), stored, _Exited(), None) == "base.tar.zst"
+    stored["base.tar.zst"] = object()
+    assert _next_archive(str(tmp_path), stored, _Exited(), None) is None
+    (tmp_path / "backup_manifest.tmp").rename(tmp_path / "backup_manifest")
+    assert _next_archive(str(tmp_path), stored, _Exited(), None) is None
+    (tmp_path / "pg_tblspc_16384.tar.zst").write_bytes(b"x")  # a real new archive still shows
+    assert _next_archive(str(tmp_path), stored, _Exited(), None) == "pg_tblspc_16384.tar.zst"
